@@ -1,0 +1,187 @@
+"""The one typed configuration object: YAML file + ``--set`` overrides, validated once at load.
+
+Errors are raised as :class:`ConfigError` (exit code 2) naming the dotted key, the value given and
+what was expected.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from data.synthetic import LABELS as STUDY_LABELS
+
+
+class InputError(Exception):
+    """Bad input from the user (config, paths, data): the command line exits with code 2."""
+
+
+class ConfigError(InputError):
+    pass
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Experiment(_Section):
+    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9._=+-]+$")
+    seed: int = Field(0, ge=0)
+
+
+class SyntheticData(_Section):
+    public_patients: int = Field(1500, ge=10)
+    private_patients: int = Field(1600, ge=10)
+
+
+class Data(_Section):
+    dataset: Literal["synthetic"] = "synthetic"
+    root: Optional[str] = None
+    site: Literal["public", "private", "all"] = "private"
+    image_size: int = Field(64, ge=32, le=1024)
+    labels: list[str] = Field(default_factory=lambda: list(STUDY_LABELS), min_length=1)
+    histogram_equalization: bool = True
+    augment_flip: bool = False
+    num_workers: int = Field(0, ge=0)
+    synthetic: SyntheticData = Field(default_factory=SyntheticData)
+
+
+class Model(_Section):
+    name: Literal["resnet9", "resnet18", "resnet34", "resnet50", "vit"] = "resnet9"
+    activation: Literal["mish", "relu"] = "mish"
+    pretrained_checkpoint: Optional[str] = None
+
+
+class Training(_Section):
+    epochs: int = Field(4, ge=1)
+    logical_batch_size: int = Field(128, ge=1)
+    physical_batch_size: int = Field(32, ge=1)
+    optimizer: Literal["nadam", "adam", "sgd"] = "nadam"
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _physical_fits_logical(self):
+        if self.physical_batch_size > self.logical_batch_size:
+            raise ValueError(
+                f"training.physical_batch_size ({self.physical_batch_size}) must not exceed "
+                f"training.logical_batch_size ({self.logical_batch_size})")
+        return self
+
+
+class DP(_Section):
+    enabled: bool = True
+    epsilon: Optional[float] = Field(8.0, gt=0)
+    noise_multiplier: Optional[float] = Field(None, ge=0)
+    delta: Optional[float] = Field(None, gt=0, lt=1)
+    max_grad_norm: float = Field(1.5, gt=0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    grad_sample_mode: Literal["hooks", "functorch", "ew"] = "hooks"
+
+    @model_validator(mode="after")
+    def _one_noise_source(self):
+        if self.enabled and (self.epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("set exactly one of dp.epsilon (target) and dp.noise_multiplier, the other to null")
+        if self.epsilon is not None and not math.isfinite(self.epsilon):
+            raise ValueError("dp.epsilon must be finite; use dp.enabled: false for non-private training")
+        return self
+
+
+class Output(_Section):
+    target_dir: str = "experiments"
+
+
+class Config(_Section):
+    experiment: Experiment = Field(default_factory=Experiment)
+    data: Data = Field(default_factory=Data)
+    model: Model = Field(default_factory=Model)
+    training: Training = Field(default_factory=Training)
+    dp: DP = Field(default_factory=DP)
+    output: Output = Field(default_factory=Output)
+    # Values derived at run time (noise multiplier, sample rate, dataset sizes...): written into the
+    # resolved config of an experiment, never read as settings.
+    derived: dict[str, Any] = Field(default_factory=dict)
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["dp.epsilon=4", "data.labels=[a,b]"]`` -> nested dict, values parsed as YAML."""
+    raw: dict = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got '{pair}'")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: value '{text}' is not valid YAML ({exc})") from None
+        _set_dotted(raw, key.strip(), value)
+    return raw
+
+
+def merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_yaml(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: YAML syntax error{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def validate(raw: dict, source: str = "config") -> Config:
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                lines.append(f"{key}: unknown key")
+            else:
+                shown = f" (got {err['input']!r})" if not isinstance(err["input"], dict) else ""
+                lines.append(f"{key or '<section>'}: {err['msg']}{shown}")
+        raise ConfigError(f"{source}: invalid configuration\n  " + "\n  ".join(lines)) from None
+    unknown = [label for label in cfg.data.labels if label not in STUDY_LABELS]
+    if unknown:
+        raise ConfigError(f"{source}: data.labels: {unknown} not in the {cfg.data.dataset} dataset, "
+                          f"expected some of {list(STUDY_LABELS)}")
+    if len(set(cfg.data.labels)) != len(cfg.data.labels):
+        raise ConfigError(f"{source}: data.labels: duplicate labels in {cfg.data.labels}")
+    return cfg
+
+
+def load_config(path: Path, overrides: list[str] = ()) -> Config:
+    """Read the YAML file, apply ``--set`` overrides and validate the result once."""
+    raw = merge(read_yaml(path), parse_overrides(list(overrides)))
+    return validate(raw, source=str(path))
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))

@@ -1,0 +1,105 @@
+"""Tables and images of a chest-radiograph dataset, as torch Datasets.
+
+A dataset is one table (one row per image: ``image_id``, ``patient_id``, ``split``, ``sex``, ``age``,
+``view``, one 0/1 column per label) plus an image folder. Graded labels follow the study: grades 3
+and 4 are positive, everything else (1, 2, 5) negative.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from config import Data, InputError
+from data import synthetic
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class Table:
+    frame: pd.DataFrame  # rows of one site, all splits
+    image_dir: Path
+    labels: list[str]
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.frame[self.frame["split"] == name].reset_index(drop=True)
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "dp-cxr"
+
+
+def load_table(data: Data, seed: int) -> Table:
+    """Generate (or reuse) the configured dataset and return its table with binary labels."""
+    cache = Path(data.root).expanduser() if data.root else default_cache_dir()
+    n = {"public": data.synthetic.public_patients, "private": data.synthetic.private_patients}
+    folder = synthetic.generate(cache, data.image_size, n, seed)
+    csv = folder / "master_list.csv"
+    frame = pd.read_csv(csv, dtype={"image_id": str, "patient_id": str, "sex": str})
+    missing = [c for c in ["image_id", "patient_id", "split", "site", "sex", "age", *data.labels] if c not in frame]
+    if missing:
+        raise InputError(f"{csv}: missing column(s) {missing}")
+    if data.site != "all":
+        frame = frame[frame["site"] == data.site]
+    for label in data.labels:
+        frame[label] = binarize_grades(frame[label], csv, label)
+    return Table(frame.reset_index(drop=True), folder / "images", list(data.labels))
+
+
+def binarize_grades(grades: pd.Series, source: Path, label: str) -> pd.Series:
+    """Study grading: 3 and 4 are positive; 1, 2 and other codes (5 = not assessable) negative."""
+    bad = ~grades.isin([1, 2, 3, 4, 5])
+    if bad.any():
+        row = int(bad.idxmax())
+        raise InputError(f"{source}: row {row + 2}, column '{label}': grade {grades[row]!r}, expected 1-5")
+    return grades.isin([3, 4]).astype(np.float32)
+
+
+def positive_weights(train: pd.DataFrame, labels: list[str]) -> torch.Tensor:
+    """BCE ``pos_weight`` per label, (N - positives) / positives on the training split."""
+    positives = train[labels].sum(axis=0).to_numpy()
+    empty = [label for label, p in zip(labels, positives) if p == 0]
+    if empty:
+        raise InputError(f"label(s) {empty} have no positive image in the training split: "
+                         f"they cannot be learned; remove them from data.labels")
+    return torch.tensor((len(train) - positives) / positives, dtype=torch.float32)
+
+
+class CXRDataset(Dataset):
+    """Grayscale radiographs as [1, S, S] float tensors in [0, 1] with their label vector.
+
+    Preprocessing follows the study: resize, optional histogram equalisation (cv2.equalizeHist);
+    augmentation is at most a horizontal flip.
+    """
+
+    def __init__(self, frame: pd.DataFrame, image_dir: Path, labels: list[str], image_size: int,
+                 histogram_equalization: bool = True, augment_flip: bool = False):
+        self.frame = frame
+        self.paths = [Path(image_dir) / f"{i}.png" for i in frame["image_id"]]
+        self.targets = torch.from_numpy(frame[labels].to_numpy(np.float32))
+        self.image_size = image_size
+        self.equalize = histogram_equalization
+        self.flip = augment_flip
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        path = self.paths[index]
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if image is None:
+            raise InputError(f"{path}: missing or unreadable image")
+        if image.shape != (self.image_size, self.image_size):
+            image = cv2.resize(image, (self.image_size, self.image_size), interpolation=cv2.INTER_AREA)
+        if self.equalize:
+            image = cv2.equalizeHist(image)
+        x = torch.from_numpy(image).unsqueeze(0).float().div_(255.0)
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, self.targets[index]

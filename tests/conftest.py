@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny synthetic dataset (generated once per session) and tiny configs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_LABELS = ["cardiomegaly", "pleural_effusion_right", "pleural_effusion_left"]
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dataset-cache")
+
+
+@pytest.fixture
+def tiny_config(tmp_path, data_cache):
+    """Write a small, fast config and return a function producing its path with extra overrides."""
+
+    def make(**sections) -> Path:
+        raw = yaml.safe_load((REPO / "configs" / "config.yaml").read_text())
+        raw["data"].update(root=str(data_cache), image_size=32, labels=TINY_LABELS,
+                           synthetic={"public_patients": 30, "private_patients": 120})
+        raw["training"].update(epochs=2, logical_batch_size=16, physical_batch_size=8, device="cpu")
+        raw["output"]["target_dir"] = str(tmp_path / "experiments")
+        raw["experiment"]["name"] = "tiny"
+        for section, values in sections.items():
+            raw[section].update(values)
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    return make

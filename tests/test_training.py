@@ -1,0 +1,153 @@
+"""Tiny end-to-end runs: artifacts, refusal to overwrite, resume equivalence, prediction."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from sklearn.metrics import roc_auc_score, roc_curve
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import Train_Valid_DP
+from conftest import TINY_LABELS
+from main_2D_DP import main
+
+
+def _exp(config_path, name="tiny"):
+    return config_path.parent / "experiments" / name
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_run_writes_every_artifact(tiny_config, dp):
+    path = tiny_config(dp={"enabled": dp})
+    assert main(["train", "--config", str(path)]) == 0
+    exp = _exp(path)
+    resolved = yaml.safe_load((exp / "config.yaml").read_text())
+    derived = resolved["derived"]
+    assert derived["n_train"] > 0 and derived["n_valid"] > 0 and derived["n_test"] > 0
+    assert set(derived["pos_weight"]) == set(TINY_LABELS)
+    summary = json.loads((exp / "summary.json").read_text())
+    assert summary["epochs_completed"] == 2 and summary["steps"] == 2 * derived["steps_per_epoch"]
+    assert 0 <= summary["best_valid_auroc_mean"] <= 1
+    assert summary["dp"]["enabled"] is dp
+    for key in ("epsilon_spent", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "accountant"):
+        assert key in summary["dp"]
+        assert (summary["dp"][key] is not None) is dp
+    if dp:
+        assert resolved["dp"]["delta"] == summary["dp"]["delta"] < 1 / derived["n_train"]
+        assert derived["noise_multiplier"] == summary["dp"]["noise_multiplier"] > 0
+        assert derived["sample_rate"] == pytest.approx(1 / derived["steps_per_epoch"])
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(exp / "checkpoints" / name, weights_only=True)
+        assert ckpt["labels"] == TINY_LABELS
+    tags = EventAccumulator(str(exp / "tensorboard")).Reload().Tags()["scalars"]
+    expected = {"train/loss", "valid/loss", "valid/auroc_mean", *(f"valid/auroc/{lab}" for lab in TINY_LABELS)}
+    assert expected <= set(tags)
+    assert ("privacy/epsilon" in tags) is dp
+
+    assert main(["predict", str(exp)]) == 0
+    assert (exp / "predictions" / "test.csv").is_file() and (exp / "results" / "test_metrics.json").is_file()
+
+
+def test_existing_experiment_is_never_overwritten(tiny_config, capsys):
+    path = tiny_config(training={"epochs": 1})
+    assert main(["train", "--config", str(path)]) == 0
+    before = (_exp(path) / "checkpoints" / "last.pt").read_bytes()
+    assert main(["train", "--config", str(path)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (_exp(path) / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def _weights(exp):
+    return torch.load(exp / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def _assert_same_run(exp_a, exp_b):
+    sa, sb = (json.loads((e / "summary.json").read_text()) for e in (exp_a, exp_b))
+    assert sa["steps"] == sb["steps"] and sa["epochs_completed"] == sb["epochs_completed"]
+    assert sa["dp"]["epsilon_spent"] == sb["dp"]["epsilon_spent"]
+    assert sa["best_valid_auroc_mean"] == sb["best_valid_auroc_mean"]
+    wa, wb = _weights(exp_a), _weights(exp_b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_interrupted_run_resumes_to_the_same_epsilon_and_weights(tiny_config, monkeypatch):
+    path = tiny_config()
+    assert main(["train", "--config", str(path), "--name", "straight"]) == 0
+
+    real = Train_Valid_DP.train_one_epoch
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed during the second epoch
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(Train_Valid_DP, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "--config", str(path), "--name", "broken"])
+    assert json.loads((_exp(path, "broken") / "summary.json").read_text())["epochs_completed"] == 1
+    monkeypatch.setattr(Train_Valid_DP, "train_one_epoch", real)
+    assert main(["train", "--config", str(path), "--name", "broken", "--resume"]) == 0
+    _assert_same_run(_exp(path, "straight"), _exp(path, "broken"))
+
+
+def test_one_epoch_plus_resume_equals_two_epochs(tiny_config):
+    """With a fixed noise multiplier, extending a finished run by --resume continues it exactly."""
+    path = tiny_config(dp={"epsilon": None, "noise_multiplier": 0.8})
+    assert main(["train", "--config", str(path), "--name", "two"]) == 0
+    assert main(["train", "--config", str(path), "--name", "one", "--set", "training.epochs=1"]) == 0
+    # Without --config, resume continues the saved settings; only the epoch count changes.
+    assert main(["train", "--name", "one", "--resume", "--set", "training.epochs=2",
+                 f"output.target_dir={path.parent / 'experiments'}"]) == 0
+    _assert_same_run(_exp(path, "two"), _exp(path, "one"))
+
+
+@pytest.mark.parametrize("change", ["dp.max_grad_norm=0.5", "dp.enabled=false", "training.logical_batch_size=8"])
+def test_resume_refuses_changed_privacy_settings(tiny_config, capsys, change):
+    path = tiny_config(training={"epochs": 1})
+    assert main(["train", "--config", str(path)]) == 0
+    assert main(["train", "--config", str(path), "--resume", "--set", change, "training.epochs=2"]) == 2
+    assert "--resume cannot change" in capsys.readouterr().err
+    assert json.loads((_exp(path) / "summary.json").read_text())["epochs_completed"] == 1
+
+
+def test_resume_without_experiment_is_an_input_error(tiny_config, capsys):
+    assert main(["train", "--config", str(tiny_config()), "--name", "ghost", "--resume"]) == 2
+    assert "no experiment" in capsys.readouterr().err
+
+
+def test_predict_metrics_are_reproducible_from_the_csv(tiny_config):
+    path = tiny_config(dp={"enabled": False}, training={"epochs": 3})
+    assert main(["train", "--config", str(path)]) == 0
+    exp = _exp(path)
+    assert main(["predict", str(exp), "--split", "test"]) == 0
+    assert main(["predict", str(exp), "--split", "valid"]) == 0
+    metrics = json.loads((exp / "results" / "test_metrics.json").read_text())
+    test = pd.read_csv(exp / "predictions" / "test.csv")
+    valid = pd.read_csv(exp / "predictions" / "valid.csv")
+    assert list(test.columns[:4]) == ["image_id", "patient_id", "sex", "age"]
+    assert set(test["sex"]) <= {"F", "M"}
+    assert metrics["threshold_split"] == "valid"
+    aurocs = []
+    for label in TINY_LABELS:
+        m, truth, score = metrics["labels"][label], test[label].to_numpy(), test[f"{label}_score"].to_numpy()
+        # the threshold is Youden's J on the validation split, not on the scored one
+        fpr, tpr, thr = roc_curve(valid[label], valid[f"{label}_score"])
+        assert m["threshold"] == pytest.approx(min(thr[np.argmax(tpr - fpr)], 1.0))
+        pred = score >= m["threshold"]
+        assert m["auroc"] == pytest.approx(roc_auc_score(truth, score))
+        assert m["accuracy"] == pytest.approx((pred == truth).mean())
+        assert m["sensitivity"] == pytest.approx(pred[truth == 1].mean())
+        assert m["specificity"] == pytest.approx((~pred[truth == 0]).mean())
+        aurocs.append(m["auroc"])
+    assert metrics["auroc_mean"] == pytest.approx(np.mean(aurocs))
+
+
+def test_predict_on_a_missing_folder_is_an_input_error(tmp_path, capsys):
+    assert main(["predict", str(tmp_path / "nothing")]) == 2
+    assert "not an experiment folder" in capsys.readouterr().err
