@@ -89,8 +89,11 @@ def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLo
     engine = PrivacyEngine(accountant=accountant)
     sample_rate = 1.0 / len(loader)
     if noise_multiplier is None:
-        noise_multiplier = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                                sample_rate=sample_rate, epochs=epochs, accountant=accountant)
+        with warnings.catch_warnings():  # the bisection probes tiny sigmas whose RDP order is out of range
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            noise_multiplier = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                                    sample_rate=sample_rate, epochs=epochs,
+                                                    accountant=accountant)
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode=grad_sample_mode,
@@ -283,8 +286,9 @@ def train(cfg: Config, exp_dir: Path, resume: bool = False) -> dict:
             writer.add_scalar("privacy/epsilon", eps, steps)
         writer.flush()
 
-        if auroc_mean > best:  # NaN never wins
-            best, best_epoch = auroc_mean, epoch + 1
+        # NaN (no label with both classes) never wins, but the first epoch always gives a best.pt
+        if auroc_mean > best or best_epoch is None:
+            best, best_epoch = (auroc_mean if auroc_mean > best else best), epoch + 1
             save_checkpoint({"format": CHECKPOINT_FORMAT, "model": core.state_dict(), "labels": labels,
                              "model_name": cfg.model.name, "epoch": epoch + 1,
                              "valid_auroc_mean": auroc_mean}, best_path)
@@ -297,7 +301,7 @@ def train(cfg: Config, exp_dir: Path, resume: bool = False) -> dict:
             "rng": _rng_state(sampler_gen, noise_gen)}, last_path)
         summary = {
             "experiment": exp_dir.name, "epochs_completed": epoch + 1, "epochs_planned": epochs,
-            "steps": steps, "best_valid_auroc_mean": best, "best_epoch": best_epoch,
+            "steps": steps, "best_valid_auroc_mean": best if math.isfinite(best) else None, "best_epoch": best_epoch,
             "last_valid_auroc_mean": auroc_mean, "last_valid_loss": valid_loss, "last_train_loss": train_loss,
             "dp": {"enabled": dp, "epsilon_spent": eps, "target_epsilon": cfg.dp.epsilon if dp else None,
                    "delta": delta, "noise_multiplier": cfg.derived.get("noise_multiplier"),
@@ -317,5 +321,8 @@ def train(cfg: Config, exp_dir: Path, resume: bool = False) -> dict:
               f"(noise multiplier {dp_info['noise_multiplier']:.4f}, sample rate {dp_info['sample_rate']:.5f})")
     else:
         print("non-private training (no privacy guarantee)")
-    print(f"best validation AUROC {summary['best_valid_auroc_mean']:.4f} (epoch {summary['best_epoch']})")
+    if summary["best_valid_auroc_mean"] is None:
+        print("validation AUROC not estimable: no label has both classes in the validation split")
+    else:
+        print(f"best validation AUROC {summary['best_valid_auroc_mean']:.4f} (epoch {summary['best_epoch']})")
     return summary

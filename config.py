@@ -38,7 +38,7 @@ class SyntheticData(_Section):
 
 
 class Data(_Section):
-    dataset: Literal["synthetic"] = "synthetic"
+    dataset: Literal["synthetic", "master_list"] = "synthetic"
     root: Optional[str] = None
     site: Literal["public", "private", "all"] = "private"
     image_size: int = Field(64, ge=32, le=1024)
@@ -169,9 +169,11 @@ def validate(raw: dict, source: str = "config") -> Config:
                 lines.append(f"{key or '<section>'}: {err['msg']}{shown}")
         raise ConfigError(f"{source}: invalid configuration\n  " + "\n  ".join(lines)) from None
     unknown = [label for label in cfg.data.labels if label not in STUDY_LABELS]
-    if unknown:
+    if cfg.data.dataset == "synthetic" and unknown:
         raise ConfigError(f"{source}: data.labels: {unknown} not in the {cfg.data.dataset} dataset, "
                           f"expected some of {list(STUDY_LABELS)}")
+    if cfg.data.dataset == "master_list" and not cfg.data.root:
+        raise ConfigError(f"{source}: data.root: data.dataset 'master_list' needs the folder holding master_list.csv")
     if len(set(cfg.data.labels)) != len(cfg.data.labels):
         raise ConfigError(f"{source}: data.labels: duplicate labels in {cfg.data.labels}")
     return cfg

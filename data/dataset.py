@@ -36,15 +36,29 @@ def default_cache_dir() -> Path:
 
 
 def load_table(data: Data, seed: int) -> Table:
-    """Generate (or reuse) the configured dataset and return its table with binary labels."""
-    cache = Path(data.root).expanduser() if data.root else default_cache_dir()
-    n = {"public": data.synthetic.public_patients, "private": data.synthetic.private_patients}
-    folder = synthetic.generate(cache, data.image_size, n, seed)
+    """Read the configured dataset (generating the synthetic one if needed), with binary labels.
+
+    ``master_list``: a folder with ``master_list.csv`` (the built-in set's columns; ``site`` optional)
+    and ``images/<image_id>.png``, as the synthetic generator writes it.
+    """
+    if data.dataset == "synthetic":
+        cache = Path(data.root).expanduser() if data.root else default_cache_dir()
+        n = {"public": data.synthetic.public_patients, "private": data.synthetic.private_patients}
+        folder = synthetic.generate(cache, data.image_size, n, seed)
+    else:
+        folder = Path(data.root).expanduser()
     csv = folder / "master_list.csv"
+    if not csv.is_file():
+        raise InputError(f"data.root: {csv} not found")
     frame = pd.read_csv(csv, dtype={"image_id": str, "patient_id": str, "sex": str})
-    missing = [c for c in ["image_id", "patient_id", "split", "site", "sex", "age", *data.labels] if c not in frame]
+    required = ["image_id", "patient_id", "split", "sex", "age", *data.labels] + (["site"] if data.site != "all" else [])
+    missing = [c for c in required if c not in frame]
     if missing:
         raise InputError(f"{csv}: missing column(s) {missing}")
+    bad_split = ~frame["split"].isin(SPLITS)
+    if bad_split.any():
+        row = int(bad_split.idxmax())
+        raise InputError(f"{csv}: row {row + 2}, column 'split': {frame['split'][row]!r}, expected one of {SPLITS}")
     if data.site != "all":
         frame = frame[frame["site"] == data.site]
     for label in data.labels:

@@ -151,3 +151,15 @@ def test_predict_metrics_are_reproducible_from_the_csv(tiny_config):
 def test_predict_on_a_missing_folder_is_an_input_error(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "nothing")]) == 2
     assert "not an experiment folder" in capsys.readouterr().err
+
+
+def test_two_stage_public_pretraining_then_private_dp(tiny_config, capsys):
+    path = tiny_config(training={"epochs": 1}, data={"synthetic": {"public_patients": 120, "private_patients": 120}})
+    assert main(["train", "--config", str(path), "--name", "pub", "--set", "data.site=public", "dp.enabled=false"]) == 0
+    pub = _exp(path, "pub")
+    capsys.readouterr()
+    assert main(["train", "--config", str(path), "--name", "priv",
+                 "--set", f"model.pretrained_checkpoint={pub}"]) == 0
+    assert "newly initialised: none" in capsys.readouterr().out
+    resolved = yaml.safe_load((_exp(path, "priv") / "config.yaml").read_text())
+    assert resolved["model"]["pretrained_checkpoint"] == str(pub) and resolved["data"]["site"] == "private"
