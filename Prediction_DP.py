@@ -10,14 +10,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from config import Config, InputError, read_yaml, validate
-from data.dataset import CXRDataset, load_table
+from data.dataset import evaluation_loader, load_table
 from artifacts import atomic_write_text, load_checkpoint
 from models import build_model, resolve_device
 
@@ -88,11 +87,6 @@ def load_experiment_config(exp_dir: Path) -> Config:
     return validate(read_yaml(exp_dir / "config.yaml"), source=str(exp_dir / "config.yaml"))
 
 
-def _loader(cfg: Config, frame: pd.DataFrame, image_dir: Path, labels: list[str]) -> DataLoader:
-    dataset = CXRDataset(frame, image_dir, labels, cfg.data.image_size, cfg.data.histogram_equalization)
-    return DataLoader(dataset, batch_size=cfg.training.physical_batch_size, num_workers=cfg.data.num_workers)
-
-
 def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
     """Write ``predictions/<split>.csv`` and ``results/<split>_metrics.json``; return the metrics."""
     exp_dir = Path(exp_dir)
@@ -107,14 +101,15 @@ def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
     model.to(device)
 
     table = load_table(cfg.data, cfg.experiment.seed)
+    batch = cfg.training.physical_batch_size
     threshold_split = "train" if split == "valid" else "valid"
     ref = table.split(threshold_split)
-    ref_scores = predict_scores(model, _loader(cfg, ref, table.image_dir, labels), device, desc=threshold_split)
+    ref_scores = predict_scores(model, evaluation_loader(ref, table.image_dir, cfg.data, batch), device, desc=threshold_split)
     ref_truth = ref[labels].to_numpy()
     thresholds = {label: youden_threshold(ref_truth[:, i], ref_scores[:, i]) for i, label in enumerate(labels)}
 
     frame = table.split(split)
-    scores = predict_scores(model, _loader(cfg, frame, table.image_dir, labels), device, desc=split)
+    scores = predict_scores(model, evaluation_loader(frame, table.image_dir, cfg.data, batch), device, desc=split)
     truth = frame[labels].to_numpy()
 
     out = frame[["image_id", "patient_id"]].copy()

@@ -32,13 +32,9 @@ from tqdm import tqdm
 
 from artifacts import atomic_write_text, load_checkpoint, save_checkpoint
 from config import Config, InputError, save_config
-from data.dataset import CXRDataset, load_table, positive_weights
+from data.dataset import SPLITS, CXRDataset, evaluation_loader, load_table, positive_weights
 from models import build_model, load_pretrained, resolve_device
 from Prediction_DP import auroc_per_label, mean_auroc, predict_scores
-
-# The first convolution's input never needs a gradient; Opacus' full backward hooks warn about it
-# on every epoch although per-sample gradients are complete.
-warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
 CHECKPOINT_FORMAT = 1
 # Settings that may change on --resume; anything else would change the data, the model or the
@@ -124,7 +120,11 @@ def train_one_epoch(model, criterion, optimizer, loader, device, physical_batch_
     for x, y, share, last in physical_batches():
         x, y = x.to(device), y.to(device)
         loss = criterion(model(x), y)
-        (loss * share).backward()
+        with warnings.catch_warnings():
+            # The input image needs no gradient; Opacus' full backward hooks warn about it although
+            # the per-sample gradients of all parameters are complete.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            (loss * share).backward()
         loss_sum += loss.item() * len(x)
         seen += len(x)
         if dp or last:
@@ -199,7 +199,7 @@ def train(cfg: Config, exp_dir: Path, resume: bool = False) -> dict:
     device = resolve_device(cfg.training.device)
 
     table = load_table(cfg.data, seed)
-    frames = {split: table.split(split) for split in ("train", "valid", "test")}
+    frames = {split: table.split(split) for split in SPLITS}
     for split, frame in frames.items():
         if len(frame) == 0:
             raise InputError(f"{table.image_dir.parent}: the {split} split of site '{cfg.data.site}' is empty")
@@ -226,8 +226,7 @@ def train(cfg: Config, exp_dir: Path, resume: bool = False) -> dict:
     train_set = CXRDataset(train_frame, table.image_dir, labels, size, eq, cfg.data.augment_flip)
     loader = DataLoader(train_set, batch_size=cfg.training.logical_batch_size, shuffle=not dp,
                         generator=sampler_gen, num_workers=cfg.data.num_workers)
-    valid_loader = DataLoader(CXRDataset(valid_frame, table.image_dir, labels, size, eq),
-                              batch_size=cfg.training.physical_batch_size, num_workers=cfg.data.num_workers)
+    valid_loader = evaluation_loader(valid_frame, table.image_dir, cfg.data, cfg.training.physical_batch_size)
 
     cfg = cfg.model_copy(deep=True)
     cfg.derived = {"n_train": n_train, "n_valid": len(valid_frame), "n_test": len(frames["test"]),

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from config import Data, InputError
 from data import synthetic
@@ -117,3 +117,9 @@ class CXRDataset(Dataset):
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, self.targets[index]
+
+
+def evaluation_loader(frame: pd.DataFrame, image_dir: Path, data: Data, batch_size: int) -> DataLoader:
+    """Images of ``frame`` in order, without augmentation, for validation and prediction."""
+    dataset = CXRDataset(frame, image_dir, data.labels, data.image_size, data.histogram_equalization)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=data.num_workers)
