@@ -6,7 +6,6 @@ the split being scored; scoring the validation split itself takes its thresholds
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,8 @@ from tqdm import tqdm
 
 from config import Config, InputError, read_yaml, validate
 from data.dataset import evaluation_loader, load_table
-from artifacts import atomic_write_text, load_checkpoint
+from artifacts import atomic_write_text, json_text, load_checkpoint
+from evaluation.bootstrap import bootstrap_intervals
 from models import build_model, resolve_device
 
 
@@ -80,6 +80,14 @@ def split_metrics(truth: np.ndarray, scores: np.ndarray, labels: list[str], thre
     return {"auroc_mean": mean_auroc({k: v["auroc"] for k, v in per_label.items()}), "labels": per_label}
 
 
+def add_intervals(metrics: dict, intervals: dict) -> None:
+    """Merge bootstrap intervals into the metrics of :func:`split_metrics`."""
+    for label, extra in intervals["labels"].items():
+        metrics["labels"][label].update(extra)
+    metrics["auroc_mean_ci95"] = intervals["auroc_mean_ci95"]
+    metrics["bootstrap"] = intervals["bootstrap"]
+
+
 def load_experiment_config(exp_dir: Path) -> Config:
     exp_dir = Path(exp_dir)
     if not (exp_dir / "config.yaml").is_file():
@@ -120,19 +128,37 @@ def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
         out[f"{label}_score"] = scores[:, i]
     metrics = {"split": split, "threshold_split": threshold_split, "checkpoint_epoch": ckpt["epoch"],
                **split_metrics(truth, scores, labels, thresholds)}
+    if cfg.evaluation.bootstrap:
+        add_intervals(metrics, bootstrap_intervals(truth, scores, labels, thresholds,
+                                                   cfg.evaluation.bootstrap, cfg.evaluation.seed))
 
     for path in (exp_dir / "predictions" / f"{split}.csv", exp_dir / "results" / f"{split}_metrics.json"):
         if path.exists():
             print(f"replacing {path} (recomputed from {exp_dir / 'checkpoints' / 'best.pt'})")
     atomic_write_text(exp_dir / "predictions" / f"{split}.csv", out.to_csv(index=False))
-    atomic_write_text(exp_dir / "results" / f"{split}_metrics.json", json.dumps(metrics, indent=2))
+    atomic_write_text(exp_dir / "results" / f"{split}_metrics.json", json_text(metrics))
     return metrics
 
 
 def format_metrics(metrics: dict) -> str:
-    rows = [f"{'label':32s} {'AUROC':>6s} {'acc':>6s} {'sens':>6s} {'spec':>6s} {'F1':>6s}"]
+    """A table of the metrics; AUROC with its 95% interval when bootstrapped."""
+    def num(value):
+        return f"{value:6.3f}" if value is not None and np.isfinite(value) else "   n/a"
+
+    def interval(ci):
+        return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "[not estimable]"
+
+    with_ci = "bootstrap" in metrics
+    rows = [f"{'label':30s} {'AUROC':>6s} {'95% CI' if with_ci else '':16s} {'acc':>6s} {'sens':>6s} "
+            f"{'spec':>6s} {'F1':>6s}"]
     for label, m in metrics["labels"].items():
-        rows.append(f"{label:32s} {m['auroc']:6.3f} {m['accuracy']:6.3f} {m['sensitivity']:6.3f} "
-                    f"{m['specificity']:6.3f} {m['f1']:6.3f}")
-    rows.append(f"{'mean AUROC':32s} {metrics['auroc_mean']:6.3f}")
+        ci = interval(m["ci95"]["auroc"]) if with_ci else ""
+        rows.append(f"{label:30s} {num(m['auroc'])} {ci:16s} {num(m['accuracy'])} {num(m['sensitivity'])} "
+                    f"{num(m['specificity'])} {num(m['f1'])}")
+    ci = interval(metrics["auroc_mean_ci95"]) if with_ci else ""
+    rows.append(f"{'mean AUROC':30s} {num(metrics['auroc_mean'])} {ci}")
+    if with_ci:
+        b = metrics["bootstrap"]
+        rows.append(f"(95% percentile intervals, {b['resamples']} image-level bootstrap resamples, seed {b['seed']}; "
+                    f"thresholds fixed from the {metrics['threshold_split']} split)")
     return "\n".join(rows)

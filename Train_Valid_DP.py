@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from artifacts import atomic_write_text, load_checkpoint, save_checkpoint
+from artifacts import atomic_write_text, json_text, load_checkpoint, save_checkpoint
 from config import Config, InputError, save_config
 from data.dataset import SPLITS, CXRDataset, evaluation_loader, load_table, positive_weights
 from models import build_model, load_pretrained, resolve_device
@@ -39,7 +39,8 @@ from Prediction_DP import auroc_per_label, mean_auroc, predict_scores
 CHECKPOINT_FORMAT = 1
 # Settings that may change on --resume; anything else would change the data, the model or the
 # privacy accounting of the run being continued.
-RESUMABLE_KEYS = {"training.epochs", "training.device", "data.num_workers", "output.target_dir", "experiment.name"}
+RESUMABLE_KEYS = {"training.epochs", "training.device", "data.num_workers", "output.target_dir", "experiment.name",
+                  "evaluation.bootstrap", "evaluation.seed"}
 
 
 def default_delta(n_train: int) -> float:
@@ -184,7 +185,7 @@ def _set_rng_state(state: dict, sampler: torch.Generator, noise: torch.Generator
 
 
 def _write_summary(exp_dir: Path, summary: dict) -> None:
-    atomic_write_text(exp_dir / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(exp_dir / "summary.json", json_text(summary))
 
 
 def train(cfg: Config, exp_dir: Path, resume: bool = False) -> dict:
@@ -300,7 +301,7 @@ def train(cfg: Config, exp_dir: Path, resume: bool = False) -> dict:
             "rng": _rng_state(sampler_gen, noise_gen)}, last_path)
         summary = {
             "experiment": exp_dir.name, "epochs_completed": epoch + 1, "epochs_planned": epochs,
-            "steps": steps, "best_valid_auroc_mean": best if math.isfinite(best) else None, "best_epoch": best_epoch,
+            "steps": steps, "best_valid_auroc_mean": best, "best_epoch": best_epoch,
             "last_valid_auroc_mean": auroc_mean, "last_valid_loss": valid_loss, "last_train_loss": train_loss,
             "dp": {"enabled": dp, "epsilon_spent": eps, "target_epsilon": cfg.dp.epsilon if dp else None,
                    "delta": delta, "noise_multiplier": cfg.derived.get("noise_multiplier"),

@@ -7,6 +7,8 @@ code on load.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -33,6 +35,20 @@ def _atomic(path: Path, write) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     _atomic(path, lambda handle: handle.write(text.encode()))
+
+
+def json_text(obj) -> str:
+    """Indented, strictly valid JSON: NaN and infinities (not estimable values) become null."""
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(obj), indent=2, allow_nan=False)
 
 
 def save_checkpoint(state: dict, path: Path) -> None:

@@ -91,6 +91,11 @@ class DP(_Section):
         return self
 
 
+class Evaluation(_Section):
+    bootstrap: int = Field(1000, ge=0)
+    seed: int = Field(0, ge=0)
+
+
 class Output(_Section):
     target_dir: str = "experiments"
 
@@ -101,6 +106,7 @@ class Config(_Section):
     model: Model = Field(default_factory=Model)
     training: Training = Field(default_factory=Training)
     dp: DP = Field(default_factory=DP)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
     output: Output = Field(default_factory=Output)
     # Values derived at run time (noise multiplier, sample rate, dataset sizes...): written into the
     # resolved config of an experiment, never read as settings.

@@ -147,6 +147,18 @@ def test_predict_metrics_are_reproducible_from_the_csv(tiny_config):
         aurocs.append(m["auroc"])
     assert metrics["auroc_mean"] == pytest.approx(np.mean(aurocs))
 
+    # 95% bootstrap intervals for every metric, reproducible from the recorded seed
+    assert metrics["bootstrap"]["resamples"] == 1000 and metrics["bootstrap"]["seed"] == 0
+    lo, hi = metrics["auroc_mean_ci95"]
+    assert lo < metrics["auroc_mean"] < hi
+    for label in TINY_LABELS:
+        ci = metrics["labels"][label]["ci95"]
+        assert set(ci) == {"auroc", "accuracy", "sensitivity", "specificity", "precision", "f1"}
+        assert ci["auroc"][0] <= metrics["labels"][label]["auroc"] <= ci["auroc"][1]
+    before = (exp / "results" / "test_metrics.json").read_text()
+    assert main(["predict", str(exp)]) == 0
+    assert (exp / "results" / "test_metrics.json").read_text() == before
+
 
 def test_predict_on_a_missing_folder_is_an_input_error(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "nothing")]) == 2

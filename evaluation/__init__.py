@@ -1,0 +1,1 @@
+"""Statistics on predictions: bootstrap confidence intervals (and, to come, comparisons and fairness)."""
