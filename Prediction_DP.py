@@ -6,9 +6,11 @@ the split being scored; scoring the validation split itself takes its thresholds
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 from torch.utils.data import DataLoader
@@ -17,7 +19,8 @@ from tqdm import tqdm
 from config import Config, InputError, read_yaml, validate
 from data.dataset import evaluation_loader, load_table
 from artifacts import atomic_write_text, json_text, load_checkpoint
-from evaluation.bootstrap import bootstrap_intervals
+from evaluation.bootstrap import bootstrap_intervals, resample_counts
+from evaluation.compare import paired_auroc_comparison
 from models import build_model, resolve_device
 
 
@@ -95,8 +98,22 @@ def load_experiment_config(exp_dir: Path) -> Config:
     return validate(read_yaml(exp_dir / "config.yaml"), source=str(exp_dir / "config.yaml"))
 
 
-def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
-    """Write ``predictions/<split>.csv`` and ``results/<split>_metrics.json``; return the metrics."""
+@dataclass
+class Scored:
+    """One experiment's best model applied to one split, with thresholds from another split."""
+
+    cfg: Config
+    frame: pd.DataFrame
+    labels: list[str]
+    truth: np.ndarray
+    scores: np.ndarray
+    thresholds: dict[str, float]
+    threshold_split: str
+    epoch: int
+
+
+def score_split(exp_dir: Path, split: str) -> Scored:
+    """Score ``split`` with ``checkpoints/best.pt``; Youden thresholds come from valid (train for valid)."""
     exp_dir = Path(exp_dir)
     cfg = load_experiment_config(exp_dir)
     ckpt = load_checkpoint(exp_dir / "checkpoints" / "best.pt")
@@ -110,27 +127,36 @@ def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
 
     table = load_table(cfg.data, cfg.experiment.seed)
     batch = cfg.training.physical_batch_size
+
+    def run(frame: pd.DataFrame, name: str):
+        loader = evaluation_loader(frame, table.image_dir, cfg.data, batch)
+        return frame[labels].to_numpy(), predict_scores(model, loader, device, desc=f"{exp_dir.name} {name}")
+
     threshold_split = "train" if split == "valid" else "valid"
-    ref = table.split(threshold_split)
-    ref_scores = predict_scores(model, evaluation_loader(ref, table.image_dir, cfg.data, batch), device, desc=threshold_split)
-    ref_truth = ref[labels].to_numpy()
+    ref_truth, ref_scores = run(table.split(threshold_split), threshold_split)
     thresholds = {label: youden_threshold(ref_truth[:, i], ref_scores[:, i]) for i, label in enumerate(labels)}
-
     frame = table.split(split)
-    scores = predict_scores(model, evaluation_loader(frame, table.image_dir, cfg.data, batch), device, desc=split)
-    truth = frame[labels].to_numpy()
+    truth, scores = run(frame, split)
+    return Scored(cfg, frame, labels, truth, scores, thresholds, threshold_split, ckpt["epoch"])
 
+
+def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
+    """Write ``predictions/<split>.csv`` and ``results/<split>_metrics.json``; return the metrics."""
+    exp_dir = Path(exp_dir)
+    scored = score_split(exp_dir, split)
+    frame, labels, truth, scores = scored.frame, scored.labels, scored.truth, scored.scores
     out = frame[["image_id", "patient_id"]].copy()
     out["sex"] = frame["sex"].where(frame["sex"].isin(["F", "M"]), "")
     out["age"] = frame["age"]
     for i, label in enumerate(labels):
         out[label] = truth[:, i].astype(int)
         out[f"{label}_score"] = scores[:, i]
-    metrics = {"split": split, "threshold_split": threshold_split, "checkpoint_epoch": ckpt["epoch"],
-               **split_metrics(truth, scores, labels, thresholds)}
-    if cfg.evaluation.bootstrap:
-        add_intervals(metrics, bootstrap_intervals(truth, scores, labels, thresholds,
-                                                   cfg.evaluation.bootstrap, cfg.evaluation.seed))
+    metrics = {"split": split, "threshold_split": scored.threshold_split, "checkpoint_epoch": scored.epoch,
+               **split_metrics(truth, scores, labels, scored.thresholds)}
+    evaluation = scored.cfg.evaluation
+    if evaluation.bootstrap:
+        add_intervals(metrics, bootstrap_intervals(truth, scores, labels, scored.thresholds,
+                                                   evaluation.bootstrap, evaluation.seed))
 
     for path in (exp_dir / "predictions" / f"{split}.csv", exp_dir / "results" / f"{split}_metrics.json"):
         if path.exists():
@@ -138,6 +164,53 @@ def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
     atomic_write_text(exp_dir / "predictions" / f"{split}.csv", out.to_csv(index=False))
     atomic_write_text(exp_dir / "results" / f"{split}_metrics.json", json_text(metrics))
     return metrics
+
+
+def compare_experiments(exp_a: Path, exp_b: Path, split: str = "test", out_dir: Path | None = None):
+    """Score two experiments on the same images and compare their AUROCs, paired.
+
+    Writes ``comparison.json`` and ``comparison.csv`` to ``out_dir`` (default
+    ``<parent of A>/comparisons/<A>__vs__<B>__<split>``); returns (comparison, table).
+    """
+    exp_a, exp_b = Path(exp_a), Path(exp_b)
+    a, b = score_split(exp_a, split), score_split(exp_b, split)
+    if a.labels != b.labels:
+        raise InputError(f"cannot compare: {exp_a} predicts {a.labels} but {exp_b} predicts {b.labels}")
+    ids_a, ids_b = a.frame["image_id"], b.frame["image_id"]
+    if len(ids_a) != len(ids_b) or not (ids_a.to_numpy() == ids_b.to_numpy()).all() or not np.array_equal(a.truth, b.truth):
+        raise InputError(f"cannot compare: the {split} splits differ ({exp_a}: {len(ids_a)} images, {exp_b}: "
+                         f"{len(ids_b)} images, {len(set(ids_a) ^ set(ids_b))} image ids in only one, or "
+                         f"different labels for the same images); compare experiments on the same dataset")
+    evaluation = a.cfg.evaluation
+    if not evaluation.bootstrap:
+        raise InputError(f"{exp_a / 'config.yaml'}: evaluation.bootstrap is 0; compare needs resamples")
+    weights = resample_counts(len(a.truth), evaluation.bootstrap, evaluation.seed)
+    result = paired_auroc_comparison(a.truth, a.scores, b.scores, a.labels, weights)
+    comparison = {"experiment_a": str(exp_a), "experiment_b": str(exp_b), "split": split, "n_images": len(ids_a),
+                  "bootstrap": {"resamples": evaluation.bootstrap, "seed": evaluation.seed, "paired": True},
+                  **result}
+
+    rows = []
+    for label, m in [*result["labels"].items(), ("mean", None)]:
+        boot = m["bootstrap"] if m else result["auroc_mean"]
+        delong = m["delong"] if m else {}
+        ci = boot["ci95"] or [None, None]
+        rows.append({"label": label, "auroc_a": m["auroc_a"] if m else result["auroc_mean_a"],
+                     "auroc_b": m["auroc_b"] if m else result["auroc_mean_b"], "difference": boot["difference"],
+                     "ci95_low": ci[0], "ci95_high": ci[1], "p_bootstrap": boot["p_value"],
+                     "p_a_not_better": boot["p_a_not_better"], "delong_z": delong.get("z"),
+                     "p_delong": delong.get("p_value")})
+    table = pd.DataFrame(rows)
+    out_dir = Path(out_dir) if out_dir else exp_a.parent / "comparisons" / f"{exp_a.name}__vs__{exp_b.name}__{split}"
+    if (out_dir / "comparison.json").exists():
+        print(f"replacing the comparison in {out_dir} (recomputed)")
+    atomic_write_text(out_dir / "comparison.json", json_text(comparison))
+    atomic_write_text(out_dir / "comparison.csv", table.to_csv(index=False))
+    return comparison, table
+
+
+def format_comparison(table: pd.DataFrame) -> str:
+    return table.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a")
 
 
 def format_metrics(metrics: dict) -> str:

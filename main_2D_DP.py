@@ -3,6 +3,7 @@
     python main_2D_DP.py                      train with configs/config.yaml, then predict on test
     python main_2D_DP.py train [--config FILE] [--name NAME] [--resume] [--set KEY=VALUE ...]
     python main_2D_DP.py predict EXPERIMENT_DIR [--split test|valid]
+    python main_2D_DP.py compare EXP_A EXP_B [--split test|valid] [--out DIR]
 
 Exit codes: 0 success, 2 bad input (config, paths, data), 1 anything else.
 """
@@ -14,7 +15,8 @@ import time
 from pathlib import Path
 
 from config import InputError, load_config, merge, parse_overrides, validate
-from Prediction_DP import format_metrics, load_experiment_config, predict_experiment
+from Prediction_DP import (compare_experiments, format_comparison, format_metrics, load_experiment_config,
+                           predict_experiment)
 from Train_Valid_DP import check_resume_compatible, train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "config.yaml"
@@ -55,6 +57,13 @@ def run_predict(exp_dir: Path, split: str) -> None:
           f"{Path(exp_dir) / 'results' / f'{split}_metrics.json'}")
 
 
+def run_compare(exp_a: Path, exp_b: Path, split: str, out: Path | None) -> None:
+    comparison, table = compare_experiments(exp_a, exp_b, split, out)
+    print(f"A = {exp_a}\nB = {exp_b}\n{comparison['n_images']} {split} images, "
+          f"{comparison['bootstrap']['resamples']} paired bootstrap resamples (seed {comparison['bootstrap']['seed']})")
+    print(format_comparison(table))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main_2D_DP.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="score a split with an experiment's best checkpoint")
     pr.add_argument("experiment", type=Path)
     pr.add_argument("--split", choices=["test", "valid"], default="test")
+    co = sub.add_parser("compare", help="paired AUROC comparison of two experiments on the same images")
+    co.add_argument("experiment_a", type=Path)
+    co.add_argument("experiment_b", type=Path)
+    co.add_argument("--split", choices=["test", "valid"], default="test")
+    co.add_argument("--out", type=Path, default=None,
+                    help="output folder (default <parent of A>/comparisons/<A>__vs__<B>__<split>)")
     return parser
 
 
@@ -78,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             run_train(args.config, args.name, args.resume, args.overrides)
         elif args.command == "predict":
             run_predict(args.experiment, args.split)
+        elif args.command == "compare":
+            run_compare(args.experiment_a, args.experiment_b, args.split, args.out)
         else:
             run_predict(run_train(None, None, False, []), "test")
     except InputError as exc:

@@ -1,0 +1,117 @@
+"""Paired comparison: DeLong against its defining structural components, bootstrap p-values."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+from sklearn.metrics import roc_auc_score
+
+from evaluation.bootstrap import resample_counts
+from evaluation.compare import bootstrap_difference, delong_test, paired_auroc_comparison
+
+
+def _delong_by_definition(truth, score_a, score_b):
+    """DeLong 1988 written out: psi(x, y) = 1 if x > y, 1/2 if equal, over all positive-negative pairs."""
+    pos, neg = truth.astype(bool), ~truth.astype(bool)
+    v10, v01, aucs = [], [], []
+    for s in (score_a, score_b):
+        psi = (s[pos][:, None] > s[neg][None, :]) + 0.5 * (s[pos][:, None] == s[neg][None, :])
+        v10.append(psi.mean(axis=1))
+        v01.append(psi.mean(axis=0))
+        aucs.append(psi.mean())
+    s10, s01 = np.cov(np.stack(v10)), np.cov(np.stack(v01))
+    cov = s10 / pos.sum() + s01 / neg.sum()
+    z = (aucs[0] - aucs[1]) / np.sqrt(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+    return aucs, cov, z, 2 * norm.sf(abs(z))
+
+
+def test_delong_matches_the_definition_with_ties():
+    rng = np.random.default_rng(5)
+    truth = rng.random(400) < 0.35
+    a = np.round(rng.normal(truth * 1.0, 1.0), 1)
+    b = np.round(a * 0.5 + rng.normal(truth * 0.4, 1.0), 1)
+    result = delong_test(truth, a, b)
+    aucs, cov, z, p = _delong_by_definition(truth, a, b)
+    assert result["auroc_a"] == pytest.approx(roc_auc_score(truth, a)) == pytest.approx(aucs[0])
+    assert result["auroc_b"] == pytest.approx(aucs[1])
+    assert result["variance_a"] == pytest.approx(cov[0, 0]) and result["covariance"] == pytest.approx(cov[0, 1])
+    assert result["z"] == pytest.approx(z) and result["p_value"] == pytest.approx(p)
+
+
+def test_delong_edge_cases():
+    truth = np.array([0, 0, 1, 1, 0, 1])
+    score = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9])
+    assert delong_test(truth, score, score)["p_value"] == 1.0
+    assert delong_test(np.zeros(6), score, score)["p_value"] is None
+
+
+def test_delong_p_values_are_uniform_under_the_null():
+    rng = np.random.default_rng(0)
+    p_values = []
+    for _ in range(300):
+        truth = rng.random(150) < 0.4
+        shared = rng.normal(truth * 0.8, 1.0)
+        p_values.append(delong_test(truth, shared + rng.normal(0, 0.5, 150), shared + rng.normal(0, 0.5, 150))["p_value"])
+    assert 0.02 <= np.mean(np.array(p_values) < 0.05) <= 0.09
+
+
+def test_bootstrap_difference_p_values():
+    assert bootstrap_difference(np.full(100, 0.8), np.full(100, 0.7), 0.1)["p_value"] == 0.0
+    same = bootstrap_difference(np.full(100, 0.8), np.full(100, 0.8), 0.0)
+    assert same["p_value"] == 1.0 and same["p_a_not_better"] == 1.0
+    rng = np.random.default_rng(1)
+    noise = rng.normal(0, 1, 1000)
+    assert bootstrap_difference(noise, np.zeros(1000), 0.0)["p_value"] > 0.8
+
+
+def test_paired_comparison_detects_a_better_model_and_not_a_copy():
+    rng = np.random.default_rng(3)
+    truth = rng.random((600, 2)) < 0.3
+    good = rng.normal(truth * 1.5, 1.0)
+    poor = good * 0.3 + rng.normal(0, 1.0, good.shape)
+    weights = resample_counts(600, 500, seed=0)
+    result = paired_auroc_comparison(truth, good, poor, ["a", "b"], weights)
+    for label in ("a", "b"):
+        boot = result["labels"][label]["bootstrap"]
+        assert boot["difference"] > 0.1 and boot["ci95"][0] > 0 and boot["p_value"] < 0.01
+        assert result["labels"][label]["delong"]["p_value"] < 0.001
+    assert result["auroc_mean"]["ci95"][0] > 0
+    copy = paired_auroc_comparison(truth, good, good.copy(), ["a", "b"], weights)
+    assert copy["auroc_mean"]["difference"] == 0 and copy["auroc_mean"]["p_value"] == 1.0
+
+
+def test_compare_command_writes_paired_results_and_refuses_mismatches(tiny_config, capsys):
+    import json
+
+    import pandas as pd
+
+    from main_2D_DP import main
+
+    path = tiny_config(training={"epochs": 1})
+    root = path.parent / "experiments"
+    assert main(["train", "--config", str(path), "--name", "dp"]) == 0
+    assert main(["train", "--config", str(path), "--name", "nodp", "--set", "dp.enabled=false"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(root / "dp"), str(root / "nodp")]) == 0
+    out = root / "comparisons" / "dp__vs__nodp__test"
+    comparison = json.loads((out / "comparison.json").read_text())
+    table = pd.read_csv(out / "comparison.csv")
+    assert list(table["label"]) == [*comparison["labels"], "mean"]
+    assert comparison["bootstrap"] == {"resamples": 1000, "seed": 0, "paired": True}
+    mean = comparison["auroc_mean"]
+    assert mean["difference"] == pytest.approx(comparison["auroc_mean_a"] - comparison["auroc_mean_b"])
+    assert mean["ci95"][0] <= mean["difference"] <= mean["ci95"][1] and 0 <= mean["p_value"] <= 1
+    for label, m in comparison["labels"].items():  # the same AUROC as predict gives
+        assert 0 <= m["delong"]["p_value"] <= 1
+    assert main(["predict", str(root / "dp")]) == 0
+    metrics = json.loads((root / "dp" / "results" / "test_metrics.json").read_text())
+    assert comparison["auroc_mean_a"] == pytest.approx(metrics["auroc_mean"])
+
+    # a different label set, and different test images, are refused
+    assert main(["train", "--config", str(path), "--name", "labels", "--set", "data.labels=[cardiomegaly]"]) == 0
+    assert main(["train", "--config", str(path), "--name", "public", "--set", "data.site=all"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(root / "dp"), str(root / "labels")]) == 2
+    assert "predicts" in capsys.readouterr().err
+    assert main(["compare", str(root / "dp"), str(root / "public")]) == 2
+    assert "the test splits differ" in capsys.readouterr().err
