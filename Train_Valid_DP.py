@@ -126,8 +126,9 @@ def train_one_epoch(model, criterion, optimizer, loader, device, physical_batch_
             # the per-sample gradients of all parameters are complete.
             warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
             (loss * share).backward()
-        loss_sum += loss.item() * len(x)
-        seen += len(x)
+        if len(x):  # an empty Poisson batch still steps (noise only) but has no loss to report
+            loss_sum += loss.item() * len(x)
+            seen += len(x)
         if dp or last:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -175,3 +175,15 @@ def test_two_stage_public_pretraining_then_private_dp(tiny_config, capsys):
     assert "newly initialised: none" in capsys.readouterr().out
     resolved = yaml.safe_load((_exp(path, "priv") / "config.yaml").read_text())
     assert resolved["model"]["pretrained_checkpoint"] == str(pub) and resolved["data"]["site"] == "private"
+
+
+def test_empty_poisson_batches_step_without_poisoning_the_loss(tiny_config):
+    """With an expected batch of 2, about one logical batch in eight is empty."""
+    path = tiny_config(training={"epochs": 1, "logical_batch_size": 2, "physical_batch_size": 2})
+    assert main(["train", "--config", str(path)]) == 0
+    summary = json.loads((_exp(path) / "summary.json").read_text())
+    steps_per_epoch = yaml.safe_load((_exp(path) / "config.yaml").read_text())["derived"]["steps_per_epoch"]
+    assert summary["steps"] == steps_per_epoch
+    assert np.isfinite(summary["last_train_loss"]) and np.isfinite(summary["last_valid_loss"])
+    weights = _weights(_exp(path))
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
