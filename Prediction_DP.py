@@ -21,6 +21,7 @@ from data.dataset import evaluation_loader, load_table
 from artifacts import atomic_write_text, json_text, load_checkpoint
 from evaluation.bootstrap import bootstrap_intervals, resample_counts
 from evaluation.compare import paired_auroc_comparison
+from evaluation.fairness import fairness_report, fairness_table
 from models import build_model, resolve_device
 
 
@@ -88,7 +89,6 @@ def add_intervals(metrics: dict, intervals: dict) -> None:
     for label, extra in intervals["labels"].items():
         metrics["labels"][label].update(extra)
     metrics["auroc_mean_ci95"] = intervals["auroc_mean_ci95"]
-    metrics["bootstrap"] = intervals["bootstrap"]
 
 
 def load_experiment_config(exp_dir: Path) -> Config:
@@ -154,15 +154,24 @@ def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
     metrics = {"split": split, "threshold_split": scored.threshold_split, "checkpoint_epoch": scored.epoch,
                **split_metrics(truth, scores, labels, scored.thresholds)}
     evaluation = scored.cfg.evaluation
+    # One set of resample counts for the metrics and every subgroup: all intervals are paired.
+    weights = resample_counts(len(truth), max(evaluation.bootstrap, 1), evaluation.seed)
     if evaluation.bootstrap:
-        add_intervals(metrics, bootstrap_intervals(truth, scores, labels, scored.thresholds,
-                                                   evaluation.bootstrap, evaluation.seed))
+        add_intervals(metrics, bootstrap_intervals(truth, scores, labels, scored.thresholds, weights))
+        metrics["bootstrap"] = {"resamples": evaluation.bootstrap, "seed": evaluation.seed, "level": 0.95,
+                                "method": "percentile", "unit": "image (patient-agnostic)"}
+    fairness = fairness_report(truth, scores, labels, scored.thresholds, frame["sex"].to_numpy(),
+                               frame["age"].to_numpy(), evaluation.age_bins, weights, evaluation.min_subgroup_size)
+    fairness["split"] = split
 
-    for path in (exp_dir / "predictions" / f"{split}.csv", exp_dir / "results" / f"{split}_metrics.json"):
+    outputs = {exp_dir / "predictions" / f"{split}.csv": out.to_csv(index=False),
+               exp_dir / "results" / f"{split}_metrics.json": json_text(metrics),
+               exp_dir / "results" / f"{split}_fairness.json": json_text(fairness),
+               exp_dir / "results" / f"{split}_fairness.csv": fairness_table(fairness).to_csv(index=False)}
+    for path, text in outputs.items():
         if path.exists():
             print(f"replacing {path} (recomputed from {exp_dir / 'checkpoints' / 'best.pt'})")
-    atomic_write_text(exp_dir / "predictions" / f"{split}.csv", out.to_csv(index=False))
-    atomic_write_text(exp_dir / "results" / f"{split}_metrics.json", json_text(metrics))
+        atomic_write_text(path, text)
     return metrics
 
 

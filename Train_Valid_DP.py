@@ -40,7 +40,7 @@ CHECKPOINT_FORMAT = 1
 # Settings that may change on --resume; anything else would change the data, the model or the
 # privacy accounting of the run being continued.
 RESUMABLE_KEYS = {"training.epochs", "training.device", "data.num_workers", "output.target_dir", "experiment.name",
-                  "evaluation.bootstrap", "evaluation.seed"}
+                  "evaluation.bootstrap", "evaluation.seed", "evaluation.age_bins", "evaluation.min_subgroup_size"}
 
 
 def default_delta(n_train: int) -> float:

@@ -94,6 +94,14 @@ class DP(_Section):
 class Evaluation(_Section):
     bootstrap: int = Field(1000, ge=0)
     seed: int = Field(0, ge=0)
+    age_bins: list[float] = Field(default_factory=lambda: [0, 30, 60, 70, 80, 100], min_length=3)
+    min_subgroup_size: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _increasing_bins(self):
+        if any(b <= a for a, b in zip(self.age_bins, self.age_bins[1:])):
+            raise ValueError(f"evaluation.age_bins must be strictly increasing edges, got {self.age_bins}")
+        return self
 
 
 class Output(_Section):

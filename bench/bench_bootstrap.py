@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from evaluation.bootstrap import bootstrap_intervals  # noqa: E402
+from evaluation.bootstrap import bootstrap_intervals, resample_counts  # noqa: E402
 from Prediction_DP import auroc, threshold_metrics  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     thresholds = dict.fromkeys(labels, 0.5)
 
     start = time.perf_counter()
-    bootstrap_intervals(truth, scores, labels, thresholds, args.resamples, seed=0)
+    bootstrap_intervals(truth, scores, labels, thresholds, resample_counts(args.images, args.resamples, seed=0))
     vectorised = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -76,12 +76,10 @@ def bootstrap_label_metrics(truth: np.ndarray, score: np.ndarray, threshold: flo
 
 
 def bootstrap_intervals(truth: np.ndarray, scores: np.ndarray, labels: list[str], thresholds: dict[str, float],
-                        resamples: int, seed: int, level: float = 0.95) -> dict:
-    """95% percentile intervals of every metric per label and of the mean AUROC.
-
-    Thresholds stay fixed (chosen on another split) inside every resample.
+                        weights: np.ndarray, level: float = 0.95) -> dict:
+    """Percentile intervals of every metric per label and of the mean AUROC, under ``weights``
+    (:func:`resample_counts`). Thresholds stay fixed (chosen on another split) inside every resample.
     """
-    weights = resample_counts(len(truth), resamples, seed)
     per_label, aurocs = {}, []
     for i, label in enumerate(labels):
         values = bootstrap_label_metrics(truth[:, i], scores[:, i], thresholds[label], weights)
@@ -91,6 +89,4 @@ def bootstrap_intervals(truth: np.ndarray, scores: np.ndarray, labels: list[str]
     with warnings.catch_warnings():  # a resample where no label is estimable has no mean: NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(np.stack(aurocs), axis=0)
-    return {"labels": per_label, "auroc_mean_ci95": percentile_interval(mean, level),
-            "bootstrap": {"resamples": resamples, "seed": seed, "level": level, "method": "percentile",
-                          "unit": "image (patient-agnostic)"}}
+    return {"labels": per_label, "auroc_mean_ci95": percentile_interval(mean, level)}

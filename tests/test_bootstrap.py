@@ -43,7 +43,7 @@ def test_intervals_cover_the_true_value_at_about_the_nominal_rate():
     for run in range(runs):
         truth = (rng.random(n) < 0.4)[:, None]
         scores = rng.normal(truth * d, 1.0)
-        ci = bootstrap_intervals(truth, scores, ["x"], {"x": t}, resamples=400, seed=run)["labels"]["x"]["ci95"]
+        ci = bootstrap_intervals(truth, scores, ["x"], {"x": t}, resample_counts(n, 400, seed=run))["labels"]["x"]["ci95"]
         hits["auroc"] += ci["auroc"][0] <= true_auroc <= ci["auroc"][1]
         hits["sensitivity"] += ci["sensitivity"][0] <= true_sens <= ci["sensitivity"][1]
     for name, count in hits.items():  # 95% nominal; binomial sd over 200 runs is 1.5 points
@@ -54,7 +54,7 @@ def test_a_label_with_one_class_is_not_estimable():
     truth = np.zeros((40, 2), dtype=bool)
     truth[::4, 0] = True
     scores = np.random.default_rng(0).random((40, 2))
-    result = bootstrap_intervals(truth, scores, ["a", "b"], {"a": 0.5, "b": 0.5}, resamples=100, seed=0)
+    result = bootstrap_intervals(truth, scores, ["a", "b"], {"a": 0.5, "b": 0.5}, resample_counts(40, 100, 0))
     assert result["labels"]["b"]["ci95"]["auroc"] is None
     assert result["labels"]["b"]["resamples_without_both_classes"] == 100
     assert result["labels"]["a"]["ci95"]["auroc"] is not None

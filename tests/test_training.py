@@ -50,6 +50,9 @@ def test_run_writes_every_artifact(tiny_config, dp):
 
     assert main(["predict", str(exp)]) == 0
     assert (exp / "predictions" / "test.csv").is_file() and (exp / "results" / "test_metrics.json").is_file()
+    fairness = json.loads((exp / "results" / "test_fairness.json").read_text())
+    assert set(fairness["subgroups"]) == {"sex", "age", "sex_age"} and set(fairness["fairness"]) == {"sex", "age"}
+    assert len(pd.read_csv(exp / "results" / "test_fairness.csv")) > 0
 
 
 def test_existing_experiment_is_never_overwritten(tiny_config, capsys):
