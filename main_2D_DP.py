@@ -4,17 +4,24 @@
     python main_2D_DP.py train [--config FILE] [--name NAME] [--resume] [--set KEY=VALUE ...]
     python main_2D_DP.py predict EXPERIMENT_DIR [--split test|valid]
     python main_2D_DP.py compare EXP_A EXP_B [--split test|valid] [--out DIR]
+    python main_2D_DP.py sweep --epsilons inf,8,4,1 [--name NAME] [--config FILE] [--set KEY=VALUE ...]
 
 Exit codes: 0 success, 2 bad input (config, paths, data), 1 anything else.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+
+from artifacts import atomic_write_text, json_text
 from config import InputError, load_config, merge, parse_overrides, validate
+from evaluation.sweep import correlations, sweep_row
 from Prediction_DP import (compare_experiments, format_comparison, format_metrics, load_experiment_config,
                            predict_experiment)
 from Train_Valid_DP import check_resume_compatible, train
@@ -64,6 +71,57 @@ def run_compare(exp_a: Path, exp_b: Path, split: str, out: Path | None) -> None:
     print(format_comparison(table))
 
 
+def parse_epsilons(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"--epsilons: expected numbers or inf separated by commas, got '{text}'") from None
+    if not values or any(v <= 0 for v in values) or len(set(values)) != len(values):
+        raise InputError(f"--epsilons: expected distinct positive budgets (inf = non-private), got '{text}'")
+    return values
+
+
+def run_sweep(epsilons: list[float], name: str, config: Path | None, overrides: list[str]) -> Path:
+    """Train (or resume, or skip when finished) one experiment per budget, then tabulate them."""
+    base = load_config(config or DEFAULT_CONFIG, overrides)
+    sweep_dir = Path(base.output.target_dir) / name
+    raw = base.model_dump(exclude={"derived"})
+    rows = []
+    for epsilon in epsilons:
+        run = f"eps_{epsilon:g}"
+        privacy = {"enabled": False} if math.isinf(epsilon) else {"enabled": True, "epsilon": epsilon,
+                                                                    "noise_multiplier": None}
+        cfg = validate(merge(raw, {"dp": privacy, "experiment": {"name": run},
+                                   "output": {"target_dir": str(sweep_dir)}}), source=f"sweep {name}/{run}")
+        exp_dir = sweep_dir / run
+        summary_path = exp_dir / "summary.json"
+        done = summary_path.is_file() and json.loads(summary_path.read_text())["epochs_completed"] >= cfg.training.epochs
+        if done:
+            check_resume_compatible(load_experiment_config(exp_dir), cfg)
+            print(f"{run}: finished earlier, skipped")
+        else:
+            resume = (exp_dir / "checkpoints" / "last.pt").is_file()
+            if resume:
+                check_resume_compatible(load_experiment_config(exp_dir), cfg)
+            print(f"{run}: {'resuming' if resume else 'training'} in {exp_dir}")
+            train(cfg, exp_dir, resume=resume)
+        metrics_path = exp_dir / "results" / "test_metrics.json"
+        if not done or not metrics_path.is_file():
+            predict_experiment(exp_dir, "test")
+        results = {kind: json.loads((exp_dir / "results" / f"test_{kind}.json").read_text())
+                   for kind in ("metrics", "fairness")}
+        rows.append(sweep_row(epsilon, json.loads(summary_path.read_text()), results["metrics"], results["fairness"]))
+    table = pd.DataFrame(rows)
+    result = {"epsilons": epsilons, "experiments": [f"eps_{e:g}" for e in epsilons],
+              "table": table.to_dict(orient="records"), "pearson_epsilon_vs_fairness": correlations(table)}
+    atomic_write_text(sweep_dir / "sweep.csv", table.to_csv(index=False))
+    atomic_write_text(sweep_dir / "sweep.json", json_text(result))
+    print(table[["epsilon", "epsilon_spent", "noise_multiplier", "auroc_mean", "auroc_mean_ci95_low",
+                 "auroc_mean_ci95_high"]].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
+    print(f"wrote {sweep_dir / 'sweep.csv'} and {sweep_dir / 'sweep.json'}")
+    return sweep_dir
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main_2D_DP.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--split", choices=["test", "valid"], default="test")
     co.add_argument("--out", type=Path, default=None,
                     help="output folder (default <parent of A>/comparisons/<A>__vs__<B>__<split>)")
+    sw = sub.add_parser("sweep", help="one experiment per privacy budget, then a table and correlations")
+    sw.add_argument("--epsilons", required=True, help="comma-separated budgets; inf = non-private (e.g. inf,8,4,1)")
+    sw.add_argument("--name", default="sweep", help="sweep folder under output.target_dir (default: sweep)")
+    sw.add_argument("--config", type=Path, default=None)
+    sw.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides")
     return parser
 
 
@@ -93,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             run_train(args.config, args.name, args.resume, args.overrides)
         elif args.command == "predict":
             run_predict(args.experiment, args.split)
+        elif args.command == "sweep":
+            run_sweep(parse_epsilons(args.epsilons), args.name, args.config, args.overrides)
         elif args.command == "compare":
             run_compare(args.experiment_a, args.experiment_b, args.split, args.out)
         else:
