@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from config import Config, InputError, read_yaml, validate
@@ -22,6 +23,7 @@ from artifacts import atomic_write_text, json_text, load_checkpoint
 from evaluation.bootstrap import bootstrap_intervals, resample_counts
 from evaluation.compare import paired_auroc_comparison
 from evaluation.fairness import fairness_report, fairness_table
+from evaluation.report import comparison_report, prediction_report
 from models import build_model, resolve_device
 
 
@@ -164,15 +166,30 @@ def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
                                frame["age"].to_numpy(), evaluation.age_bins, weights, evaluation.min_subgroup_size)
     fairness["split"] = split
 
+    report = prediction_report(f"{exp_dir.name}: {split} split", labels, truth, scores, metrics, fairness)
     outputs = {exp_dir / "predictions" / f"{split}.csv": out.to_csv(index=False),
                exp_dir / "results" / f"{split}_metrics.json": json_text(metrics),
                exp_dir / "results" / f"{split}_fairness.json": json_text(fairness),
-               exp_dir / "results" / f"{split}_fairness.csv": fairness_table(fairness).to_csv(index=False)}
+               exp_dir / "results" / f"{split}_fairness.csv": fairness_table(fairness).to_csv(index=False),
+               exp_dir / ("report.html" if split == "test" else f"report_{split}.html"): report}
     for path, text in outputs.items():
         if path.exists():
             print(f"replacing {path} (recomputed from {exp_dir / 'checkpoints' / 'best.pt'})")
         atomic_write_text(path, text)
+    _log_scalars(exp_dir, split, metrics, fairness)
     return metrics
+
+
+def _log_scalars(exp_dir: Path, split: str, metrics: dict, fairness: dict) -> None:
+    """The headline numbers of a prediction, beside the training curves in TensorBoard."""
+    with SummaryWriter(str(exp_dir / "tensorboard")) as writer:
+        writer.add_scalar(f"{split}/auroc_mean", metrics["auroc_mean"], metrics["checkpoint_epoch"])
+        for label, m in metrics["labels"].items():
+            writer.add_scalar(f"{split}/auroc/{label}", m["auroc"], metrics["checkpoint_epoch"])
+        for attribute, fair in fairness["fairness"].items():
+            for name, value in fair["mean"].items():
+                if isinstance(value, (int, float)):
+                    writer.add_scalar(f"{split}/fairness/{attribute}/{name}", value, metrics["checkpoint_epoch"])
 
 
 def compare_experiments(exp_a: Path, exp_b: Path, split: str = "test", out_dir: Path | None = None):
@@ -215,6 +232,9 @@ def compare_experiments(exp_a: Path, exp_b: Path, split: str = "test", out_dir: 
         print(f"replacing the comparison in {out_dir} (recomputed)")
     atomic_write_text(out_dir / "comparison.json", json_text(comparison))
     atomic_write_text(out_dir / "comparison.csv", table.to_csv(index=False))
+    atomic_write_text(out_dir / "report.html", comparison_report(
+        f"A = {exp_a.name} vs B = {exp_b.name} ({split} split, {len(ids_a)} images)",
+        a.labels, a.truth, a.scores, b.scores, table))
     return comparison, table
 
 

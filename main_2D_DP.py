@@ -21,7 +21,8 @@ import pandas as pd
 
 from artifacts import atomic_write_text, json_text
 from config import InputError, load_config, merge, parse_overrides, validate
-from evaluation.sweep import correlations, sweep_row
+from evaluation.report import sweep_report
+from evaluation.sweep import correlations, log_sweep_hparams, sweep_row
 from Prediction_DP import (compare_experiments, format_comparison, format_metrics, load_experiment_config,
                            predict_experiment)
 from Train_Valid_DP import check_resume_compatible, train
@@ -116,9 +117,12 @@ def run_sweep(epsilons: list[float], name: str, config: Path | None, overrides: 
               "table": table.to_dict(orient="records"), "pearson_epsilon_vs_fairness": correlations(table)}
     atomic_write_text(sweep_dir / "sweep.csv", table.to_csv(index=False))
     atomic_write_text(sweep_dir / "sweep.json", json_text(result))
+    atomic_write_text(sweep_dir / "report.html", sweep_report(f"Privacy budget sweep {name}", table,
+                                                             result["pearson_epsilon_vs_fairness"]))
+    log_sweep_hparams(sweep_dir / "tensorboard", table)
     print(table[["epsilon", "epsilon_spent", "noise_multiplier", "auroc_mean", "auroc_mean_ci95_low",
                  "auroc_mean_ci95_high"]].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
-    print(f"wrote {sweep_dir / 'sweep.csv'} and {sweep_dir / 'sweep.json'}")
+    print(f"wrote {sweep_dir / 'sweep.csv'}, sweep.json and report.html")
     return sweep_dir
 
 

@@ -96,7 +96,7 @@ class CXRDataset(Dataset):
                  histogram_equalization: bool = True, augment_flip: bool = False):
         self.frame = frame
         self.paths = [Path(image_dir) / f"{i}.png" for i in frame["image_id"]]
-        self.targets = torch.from_numpy(frame[labels].to_numpy(np.float32))
+        self.targets = torch.tensor(frame[labels].to_numpy(np.float32))
         self.image_size = image_size
         self.equalize = histogram_equalization
         self.flip = augment_flip

@@ -42,3 +42,16 @@ def correlations(table: pd.DataFrame) -> dict:
         p = float(result.pvalue)
         out[column] = {"r": float(result.statistic), "p_value": p if math.isfinite(p) else None, "n": len(values)}
     return out
+
+
+def log_sweep_hparams(logdir, table: pd.DataFrame) -> None:
+    """One TensorBoard hparams run per budget: epsilon against AUROC and the fairness metrics."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(logdir)) as writer:
+        for row in table.to_dict(orient="records"):
+            metrics = {f"sweep/{k}": float(v) for k, v in row.items()
+                       if k not in ("epsilon", "noise_multiplier", "epsilon_spent") and v is not None and np.isfinite(v)}
+            writer.add_hparams({"epsilon": float(row["epsilon"]) if np.isfinite(row["epsilon"]) else 1e9,
+                                "private": bool(np.isfinite(row["epsilon"]))}, metrics,
+                               run_name=f"eps_{row['epsilon']:g}")

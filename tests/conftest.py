@@ -33,3 +33,34 @@ def tiny_config(tmp_path, data_cache):
         return path
 
     return make
+
+
+def assert_report(path: Path, headings: list[str], min_figures: int) -> None:
+    """The report parses as HTML, has the sections, and embeds real PNG figures (opens offline)."""
+    import base64
+    from html.parser import HTMLParser
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.images, self.headings, self.tables, self._in_h2 = [], [], 0, False
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "img":
+                self.images.append(attrs.get("src", ""))
+            self.tables += tag == "table"
+            self._in_h2 = tag == "h2"
+
+        def handle_data(self, data):
+            if self._in_h2:
+                self.headings.append(data)
+                self._in_h2 = False
+
+    parser = Collect()
+    parser.feed(path.read_text())
+    assert all(any(h in found for found in parser.headings) for h in headings), parser.headings
+    assert parser.tables >= 1 and len(parser.images) >= min_figures
+    for src in parser.images:
+        assert src.startswith("data:image/png;base64,")  # embedded, nothing to fetch
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"

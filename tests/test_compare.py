@@ -85,6 +85,7 @@ def test_compare_command_writes_paired_results_and_refuses_mismatches(tiny_confi
 
     import pandas as pd
 
+    from conftest import assert_report
     from main_2D_DP import main
 
     path = tiny_config(training={"epochs": 1})
@@ -103,6 +104,7 @@ def test_compare_command_writes_paired_results_and_refuses_mismatches(tiny_confi
     assert mean["ci95"][0] <= mean["difference"] <= mean["ci95"][1] and 0 <= mean["p_value"] <= 1
     for label, m in comparison["labels"].items():  # the same AUROC as predict gives
         assert 0 <= m["delong"]["p_value"] <= 1
+    assert_report(out / "report.html", ["AUROC differences", "Forest plot", "ROC curves"], min_figures=2)
     assert main(["predict", str(root / "dp")]) == 0
     metrics = json.loads((root / "dp" / "results" / "test_metrics.json").read_text())
     assert comparison["auroc_mean_a"] == pytest.approx(metrics["auroc_mean"])

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 import Train_Valid_DP
+from conftest import assert_report
 from evaluation.sweep import correlations
 from main_2D_DP import main
 
@@ -49,6 +50,10 @@ def test_sweep_trains_each_budget_resumes_and_skips(tiny_config, monkeypatch, ca
     assert {"sex_demographic_parity_difference", "age_equalized_odds_difference", "sex_spd_F-M"} <= set(table.columns)
     result = json.loads((sweep / "sweep.json").read_text())
     assert result["pearson_epsilon_vs_fairness"]["sex_auroc_gap"]["n"] == 2
+    assert_report(sweep / "report.html", ["Runs", "Privacy-utility curve", "Fairness vs epsilon", "Pearson"],
+                  min_figures=2)
+    hparam_runs = [p for p in (sweep / "tensorboard").iterdir() if p.is_dir()]
+    assert sorted(p.name for p in hparam_runs) == ["eps_2", "eps_8", "eps_inf"]
     for run in ("eps_inf", "eps_8", "eps_2"):
         assert json.loads((sweep / run / "summary.json").read_text())["epochs_completed"] == 2
 

@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import Train_Valid_DP
-from conftest import TINY_LABELS
+from conftest import TINY_LABELS, assert_report
 from main_2D_DP import main
 
 
@@ -53,6 +53,10 @@ def test_run_writes_every_artifact(tiny_config, dp):
     fairness = json.loads((exp / "results" / "test_fairness.json").read_text())
     assert set(fairness["subgroups"]) == {"sex", "age", "sex_age"} and set(fairness["fairness"]) == {"sex", "age"}
     assert len(pd.read_csv(exp / "results" / "test_fairness.csv")) > 0
+    assert_report(exp / "report.html", ["Metrics", "ROC curves", "Subgroup AUROC by sex", "Subgroup AUROC by age",
+                                        "Fairness", "Underdiagnosis"], min_figures=3)
+    tags = EventAccumulator(str(exp / "tensorboard")).Reload().Tags()["scalars"]
+    assert "test/auroc_mean" in tags and "test/fairness/sex/auroc_gap" in tags
 
 
 def test_existing_experiment_is_never_overwritten(tiny_config, capsys):
