@@ -7,6 +7,7 @@ import io
 import math
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
@@ -131,6 +132,14 @@ def comparison_report(title: str, labels: list[str], truth: np.ndarray, scores_a
     ])
 
 
+def _epsilon_axis(ax, epsilons) -> None:
+    """Log-scaled epsilon axis with the budgets themselves as plain-number ticks."""
+    ax.set_xscale("log")
+    ax.set_xticks(list(epsilons), [f"{e:g}" for e in epsilons])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel("target epsilon (log scale)")
+
+
 def sweep_report(title: str, table: pd.DataFrame, correlations: dict) -> str:
     private = table[np.isfinite(table["epsilon"].astype(float))].sort_values("epsilon")
     reference = table[~np.isfinite(table["epsilon"].astype(float))]
@@ -140,15 +149,15 @@ def sweep_report(title: str, table: pd.DataFrame, correlations: dict) -> str:
                       private["auroc_mean_ci95_high"] - private["auroc_mean"]], fmt="o-", capsize=3, label="DP-SGD")
     if len(reference):
         ax.axhline(reference["auroc_mean"].iloc[0], color="black", ls="--", label="non-private")
-    ax.set(xscale="log", xlabel="target epsilon (log scale)", ylabel="mean AUROC (95% CI)",
-           title="Privacy-utility trade-off")
+    _epsilon_axis(ax, private["epsilon"])
+    ax.set(ylabel="mean AUROC (95% CI)", title="Privacy-utility trade-off")
     ax.legend()
     fairness_columns = [c for c in table.columns if c.startswith(("sex_", "age_")) and "spd" not in c]
     fig2, ax2 = plt.subplots(figsize=(7, 4))
     for column in fairness_columns:
         ax2.plot(private["epsilon"], private[column], "o-", label=column.replace("_", " "))
-    ax2.set(xscale="log", xlabel="target epsilon (log scale)", ylabel="metric value (mean over labels)",
-            title="Fairness metrics vs privacy budget")
+    _epsilon_axis(ax2, private["epsilon"])
+    ax2.set(ylabel="metric value (mean over labels)", title="Fairness metrics vs privacy budget")
     ax2.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
     corr = pd.DataFrame([{"metric": k, "Pearson r": v["r"], "p-value": v["p_value"], "private runs": v["n"]}
                          for k, v in correlations.items()])
