@@ -1,7 +1,7 @@
 """Subgroup performance and fairness across sex and age, as in the study.
 
 Subgroups: sex (F, M), age bins (``evaluation.age_bins`` edges; the last bin is closed) and sex x age.
-Per subgroup and label: n, prevalence, AUROC, accuracy, sensitivity and specificity, each with a
+Per subgroup and label: n, and prevalence, AUROC, accuracy, sensitivity and specificity, each with a
 paired bootstrap interval (the test set's resample counts restricted to the subgroup). A subgroup
 smaller than ``min_size``, or a metric whose class is absent, is reported as not estimable.
 
@@ -60,7 +60,9 @@ def _subgroup_label(truth, score, threshold, weights, min_size) -> dict:
     resampled = {"auroc": weighted_auroc(truth, score, weights),
                  **weighted_threshold_metrics(truth, predicted, weights)}
     reasons = {"auroc": "needs both classes", "sensitivity": "no positive image", "specificity": "no negative image"}
-    metrics = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prevalence = (weights @ truth.astype(weights.dtype)) / weights.sum(axis=1)
+    metrics = {"prevalence": {"value": positives / n, "ci95": percentile_interval(prevalence.astype(np.float64))}}
     for name in SUBGROUP_METRICS:
         value = float(point[name])
         if np.isfinite(value):

@@ -60,6 +60,8 @@ def test_fairness_metrics_match_hand_computed_values():
     assert entry["metrics"]["auroc"]["value"] == pytest.approx(auroc["F"])
     lo, hi = entry["metrics"]["accuracy"]["ci95"]
     assert lo <= acc_f <= hi
+    lo, hi = entry["metrics"]["prevalence"]["ci95"]
+    assert entry["metrics"]["prevalence"]["value"] == 0.5 and 0 <= lo < 0.5 < hi <= 1
 
 
 def test_small_or_one_class_subgroups_are_not_estimable():
