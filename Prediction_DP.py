@@ -124,7 +124,11 @@ def score_split(exp_dir: Path, split: str) -> Scored:
         raise InputError(f"{exp_dir}: best.pt was trained on labels {labels}, config.yaml says {cfg.data.labels}")
     device = resolve_device(cfg.training.device)
     model = build_model(cfg.model.name, len(labels), cfg.model.activation, cfg.data.image_size)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError) as exc:
+        raise InputError(f"{exp_dir / 'checkpoints' / 'best.pt'}: weights do not fit model {cfg.model.name} "
+                         f"with {len(labels)} labels ({str(exc).splitlines()[0]})") from None
     model.to(device)
 
     table = load_table(cfg.data, cfg.experiment.seed)

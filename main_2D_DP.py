@@ -61,8 +61,9 @@ def run_train(config: Path | None, name: str | None, resume: bool, overrides: li
 def run_predict(exp_dir: Path, split: str) -> None:
     metrics = predict_experiment(exp_dir, split)
     print(format_metrics(metrics))
-    print(f"wrote {Path(exp_dir) / 'predictions' / f'{split}.csv'} and "
-          f"{Path(exp_dir) / 'results' / f'{split}_metrics.json'}")
+    report = "report.html" if split == "test" else f"report_{split}.html"
+    print(f"wrote in {exp_dir}: predictions/{split}.csv, results/{split}_metrics.json, "
+          f"results/{split}_fairness.json and .csv, {report}")
 
 
 def run_compare(exp_a: Path, exp_b: Path, split: str, out: Path | None) -> None:

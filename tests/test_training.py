@@ -194,3 +194,15 @@ def test_empty_poisson_batches_step_without_poisoning_the_loss(tiny_config):
     assert np.isfinite(summary["last_train_loss"]) and np.isfinite(summary["last_valid_loss"])
     weights = _weights(_exp(path))
     assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+
+
+def test_predict_refuses_a_checkpoint_for_another_model(tiny_config, capsys):
+    path = tiny_config(training={"epochs": 1}, dp={"enabled": False})
+    assert main(["train", "--config", str(path)]) == 0
+    exp = _exp(path)
+    config = yaml.safe_load((exp / "config.yaml").read_text())
+    config["model"]["name"] = "resnet18"
+    (exp / "config.yaml").write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert main(["predict", str(exp)]) == 2
+    assert "weights do not fit model resnet18" in capsys.readouterr().err
