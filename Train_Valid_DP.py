@@ -31,7 +31,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from artifacts import atomic_write_text, json_text, load_checkpoint, save_checkpoint
-from config import Config, InputError, save_config
+from config import Config, InputError, config_yaml
 from data.dataset import SPLITS, CXRDataset, evaluation_loader, load_table, positive_weights
 from models import build_model, load_pretrained, resolve_device
 from Prediction_DP import auroc_per_label, mean_auroc, predict_scores
@@ -249,7 +249,7 @@ def train(cfg: Config, exp_dir: Path, resume: bool = False) -> dict:
                            expected_logical_batch=setup.sample_rate * n_train)
     core = model._module if dp else model  # the plain nn.Module, for evaluation and state dicts
     exp_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, exp_dir / "config.yaml")
+    atomic_write_text(exp_dir / "config.yaml", config_yaml(cfg))
 
     start_epoch, steps, best, best_epoch = 0, 0, -math.inf, None
     if ckpt is not None:

@@ -199,5 +199,6 @@ def load_config(path: Path, overrides: list[str] = ()) -> Config:
     return validate(raw, source=str(path))
 
 
-def save_config(cfg: Config, path: Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, in the order of the file."""
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)
