@@ -43,8 +43,15 @@ def predict_scores(model: torch.nn.Module, loader: DataLoader, device: torch.dev
     return (out, loss_sum / max(n, 1)) if criterion is not None else out
 
 
+def labelled(truth: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The images of one label that carry a label (NaN = unlabelled, left out of every metric)."""
+    keep = np.isfinite(truth)
+    return truth[keep].astype(bool), score[keep]
+
+
 def auroc(truth: np.ndarray, score: np.ndarray) -> float:
     """AUROC of one label; NaN when the split holds only one class (not estimable)."""
+    truth, score = labelled(truth, score)
     return float(roc_auc_score(truth, score)) if len(np.unique(truth)) == 2 else float("nan")
 
 
@@ -59,6 +66,7 @@ def mean_auroc(per_label: dict[str, float]) -> float:
 
 def youden_threshold(truth: np.ndarray, score: np.ndarray) -> float:
     """Score threshold maximising Youden's J = TPR - FPR (0.5 when one class is absent)."""
+    truth, score = labelled(truth, score)
     if len(np.unique(truth)) < 2:
         return 0.5
     fpr, tpr, thresholds = roc_curve(truth, score)
@@ -67,6 +75,7 @@ def youden_threshold(truth: np.ndarray, score: np.ndarray) -> float:
 
 def threshold_metrics(truth: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, float]:
     """Accuracy, sensitivity, specificity, precision and F1 of ``score >= threshold``."""
+    truth, score = labelled(truth, score)
     tn, fp, fn, tp = confusion_matrix(truth, score >= threshold, labels=[0, 1]).ravel()
 
     def ratio(a, b):
@@ -81,7 +90,7 @@ def split_metrics(truth: np.ndarray, scores: np.ndarray, labels: list[str], thre
     per_label = {}
     for i, label in enumerate(labels):
         per_label[label] = {"auroc": auroc(truth[:, i], scores[:, i]), "threshold": thresholds[label],
-                            "n": int(len(truth)), "positives": int(truth[:, i].sum()),
+                            "n": int(np.isfinite(truth[:, i]).sum()), "positives": int(np.nansum(truth[:, i])),
                             **threshold_metrics(truth[:, i], scores[:, i], thresholds[label])}
     return {"auroc_mean": mean_auroc({k: v["auroc"] for k, v in per_label.items()}), "labels": per_label}
 
@@ -155,7 +164,7 @@ def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
     out["sex"] = frame["sex"].where(frame["sex"].isin(["F", "M"]), "")
     out["age"] = frame["age"]
     for i, label in enumerate(labels):
-        out[label] = truth[:, i].astype(int)
+        out[label] = pd.Series(truth[:, i]).astype("Int64")  # empty where unlabelled
         out[f"{label}_score"] = scores[:, i]
     metrics = {"split": split, "threshold_split": scored.threshold_split, "checkpoint_epoch": scored.epoch,
                **split_metrics(truth, scores, labels, scored.thresholds)}
@@ -207,7 +216,8 @@ def compare_experiments(exp_a: Path, exp_b: Path, split: str = "test", out_dir: 
     if a.labels != b.labels:
         raise InputError(f"cannot compare: {exp_a} predicts {a.labels} but {exp_b} predicts {b.labels}")
     ids_a, ids_b = a.frame["image_id"], b.frame["image_id"]
-    if len(ids_a) != len(ids_b) or not (ids_a.to_numpy() == ids_b.to_numpy()).all() or not np.array_equal(a.truth, b.truth):
+    if (len(ids_a) != len(ids_b) or not (ids_a.to_numpy() == ids_b.to_numpy()).all()
+            or not np.array_equal(a.truth, b.truth, equal_nan=True)):
         raise InputError(f"cannot compare: the {split} splits differ ({exp_a}: {len(ids_a)} images, {exp_b}: "
                          f"{len(ids_b)} images, {len(set(ids_a) ^ set(ids_b))} image ids in only one, or "
                          f"different labels for the same images); compare experiments on the same dataset")

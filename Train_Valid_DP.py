@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -52,6 +53,25 @@ def check_delta(delta: float, n_train: int) -> None:
     if delta >= 1.0 / n_train:
         raise InputError(f"dp.delta = {delta:g} must be below 1/N_train = 1/{n_train} = {1.0 / n_train:.3g}: "
                          f"a larger delta allows releasing a whole training record; try {default_delta(n_train):g}")
+
+
+class MaskedBCEWithLogitsLoss(nn.Module):
+    """BCE with logits that ignores unlabelled entries (NaN targets).
+
+    loss = sum_{i,l} m_il * bce(x_il, y_il) / (B * L), with m_il = 0 where y_il is NaN: exactly
+    ``nn.BCEWithLogitsLoss(reduction='mean')`` when nothing is masked, and a mean over the batch of
+    per-image terms, which is what Opacus' ``loss_reduction='mean'`` assumes for per-sample gradients.
+    """
+
+    def __init__(self, pos_weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("pos_weight", pos_weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        labelled = ~torch.isnan(target)
+        loss = F.binary_cross_entropy_with_logits(logits, torch.where(labelled, target, 0.0),
+                                                  pos_weight=self.pos_weight, reduction="none")
+        return (loss * labelled).sum() / max(target.numel(), 1)
 
 
 def build_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -218,7 +238,7 @@ def train(cfg: Config, exp_dir: Path, resume: bool = False) -> dict:
             raise RuntimeError(f"model {cfg.model.name} is not compatible with Opacus: {errors}")
     model.to(device)
     pos_weight = positive_weights(train_frame, labels)
-    criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight.to(device))
+    criterion = MaskedBCEWithLogitsLoss(pos_weight).to(device)
     optimizer = build_optimizer(cfg.training.optimizer, model.parameters(), cfg.training.lr,
                                 cfg.training.weight_decay)
 

@@ -1,8 +1,8 @@
 """Tables and images of a chest-radiograph dataset, as torch Datasets.
 
 A dataset is one table (one row per image: ``image_id``, ``patient_id``, ``split``, ``sex``, ``age``,
-``view``, one 0/1 column per label) plus an image folder. Graded labels follow the study: grades 3
-and 4 are positive, everything else (1, 2, 5) negative.
+``view``, one 0/1 column per label, NaN where unlabelled) plus an image folder. Graded labels follow
+the study: grades 3 and 4 are positive, everything else (1, 2, 5) negative, blank unlabelled.
 """
 from __future__ import annotations
 
@@ -67,22 +67,26 @@ def load_table(data: Data, seed: int) -> Table:
 
 
 def binarize_grades(grades: pd.Series, source: Path, label: str) -> pd.Series:
-    """Study grading: 3 and 4 are positive; 1, 2 and other codes (5 = not assessable) negative."""
-    bad = ~grades.isin([1, 2, 3, 4, 5])
+    """Study grading: 3 and 4 are positive; 1, 2 and other codes (5 = not assessable) negative.
+
+    A blank grade means the finding was not assessed: NaN, masked out of the loss and the metrics.
+    """
+    bad = ~(grades.isin([1, 2, 3, 4, 5]) | grades.isna())
     if bad.any():
         row = int(bad.idxmax())
-        raise InputError(f"{source}: row {row + 2}, column '{label}': grade {grades[row]!r}, expected 1-5")
-    return grades.isin([3, 4]).astype(np.float32)
+        raise InputError(f"{source}: row {row + 2}, column '{label}': grade {grades[row]!r}, expected 1-5 or blank")
+    return grades.isin([3, 4]).astype(np.float32).where(grades.notna())
 
 
 def positive_weights(train: pd.DataFrame, labels: list[str]) -> torch.Tensor:
-    """BCE ``pos_weight`` per label, (N - positives) / positives on the training split."""
-    positives = train[labels].sum(axis=0).to_numpy()
+    """BCE ``pos_weight`` per label, negatives / positives among the labelled training images."""
+    positives = train[labels].sum(axis=0).to_numpy()  # NaN (unlabelled) is skipped
+    negatives = (train[labels] == 0).sum(axis=0).to_numpy()
     empty = [label for label, p in zip(labels, positives) if p == 0]
     if empty:
         raise InputError(f"label(s) {empty} have no positive image in the training split: "
                          f"they cannot be learned; remove them from data.labels")
-    return torch.tensor((len(train) - positives) / positives, dtype=torch.float32)
+    return torch.tensor(negatives / positives, dtype=torch.float32)
 
 
 class CXRDataset(Dataset):

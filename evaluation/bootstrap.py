@@ -31,8 +31,20 @@ def resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
     return np.bincount(flat.ravel(), minlength=resamples * n).reshape(resamples, n).astype(np.float32)
 
 
+def _labelled(truth: np.ndarray, score: np.ndarray, weights: np.ndarray):
+    """Drop unlabelled images (NaN truth) of one label."""
+    keep = np.isfinite(truth.astype(np.float64))
+    if keep.all():
+        return truth.astype(bool), score, weights
+    return truth[keep].astype(bool), score[keep], weights[:, keep]
+
+
 def weighted_auroc(truth: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """AUROC of one label under each row of ``weights`` ([B, n]); NaN where a class is absent."""
+    """AUROC of one label under each row of ``weights`` ([B, n]); NaN where a class is absent.
+
+    Unlabelled images (NaN truth) are left out.
+    """
+    truth, score, weights = _labelled(truth, score, weights)
     order = np.argsort(score, kind="stable")
     sorted_score, positive = score[order], truth[order].astype(bool)
     w = weights[:, order]
@@ -51,7 +63,8 @@ def weighted_auroc(truth: np.ndarray, score: np.ndarray, weights: np.ndarray) ->
 
 def weighted_threshold_metrics(truth: np.ndarray, predicted: np.ndarray, weights: np.ndarray) -> dict:
     """Accuracy, sensitivity, specificity, precision and F1 of fixed predictions under each row."""
-    truth, predicted = truth.astype(bool), predicted.astype(bool)
+    truth, predicted, weights = _labelled(truth, predicted, weights)
+    predicted = predicted.astype(bool)
     cells = np.stack([truth & predicted, ~truth & predicted, truth & ~predicted, ~truth & ~predicted], axis=1)
     tp, fp, fn, tn = (weights @ cells.astype(weights.dtype)).astype(np.float64).T
     with np.errstate(invalid="ignore", divide="ignore"):

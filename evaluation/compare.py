@@ -21,6 +21,8 @@ from evaluation.bootstrap import percentile_interval, weighted_auroc
 
 def delong_test(truth: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> dict:
     """DeLong's paired test of two correlated AUROCs; None fields when a class is missing."""
+    keep = np.isfinite(truth.astype(np.float64))  # unlabelled images are left out
+    truth, score_a, score_b = truth[keep], score_a[keep], score_b[keep]
     positive = truth.astype(bool)
     m, n = int(positive.sum()), int((~positive).sum())
     if m < 2 or n < 2:

@@ -49,6 +49,8 @@ def subgroups(sex: np.ndarray, age: np.ndarray, edges: list[float]) -> dict[str,
 
 
 def _subgroup_label(truth, score, threshold, weights, min_size) -> dict:
+    keep = np.isfinite(truth.astype(np.float64))  # unlabelled images are left out
+    truth, score, weights = truth[keep], score[keep], weights[:, keep]
     n, positives = int(len(truth)), int(truth.sum())
     entry = {"n": n, "positives": positives, "prevalence": positives / n if n else None}
     if n < min_size:
@@ -117,7 +119,8 @@ def fairness_report(truth: np.ndarray, scores: np.ndarray, labels: list[str], th
             accuracy = {g: e["metrics"]["accuracy"]["value"] for g, e in estimable.items()}
             aurocs = {g: e["metrics"]["auroc"]["value"] for g, e in estimable.items()
                       if e["metrics"]["auroc"]["value"] is not None}
-            y, p, s = truth[known, i], predicted[known, i], member[known]
+            rows = known & np.isfinite(truth[:, i].astype(np.float64))
+            y, p, s = truth[rows, i].astype(bool), predicted[rows, i], member[rows]
             per_label[label] = {
                 "statistical_parity_difference": statistical_parity(accuracy, {g: e["n"] for g, e in estimable.items()},
                                                                     attribute),
@@ -129,7 +132,7 @@ def fairness_report(truth: np.ndarray, scores: np.ndarray, labels: list[str], th
             }
         report["fairness"][attribute] = {"labels": per_label, "mean": _mean_over_labels(per_label)}
 
-    abnormal, called_normal = truth.any(axis=1), ~predicted.any(axis=1)
+    abnormal, called_normal = (truth == 1).any(axis=1), ~predicted.any(axis=1)
     for attribute, masks in groups.items():
         report["underdiagnosis"][attribute] = {}
         for group, mask in masks.items():

@@ -8,7 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from evaluation.bootstrap import (bootstrap_intervals, percentile_interval, resample_counts,
                                   weighted_auroc, weighted_threshold_metrics)
-from Prediction_DP import threshold_metrics
+from Prediction_DP import auroc, threshold_metrics
 
 
 def test_counts_are_resamples_with_replacement():
@@ -61,3 +61,16 @@ def test_a_label_with_one_class_is_not_estimable():
     assert result["labels"]["b"]["ci95"]["specificity"] is not None  # negatives only: still defined
     assert result["auroc_mean_ci95"] == percentile_interval(
         weighted_auroc(truth[:, 0], scores[:, 0], resample_counts(40, 100, 0)))
+
+
+def test_unlabelled_images_are_left_out():
+    rng = np.random.default_rng(2)
+    truth = (rng.random(200) < 0.4).astype(float)
+    score = rng.normal(truth, 1.0)
+    holes = truth.copy()
+    holes[::7] = np.nan
+    keep = np.isfinite(holes)
+    counts = resample_counts(200, 30, seed=0)
+    assert np.allclose(weighted_auroc(holes, score, counts), weighted_auroc(truth[keep], score[keep], counts[:, keep]))
+    assert auroc(holes, score) == pytest.approx(roc_auc_score(truth[keep], score[keep]))
+    assert threshold_metrics(holes, score, 0.5) == threshold_metrics(truth[keep], score[keep], 0.5)

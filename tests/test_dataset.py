@@ -1,10 +1,12 @@
 """Reading a dataset folder in the study's layout (master_list.csv + images/), and its errors."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from conftest import TINY_LABELS
 from data import synthetic
@@ -58,3 +60,21 @@ def test_site_filter_needs_a_site_column(tiny_config, hospital, capsys):
     path = tiny_config(data={"dataset": "master_list", "root": str(hospital), "site": "private"})
     assert main(["train", "--config", str(path)]) == 2
     assert "missing column(s) ['site']" in capsys.readouterr().err
+
+
+def test_blank_grades_are_unlabelled_and_masked(tiny_config, hospital):
+    frame = pd.read_csv(hospital / "master_list.csv")
+    frame.loc[frame.index[::5], TINY_LABELS[0]] = None  # not assessed
+    frame.to_csv(hospital / "master_list.csv", index=False)
+    code, path = _train(tiny_config, hospital)
+    assert code == 0
+    exp = path.parent / "experiments" / "tiny"
+    assert main(["predict", str(exp)]) == 0
+    test = pd.read_csv(exp / "predictions" / "test.csv")
+    blank = test[TINY_LABELS[0]].isna()
+    assert blank.any() and not test[TINY_LABELS[1]].isna().any()
+    metrics = json.loads((exp / "results" / "test_metrics.json").read_text())
+    assert metrics["labels"][TINY_LABELS[0]]["n"] == int((~blank).sum())
+    assert metrics["labels"][TINY_LABELS[1]]["n"] == len(test)
+    assert metrics["labels"][TINY_LABELS[0]]["auroc"] == pytest.approx(
+        roc_auc_score(test.loc[~blank, TINY_LABELS[0]], test.loc[~blank, f"{TINY_LABELS[0]}_score"]))

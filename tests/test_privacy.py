@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from models import build_model
-from Train_Valid_DP import check_delta, default_delta, privatize
+from Train_Valid_DP import MaskedBCEWithLogitsLoss, check_delta, default_delta, privatize
 from config import InputError
 from main_2D_DP import main
 
@@ -20,9 +20,10 @@ def test_clipped_sum_matches_naive_per_example_loop(name):
     torch.manual_seed(0)
     batch, labels = 8, 3
     x, y = torch.randn(batch, 1, 32, 32), (torch.rand(batch, labels) > 0.5).float()
+    y[torch.rand(batch, labels) < 0.2] = float("nan")  # unlabelled entries are masked out of the loss
     model = build_model(name, labels, "mish", 32).double()
     x = x.double()
-    criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0, 1.0, 3.0], dtype=torch.float64))
+    criterion = MaskedBCEWithLogitsLoss(torch.tensor([2.0, 1.0, 3.0], dtype=torch.float64))
 
     naive_grads = []
     for i in range(batch):  # gradient of each example's own loss
@@ -67,3 +68,17 @@ def test_reported_epsilon_is_what_a_fresh_accountant_computes(tiny_config, accou
     assert summary["epsilon_spent"] == pytest.approx(fresh.get_epsilon(summary["delta"]), rel=1e-9)
     assert summary["epsilon_spent"] <= 3.0 + 1e-6
     assert summary["accountant"] == accountant and summary["delta"] < 1 / 80
+
+
+def test_masked_loss_is_plain_bce_without_masks_and_ignores_nan():
+    torch.manual_seed(0)
+    logits, target = torch.randn(6, 4), (torch.rand(6, 4) > 0.5).float()
+    pos_weight = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    masked = MaskedBCEWithLogitsLoss(pos_weight)
+    assert torch.allclose(masked(logits, target), nn.BCEWithLogitsLoss(pos_weight=pos_weight)(logits, target))
+    holes = target.clone()
+    holes[0, 1] = holes[3, 2] = float("nan")
+    changed = logits.clone()
+    changed[0, 1], changed[3, 2] = 100.0, -100.0  # logits of unlabelled entries do not matter
+    assert torch.allclose(masked(changed, holes), masked(logits, holes))
+    assert torch.isfinite(masked(logits, holes))
