@@ -224,7 +224,7 @@ def train(cfg: Config, exp_dir: Path, resume: bool = False) -> dict:
     frames = {split: table.split(split) for split in SPLITS}
     for split, frame in frames.items():
         if len(frame) == 0:
-            raise InputError(f"{table.image_dir.parent}: the {split} split of site '{cfg.data.site}' is empty")
+            raise InputError(f"{table.root}: the {split} split of site '{cfg.data.site}' is empty")
     train_frame, valid_frame = frames["train"], frames["valid"]
     n_train = len(train_frame)
 
@@ -245,14 +245,14 @@ def train(cfg: Config, exp_dir: Path, resume: bool = False) -> dict:
     sampler_gen = torch.Generator().manual_seed(seed + 1)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 2) if dp else None
     size, eq = cfg.data.image_size, cfg.data.histogram_equalization
-    train_set = CXRDataset(train_frame, table.image_dir, labels, size, eq, cfg.data.augment_flip)
+    train_set = CXRDataset(train_frame, table.root, labels, size, eq, cfg.data.augment_flip)
     loader = DataLoader(train_set, batch_size=cfg.training.logical_batch_size, shuffle=not dp,
                         generator=sampler_gen, num_workers=cfg.data.num_workers)
-    valid_loader = evaluation_loader(valid_frame, table.image_dir, cfg.data, cfg.training.physical_batch_size)
+    valid_loader = evaluation_loader(valid_frame, table.root, cfg.data, cfg.training.physical_batch_size)
 
     cfg = cfg.model_copy(deep=True)
     cfg.derived = {"n_train": n_train, "n_valid": len(valid_frame), "n_test": len(frames["test"]),
-                   "dataset_folder": str(table.image_dir.parent),
+                   "dataset_folder": str(table.root),
                    "pos_weight": dict(zip(labels, map(float, pos_weight))), "steps_per_epoch": len(loader)}
     engine, delta = None, None
     if dp:

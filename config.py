@@ -38,7 +38,7 @@ class SyntheticData(_Section):
 
 
 class Data(_Section):
-    dataset: Literal["synthetic", "master_list"] = "synthetic"
+    dataset: Literal["synthetic", "master_list", "chexpert", "nih"] = "synthetic"
     root: Optional[str] = None
     site: Literal["public", "private", "all"] = "private"
     image_size: int = Field(64, ge=32, le=1024)
@@ -46,6 +46,12 @@ class Data(_Section):
     histogram_equalization: bool = True
     augment_flip: bool = False
     num_workers: int = Field(0, ge=0)
+    uncertain: Literal["ignore", "zero", "one"] = "ignore"
+    blank: Literal["zero", "ignore"] = "zero"
+    views: list[str] = Field(default_factory=lambda: ["PA", "AP"], min_length=1)
+    label_map: dict[str, str] = Field(default_factory=dict)
+    valid_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
     synthetic: SyntheticData = Field(default_factory=SyntheticData)
 
 
@@ -186,8 +192,8 @@ def validate(raw: dict, source: str = "config") -> Config:
     if cfg.data.dataset == "synthetic" and unknown:
         raise ConfigError(f"{source}: data.labels: {unknown} not in the {cfg.data.dataset} dataset, "
                           f"expected some of {list(STUDY_LABELS)}")
-    if cfg.data.dataset == "master_list" and not cfg.data.root:
-        raise ConfigError(f"{source}: data.root: data.dataset 'master_list' needs the folder holding master_list.csv")
+    if cfg.data.dataset != "synthetic" and not cfg.data.root:
+        raise ConfigError(f"{source}: data.root: data.dataset '{cfg.data.dataset}' needs the dataset folder")
     if len(set(cfg.data.labels)) != len(cfg.data.labels):
         raise ConfigError(f"{source}: data.labels: duplicate labels in {cfg.data.labels}")
     return cfg

@@ -17,14 +17,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from config import Data, InputError
 from data import synthetic
+from data.adapters import READERS
 
 SPLITS = ("train", "valid", "test")
 
 
 @dataclass
 class Table:
-    frame: pd.DataFrame  # rows of one site, all splits
-    image_dir: Path
+    frame: pd.DataFrame  # rows of one site, all splits; ``path`` relative to ``root``
+    root: Path
     labels: list[str]
 
     def split(self, name: str) -> pd.DataFrame:
@@ -36,17 +37,20 @@ def default_cache_dir() -> Path:
 
 
 def load_table(data: Data, seed: int) -> Table:
-    """Read the configured dataset (generating the synthetic one if needed), with binary labels.
-
-    ``master_list``: a folder with ``master_list.csv`` (the built-in set's columns; ``site`` optional)
-    and ``images/<image_id>.png``, as the synthetic generator writes it.
-    """
+    """Read the configured dataset (generating the synthetic one if needed), with binary labels."""
+    if data.dataset in READERS:
+        return _native_table(data, seed)
     if data.dataset == "synthetic":
         cache = Path(data.root).expanduser() if data.root else default_cache_dir()
         n = {"public": data.synthetic.public_patients, "private": data.synthetic.private_patients}
         folder = synthetic.generate(cache, data.image_size, n, seed)
     else:
         folder = Path(data.root).expanduser()
+    return _master_list_table(folder, data)
+
+
+def _master_list_table(folder: Path, data: Data) -> Table:
+    """The study's layout: ``master_list.csv`` with graded labels and ``images/<image_id>.png``."""
     csv = folder / "master_list.csv"
     if not csv.is_file():
         raise InputError(f"data.root: {csv} not found")
@@ -63,7 +67,58 @@ def load_table(data: Data, seed: int) -> Table:
         frame = frame[frame["site"] == data.site]
     for label in data.labels:
         frame[label] = binarize_grades(frame[label], csv, label)
-    return Table(frame.reset_index(drop=True), folder / "images", list(data.labels))
+    frame["path"] = "images/" + frame["image_id"] + ".png"
+    return Table(frame.reset_index(drop=True), folder, list(data.labels))
+
+
+def _native_table(data: Data, seed: int) -> Table:
+    """A public dataset in its own layout, with the configured label, view and split policies."""
+    root = Path(data.root).expanduser()
+    frame, native = READERS[data.dataset](root)
+    frame = frame.rename(columns=data.label_map)
+    available = [data.label_map.get(label, label) for label in native]
+    unknown = [label for label in data.labels if label not in available]
+    if unknown:
+        raise InputError(f"data.labels: {unknown} not in the {data.dataset} dataset; it has {available} "
+                         f"(rename with data.label_map)")
+    frame = frame[frame["view"].isin(data.views)]
+    if frame.empty:
+        raise InputError(f"data.views: no {data.dataset} image has a view in {data.views}")
+    for label in data.labels:
+        frame[label] = apply_label_policy(frame[label], data.uncertain, data.blank)
+    frame = frame.reset_index(drop=True)
+    frame["split"] = patient_split(frame["patient_id"], frame["split"], data.valid_fraction, data.test_fraction, seed)
+    return Table(frame, root, list(data.labels))
+
+
+def apply_label_policy(values: pd.Series, uncertain: str, blank: str) -> pd.Series:
+    """1/0 stay; -1 (uncertain) and blank become 0, 1 or NaN (ignored) as configured."""
+    policy = {"ignore": np.nan, "zero": 0.0, "one": 1.0}
+    out = values.astype(np.float32)
+    out = out.mask(values == -1, policy[uncertain])
+    return out.mask(values.isna(), policy[blank])
+
+
+def patient_split(patients: pd.Series, official: pd.Series, valid_fraction: float, test_fraction: float,
+                  seed: int) -> pd.Series:
+    """Keep official splits; draw the rest by patient (seeded), so no patient is in two splits.
+
+    Images without an official split go to train/valid (and test, when the dataset has no official
+    test split) by a seeded draw per patient. A patient whose images carry an official test split
+    stays entirely in test.
+    """
+    split = official.fillna("").astype(str).copy()
+    test_patients = set(patients[split == "test"])
+    split[patients.isin(test_patients)] = "test"
+    has_test = bool(test_patients)
+    free = sorted(set(patients[split == ""]))
+    draw = np.random.default_rng(seed).random(len(free))
+    shares = (valid_fraction, 0.0 if has_test else test_fraction)
+    assign = {p: "valid" if u < shares[0] else "test" if u < shares[0] + shares[1] else "train"
+              for p, u in zip(free, draw)}
+    missing = split == ""
+    split[missing] = patients[missing].map(assign)
+    return split
 
 
 def binarize_grades(grades: pd.Series, source: Path, label: str) -> pd.Series:
@@ -96,10 +151,10 @@ class CXRDataset(Dataset):
     augmentation is at most a horizontal flip.
     """
 
-    def __init__(self, frame: pd.DataFrame, image_dir: Path, labels: list[str], image_size: int,
+    def __init__(self, frame: pd.DataFrame, root: Path, labels: list[str], image_size: int,
                  histogram_equalization: bool = True, augment_flip: bool = False):
         self.frame = frame
-        self.paths = [Path(image_dir) / f"{i}.png" for i in frame["image_id"]]
+        self.paths = [Path(root) / p for p in frame["path"]]
         self.targets = torch.tensor(frame[labels].to_numpy(np.float32))
         self.image_size = image_size
         self.equalize = histogram_equalization
@@ -123,7 +178,7 @@ class CXRDataset(Dataset):
         return x, self.targets[index]
 
 
-def evaluation_loader(frame: pd.DataFrame, image_dir: Path, data: Data, batch_size: int) -> DataLoader:
+def evaluation_loader(frame: pd.DataFrame, root: Path, data: Data, batch_size: int) -> DataLoader:
     """Images of ``frame`` in order, without augmentation, for validation and prediction."""
-    dataset = CXRDataset(frame, image_dir, data.labels, data.image_size, data.histogram_equalization)
+    dataset = CXRDataset(frame, root, data.labels, data.image_size, data.histogram_equalization)
     return DataLoader(dataset, batch_size=batch_size, num_workers=data.num_workers)

@@ -49,14 +49,19 @@ def _roc_grid(truth: np.ndarray, curves: dict[str, np.ndarray], labels: list[str
     for ax in axes.flat[len(labels):]:
         ax.axis("off")
     for i, (ax, label) in enumerate(zip(axes.flat, labels)):
+        keep = np.isfinite(truth[:, i].astype(np.float64))  # unlabelled images are left out
+        y = truth[keep, i]
         for name, scores in curves.items():
-            if len(np.unique(truth[:, i])) == 2:
-                fpr, tpr, _ = roc_curve(truth[:, i], scores[:, i])
-                ax.plot(fpr, tpr, label=f"{name} (AUROC {roc_auc_score(truth[:, i], scores[:, i]):.3f})")
+            if len(np.unique(y)) == 2:
+                fpr, tpr, _ = roc_curve(y, scores[keep, i])
+                ax.plot(fpr, tpr, label=f"{name} (AUROC {roc_auc_score(y, scores[keep, i]):.3f})")
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
         ax.set(title=label, xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)", xlim=(0, 1), ylim=(0, 1))
         ax.title.set_fontsize(9)
-        ax.legend(fontsize=7, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
+        else:
+            ax.text(0.5, 0.5, "not estimable:\none class only", ha="center", va="center", fontsize=8)
     fig.tight_layout()
     return fig
 
