@@ -37,8 +37,20 @@ class SyntheticData(_Section):
     private_patients: int = Field(1600, ge=10)
 
 
+class CsvColumns(_Section):
+    """Column names of an in-house CSV (``data.dataset: csv``); optional ones may be null."""
+
+    file: str = "labels.csv"
+    path: str = "path"
+    patient_id: str = "patient_id"
+    sex: Optional[str] = "sex"
+    age: Optional[str] = "age"
+    split: Optional[str] = "split"
+    view: Optional[str] = None
+
+
 class Data(_Section):
-    dataset: Literal["synthetic", "master_list", "chexpert", "nih"] = "synthetic"
+    dataset: Literal["synthetic", "master_list", "chexpert", "nih", "csv"] = "synthetic"
     root: Optional[str] = None
     site: Literal["public", "private", "all"] = "private"
     image_size: int = Field(64, ge=32, le=1024)
@@ -52,6 +64,7 @@ class Data(_Section):
     label_map: dict[str, str] = Field(default_factory=dict)
     valid_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    csv: CsvColumns = Field(default_factory=CsvColumns)
     synthetic: SyntheticData = Field(default_factory=SyntheticData)
 
 

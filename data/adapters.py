@@ -1,6 +1,6 @@
 """Readers for public chest-radiograph datasets, each in the layout its publisher distributes.
 
-Every reader returns one table with the columns ``image_id``, ``path`` (relative to the dataset
+Every reader ``(root, data) -> (table, native label names)`` returns one table with the columns ``image_id``, ``path`` (relative to the dataset
 root given in ``data.root``), ``patient_id``, ``split`` (the official split, or '' where the dataset
 has none for that image), ``sex`` (F/M/''), ``age``, ``view`` (PA/AP/LATERAL/...) and one column per
 native finding holding 1, 0, -1 (uncertain) or NaN (blank). Label policies, view filters and
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from config import InputError
+from config import Data, InputError
 
 CHEXPERT_LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
                    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
@@ -37,7 +37,7 @@ def _require(frame: pd.DataFrame, columns, source: Path) -> None:
         raise InputError(f"{source}: missing column(s) {missing}")
 
 
-def read_chexpert(root: Path) -> tuple[pd.DataFrame, tuple[str, ...]]:
+def read_chexpert(root: Path, data: Data) -> tuple[pd.DataFrame, tuple[str, ...]]:
     """CheXpert v1.0 / v1.0-small: ``train.csv`` and ``valid.csv`` in ``root``.
 
     ``Path`` is relative to the folder above the dataset folder; ``valid.csv`` (radiologist-labelled)
@@ -73,7 +73,7 @@ def _nih_age(value) -> float:
     return number if unit in ("", "Y") else number / (12 if unit == "M" else 365)
 
 
-def read_nih(root: Path) -> tuple[pd.DataFrame, tuple[str, ...]]:
+def read_nih(root: Path, data: Data) -> tuple[pd.DataFrame, tuple[str, ...]]:
     """NIH ChestX-ray14: ``Data_Entry_2017_v2020.csv`` (or the older ``Data_Entry_2017.csv``), the
     official ``train_val_list.txt`` / ``test_list.txt`` split, and ``images/<Image Index>``.
 
@@ -104,4 +104,50 @@ def read_nih(root: Path) -> tuple[pd.DataFrame, tuple[str, ...]]:
     return frame, NIH_LABELS
 
 
-READERS = {"chexpert": read_chexpert, "nih": read_nih}
+SEX_CODES = {"F": "F", "FEMALE": "F", "W": "F", "M": "M", "MALE": "M", "": "", "U": "", "UNKNOWN": "", "O": ""}
+
+
+def read_csv(root: Path, data: Data) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """An in-house CSV: one row per image, columns named in ``data.csv``; label columns are the
+    configured ``data.labels`` (before ``data.label_map``), holding 1, 0, -1 (uncertain) or blank."""
+    columns = data.csv
+    source = Path(columns.file) if Path(columns.file).is_absolute() else root / columns.file
+    raw = _read_csv(source, dtype=str, keep_default_na=False)
+    inverse = {new: old for old, new in data.label_map.items()}
+    label_columns = tuple(inverse.get(label, label) for label in data.labels)
+    named = {"path": columns.path, "patient_id": columns.patient_id, "sex": columns.sex, "age": columns.age,
+             "split": columns.split, "view": columns.view}
+    _require(raw, [c for c in named.values() if c] + list(label_columns), source)
+
+    def column(key: str, default: str = "") -> pd.Series:
+        return raw[named[key]].str.strip() if named[key] else pd.Series(default, index=raw.index)
+
+    sex = column("sex").str.upper().map(SEX_CODES)
+    age_text = column("age")
+    age = pd.to_numeric(age_text, errors="coerce")
+    split = column("split").str.lower().replace({"validation": "valid", "validate": "valid", "val": "valid"})
+    for name, bad, expected in (("sex", sex.isna(), f"one of {sorted(k for k in SEX_CODES if k)} or blank"),
+                                ("age", age.isna() & (age_text != ""), "a number or blank"),
+                                ("split", ~split.isin(["train", "valid", "test", ""]), "train, valid, test or blank")):
+        if bad.any():
+            row = int(bad.idxmax())
+            raise InputError(f"{source}: row {row + 2}, column '{named[name]}': {raw[named[name]][row]!r}, "
+                             f"expected {expected}")
+    labels = {}
+    for label in label_columns:
+        values = pd.to_numeric(raw[label].replace("", np.nan), errors="coerce")
+        bad = ~(values.isin([1, 0, -1]) | (raw[label] == ""))
+        if bad.any():
+            row = int(bad.idxmax())
+            raise InputError(f"{source}: row {row + 2}, column '{label}': {raw[label][row]!r}, expected 1, 0, -1 or blank")
+        labels[label] = values
+    if raw[named["path"]].duplicated().any():
+        row = int(raw[named["path"]].duplicated().idxmax())
+        raise InputError(f"{source}: row {row + 2}, column '{named['path']}': duplicate image {raw[named['path']][row]!r}")
+    frame = pd.DataFrame({"image_id": column("path").str.replace(r"\.\w+$", "", regex=True), "path": column("path"),
+                          "patient_id": column("patient_id"), "split": split, "sex": sex, "age": age,
+                          "view": column("view").str.upper(), **labels})
+    return frame, label_columns
+
+
+READERS = {"chexpert": read_chexpert, "nih": read_nih, "csv": read_csv}

@@ -74,14 +74,18 @@ def _master_list_table(folder: Path, data: Data) -> Table:
 def _native_table(data: Data, seed: int) -> Table:
     """A public dataset in its own layout, with the configured label, view and split policies."""
     root = Path(data.root).expanduser()
-    frame, native = READERS[data.dataset](root)
+    frame, native = READERS[data.dataset](root, data)
+    escaping = frame["path"].map(lambda p: Path(p).is_absolute() or ".." in Path(p).parts)
+    if escaping.any():
+        raise InputError(f"{root}: image path {frame['path'][escaping.idxmax()]!r} leaves the dataset root; "
+                         f"paths must be relative to data.root")
     frame = frame.rename(columns=data.label_map)
     available = [data.label_map.get(label, label) for label in native]
     unknown = [label for label in data.labels if label not in available]
     if unknown:
         raise InputError(f"data.labels: {unknown} not in the {data.dataset} dataset; it has {available} "
                          f"(rename with data.label_map)")
-    frame = frame[frame["view"].isin(data.views)]
+    frame = frame[frame["view"].isin(data.views) | (frame["view"] == "")]  # unknown view: kept
     if frame.empty:
         raise InputError(f"data.views: no {data.dataset} image has a view in {data.views}")
     for label in data.labels:
@@ -101,20 +105,25 @@ def apply_label_policy(values: pd.Series, uncertain: str, blank: str) -> pd.Seri
 
 def patient_split(patients: pd.Series, official: pd.Series, valid_fraction: float, test_fraction: float,
                   seed: int) -> pd.Series:
-    """Keep official splits; draw the rest by patient (seeded), so no patient is in two splits.
+    """Keep given splits; draw the rest by patient (seeded), so no patient is in two splits.
 
-    Images without an official split go to train/valid (and test, when the dataset has no official
-    test split) by a seeded draw per patient. A patient whose images carry an official test split
-    stays entirely in test.
+    Images without a split follow their patient's other images; patients with none are drawn into
+    train/valid (and test, when no test split is given at all). A patient given two different
+    splits is an input error.
     """
     split = official.fillna("").astype(str).copy()
-    test_patients = set(patients[split == "test"])
-    split[patients.isin(test_patients)] = "test"
-    has_test = bool(test_patients)
+    given = split != ""
+    per_patient = split[given].groupby(patients[given]).unique()
+    conflict = per_patient[per_patient.map(len) > 1]
+    if len(conflict):
+        raise InputError(f"patient {conflict.index[0]!r} has images in several splits {sorted(conflict.iloc[0])}: "
+                         f"no patient may be in two splits")
+    known = per_patient.map(lambda values: values[0])
+    split[~given] = patients[~given].map(known).fillna("")
     free = sorted(set(patients[split == ""]))
     draw = np.random.default_rng(seed).random(len(free))
-    shares = (valid_fraction, 0.0 if has_test else test_fraction)
-    assign = {p: "valid" if u < shares[0] else "test" if u < shares[0] + shares[1] else "train"
+    test_share = 0.0 if (split == "test").any() else test_fraction
+    assign = {p: "valid" if u < valid_fraction else "test" if u < valid_fraction + test_share else "train"
               for p, u in zip(free, draw)}
     missing = split == ""
     split[missing] = patients[missing].map(assign)

@@ -156,12 +156,72 @@ def test_label_policy_and_patient_split_rules():
     assert out[:2].tolist() == [1, 0] and out[2:].isna().all()
     patients = pd.Series([f"p{i // 3}" for i in range(3000)])
     official = pd.Series([""] * 3000)
-    official[:3] = "test"  # an official test patient keeps all its images in test
+    official[:2] = "test"  # images without a split follow their patient's: p0's third image is test too
     split = patient_split(patients, official, 0.1, 0.2, seed=0)
     assert (split[:3] == "test").all()
+    official[2] = "train"
+    with pytest.raises(Exception, match=r"patient 'p0' has images in several splits \['test', 'train'\]"):
+        patient_split(patients, official, 0.1, 0.2, seed=0)
     assert (pd.DataFrame({"p": patients, "s": split}).groupby("p")["s"].nunique() == 1).all()
     share = split.value_counts(normalize=True)
     assert 0.07 < share["valid"] < 0.13 and share.get("test", 0) < 0.01  # official test exists: none drawn
     split2 = patient_split(patients, pd.Series([""] * 3000), 0.1, 0.2, seed=0)
     assert 0.16 < (split2 == "test").mean() < 0.24
     assert split2.equals(patient_split(patients, pd.Series([""] * 3000), 0.1, 0.2, seed=0))
+
+
+@pytest.fixture
+def in_house(tmp_path):
+    """A hospital export: own column names, free-text sex codes, some blanks and no view column."""
+    root = tmp_path / "hospital"
+    (root / "png").mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    lines = ["file_name,mrn,gender,age_years,partition,cardiomegaly,effusion"]
+    for i in range(60):
+        sick = rng.random() < 0.4
+        cv2.imwrite(str(root / "png" / f"img{i:03d}.png"), _radiograph(i, sick))
+        gender = ["Female", "male", "F", "", "M"][i % 5]
+        partition = ["train", "train", "validation", "test", ""][(i // 2) % 5] if i < 50 else ""
+        lines.append(f"png/img{i:03d}.png,MRN{i // 2},{gender},{'' if i == 7 else 30 + i},{partition},"
+                     f"{int(sick)},{['1', '0', '-1', ''][i % 4]}")
+    (root / "export.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _in_house_sets(root):
+    return ["data.csv.file=export.csv", "data.csv.path=file_name", "data.csv.patient_id=mrn",
+            "data.csv.sex=gender", "data.csv.age=age_years", "data.csv.split=partition",
+            "data.labels=[cardiomegaly,pleural_effusion]", "data.label_map={effusion: pleural_effusion}"]
+
+
+def test_in_house_csv_with_a_column_mapping(tmp_path, in_house):
+    config = tmp_path / "cfg.yaml"
+    config.write_text("{}")
+    cfg = load_config(config, ["data.dataset=csv", f"data.root={in_house}", *_in_house_sets(in_house)])
+    frame = load_table(cfg.data, seed=0).frame
+    assert len(frame) == 60 and set(frame["sex"]) == {"F", "M", ""}
+    assert frame["sex"].tolist()[:5] == ["F", "M", "F", "", "M"]
+    assert np.isnan(frame["age"][7]) and frame["age"][8] == 38
+    assert frame["pleural_effusion"].isna().sum() == 15  # the -1 values, ignored by default; blanks are zero
+    assert (frame.groupby("patient_id")["split"].nunique() == 1).all()
+    assert set(frame["split"]) == {"train", "valid", "test"}
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("gender", "X", "column 'gender': 'X', expected one of"),
+    ("age_years", "forty", "column 'age_years': 'forty', expected a number"),
+    ("partition", "holdout", "column 'partition': 'holdout', expected train, valid, test"),
+    ("cardiomegaly", "2", "column 'cardiomegaly': '2', expected 1, 0, -1 or blank"),
+    ("file_name", "../../etc/passwd.png", "leaves the dataset root"),
+])
+def test_in_house_csv_errors_name_row_and_column(tmp_path, in_house, capsys, column, value, message):
+    frame = pd.read_csv(in_house / "export.csv", dtype=str, keep_default_na=False)
+    frame.loc[4, column] = value
+    frame.to_csv(in_house / "export.csv", index=False)
+    config = tmp_path / "cfg.yaml"
+    config.write_text("{}")
+    sets = ["data.dataset=csv", f"data.root={in_house}", *_in_house_sets(in_house),
+            f"output.target_dir={tmp_path / 'experiments'}"]
+    assert main(["train", "--config", str(config), "--set", *sets]) == 2
+    err = capsys.readouterr().err
+    assert message in err and ("row 6" in err or "leaves" in message)
