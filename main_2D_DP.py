@@ -5,6 +5,7 @@
     python main_2D_DP.py predict EXPERIMENT_DIR [--split test|valid]
     python main_2D_DP.py compare EXP_A EXP_B [--split test|valid] [--out DIR]
     python main_2D_DP.py sweep --epsilons inf,8,4,1 [--name NAME] [--config FILE] [--set KEY=VALUE ...]
+    python main_2D_DP.py data describe [--config FILE] [--set KEY=VALUE ...]
 
 Exit codes: 0 success, 2 bad input (config, paths, data), 1 anything else.
 """
@@ -21,6 +22,7 @@ import pandas as pd
 
 from artifacts import atomic_write_text, json_text
 from config import InputError, load_config, merge, parse_overrides, validate
+from data.dataset import describe, load_table
 from evaluation.report import sweep_report
 from evaluation.sweep import correlations, log_sweep_hparams, sweep_row
 from Prediction_DP import (compare_experiments, format_comparison, format_metrics, load_experiment_config,
@@ -127,6 +129,32 @@ def run_sweep(epsilons: list[float], name: str, config: Path | None, overrides: 
     return sweep_dir
 
 
+def run_describe(config: Path | None, overrides: list[str]) -> Path:
+    """Print and save what the configured dataset holds, before any training."""
+    cfg = load_config(config or DEFAULT_CONFIG, overrides)
+    description = describe(load_table(cfg.data, cfg.experiment.seed), cfg.evaluation.age_bins)
+    rows = []
+    for split, part in description["splits"].items():
+        for kind in ("view", "sex", "age_bin"):
+            rows += [{"split": split, "what": kind, "value": k, "count": v} for k, v in part[kind].items()]
+        for label, m in part["labels"].items():
+            rows.append({"split": split, "what": "label", "value": label, "count": m["positives"],
+                         "labelled": m["labelled"], "prevalence": m["prevalence"]})
+    table = pd.DataFrame(rows).astype({"labelled": "Int64"})
+    out = Path(cfg.output.target_dir) / "data_description" / cfg.data.dataset
+    atomic_write_text(out / "description.json", json_text(description))
+    atomic_write_text(out / "description.csv", table.to_csv(index=False))
+    print(f"{description['images']} images of {description['patients']} patients in {description['root']}")
+    for split, part in description["splits"].items():
+        print(f"  {split}: {part['images']} images, {part['patients']} patients")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep=""))
+    print("source label values before the label policy (uncertain = -1):")
+    for label, counts in description["source_label_values"].items():
+        print(f"  {label}: {counts['uncertain']} uncertain, {counts['blank']} blank")
+    print(f"wrote {out / 'description.json'} and description.csv")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main_2D_DP.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--name", default="sweep", help="sweep folder under output.target_dir (default: sweep)")
     sw.add_argument("--config", type=Path, default=None)
     sw.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides")
+    da = sub.add_parser("data", help="inspect the configured dataset")
+    da.add_argument("action", choices=["describe"])
+    da.add_argument("--config", type=Path, default=None)
+    da.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides")
     return parser
 
 
@@ -161,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             run_train(args.config, args.name, args.resume, args.overrides)
         elif args.command == "predict":
             run_predict(args.experiment, args.split)
+        elif args.command == "data":
+            run_describe(args.config, args.overrides)
         elif args.command == "sweep":
             run_sweep(parse_epsilons(args.epsilons), args.name, args.config, args.overrides)
         elif args.command == "compare":

@@ -6,7 +6,7 @@ the study: grades 3 and 4 are positive, everything else (1, 2, 5) negative, blan
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -27,6 +27,8 @@ class Table:
     frame: pd.DataFrame  # rows of one site, all splits; ``path`` relative to ``root``
     root: Path
     labels: list[str]
+    # per label, how many source values were uncertain (-1) or blank before the label policy
+    source_counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def split(self, name: str) -> pd.DataFrame:
         return self.frame[self.frame["split"] == name].reset_index(drop=True)
@@ -65,10 +67,11 @@ def _master_list_table(folder: Path, data: Data) -> Table:
         raise InputError(f"{csv}: row {row + 2}, column 'split': {frame['split'][row]!r}, expected one of {SPLITS}")
     if data.site != "all":
         frame = frame[frame["site"] == data.site]
+    counts = {label: {"uncertain": 0, "blank": int(frame[label].isna().sum())} for label in data.labels}
     for label in data.labels:
         frame[label] = binarize_grades(frame[label], csv, label)
     frame["path"] = "images/" + frame["image_id"] + ".png"
-    return Table(frame.reset_index(drop=True), folder, list(data.labels))
+    return Table(frame.reset_index(drop=True), folder, list(data.labels), counts)
 
 
 def _native_table(data: Data, seed: int) -> Table:
@@ -88,11 +91,13 @@ def _native_table(data: Data, seed: int) -> Table:
     frame = frame[frame["view"].isin(data.views) | (frame["view"] == "")]  # unknown view: kept
     if frame.empty:
         raise InputError(f"data.views: no {data.dataset} image has a view in {data.views}")
+    counts = {label: {"uncertain": int((frame[label] == -1).sum()), "blank": int(frame[label].isna().sum())}
+              for label in data.labels}
     for label in data.labels:
         frame[label] = apply_label_policy(frame[label], data.uncertain, data.blank)
     frame = frame.reset_index(drop=True)
     frame["split"] = patient_split(frame["patient_id"], frame["split"], data.valid_fraction, data.test_fraction, seed)
-    return Table(frame, root, list(data.labels))
+    return Table(frame, root, list(data.labels), counts)
 
 
 def apply_label_policy(values: pd.Series, uncertain: str, blank: str) -> pd.Series:
@@ -191,3 +196,24 @@ def evaluation_loader(frame: pd.DataFrame, root: Path, data: Data, batch_size: i
     """Images of ``frame`` in order, without augmentation, for validation and prediction."""
     dataset = CXRDataset(frame, root, data.labels, data.image_size, data.histogram_equalization)
     return DataLoader(dataset, batch_size=batch_size, num_workers=data.num_workers)
+
+
+def describe(table: Table, age_edges: list[float]) -> dict:
+    """Counts to check before spending privacy budget: per split images and patients, views, sex,
+    age bins, label prevalence among labelled images, and unlabelled/uncertain/blank counts."""
+    from evaluation.fairness import age_bins  # the same bins as the subgroup analysis
+
+    frame = table.frame.assign(age_bin=age_bins(table.frame["age"].to_numpy(), age_edges))
+    out = {"root": str(table.root), "images": len(frame), "patients": int(frame["patient_id"].nunique()),
+           "splits": {}, "source_label_values": table.source_counts}
+    for split in SPLITS:
+        part = frame[frame["split"] == split]
+        out["splits"][split] = {
+            "images": len(part), "patients": int(part["patient_id"].nunique()),
+            "view": part["view"].replace("", "unknown").value_counts().to_dict() if "view" in part else {},
+            "sex": part["sex"].replace("", "unknown").value_counts().to_dict(),
+            "age_bin": part["age_bin"].replace("", "unknown").value_counts().to_dict(),
+            "labels": {label: {"positives": int((part[label] == 1).sum()), "labelled": int(part[label].notna().sum()),
+                               "prevalence": float(part[label].mean()) if part[label].notna().any() else None}
+                       for label in table.labels}}
+    return out

@@ -225,3 +225,26 @@ def test_in_house_csv_errors_name_row_and_column(tmp_path, in_house, capsys, col
     assert main(["train", "--config", str(config), "--set", *sets]) == 2
     err = capsys.readouterr().err
     assert message in err and ("row 6" in err or "leaves" in message)
+
+
+def test_data_describe_counts_what_training_would_see(tmp_path, chexpert, capsys):
+    import json
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text("{}")
+    sets = ["data.dataset=chexpert", f"data.root={chexpert}", "data.labels=[Cardiomegaly,Pleural Effusion]",
+            f"output.target_dir={tmp_path / 'out'}"]
+    assert main(["data", "describe", "--config", str(config), "--set", *sets]) == 0
+    assert "100 images of 50 patients" in capsys.readouterr().out
+    description = json.loads((tmp_path / "out" / "data_description" / "chexpert" / "description.json").read_text())
+    raw = pd.concat([pd.read_csv(chexpert / "train.csv"), pd.read_csv(chexpert / "valid.csv")])
+    frontal = raw[raw["Frontal/Lateral"] == "Frontal"]
+    assert description["source_label_values"]["Cardiomegaly"] == {
+        "uncertain": int((frontal["Cardiomegaly"] == -1).sum()), "blank": int(frontal["Cardiomegaly"].isna().sum())}
+    splits = description["splits"]
+    assert sum(s["images"] for s in splits.values()) == 100 and splits["test"]["images"] == 20
+    assert sum(splits["test"]["view"].values()) == 20 and set(splits["train"]["view"]) <= {"AP", "PA"}
+    positives = sum(s["labels"]["Cardiomegaly"]["positives"] for s in splits.values())
+    assert positives == (frontal["Cardiomegaly"] == 1).sum()
+    labelled = sum(s["labels"]["Cardiomegaly"]["labelled"] for s in splits.values())
+    assert labelled == 100 - (frontal["Cardiomegaly"] == -1).sum()  # uncertain ignored by default
