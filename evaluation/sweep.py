@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pandas as pd
 from scipy.stats import pearsonr
+from torch.utils.tensorboard import SummaryWriter
 
 
 def sweep_row(target_epsilon: float, summary: dict, metrics: dict, fairness: dict) -> dict:
@@ -46,8 +47,6 @@ def correlations(table: pd.DataFrame) -> dict:
 
 def log_sweep_hparams(logdir, table: pd.DataFrame) -> None:
     """One TensorBoard hparams run per budget: epsilon against AUROC and the fairness metrics."""
-    from torch.utils.tensorboard import SummaryWriter
-
     with SummaryWriter(str(logdir)) as writer:
         for row in table.to_dict(orient="records"):
             metrics = {f"sweep/{k}": float(v) for k, v in row.items()
