@@ -144,7 +144,7 @@ def score_split(exp_dir: Path, split: str) -> Scored:
     batch = cfg.training.physical_batch_size
 
     def run(frame: pd.DataFrame, name: str):
-        loader = evaluation_loader(frame, table.root, cfg.data, batch)
+        loader = evaluation_loader(frame, table, cfg.data, batch)
         return frame[labels].to_numpy(), predict_scores(model, loader, device, desc=f"{exp_dir.name} {name}")
 
     threshold_split = "train" if split == "valid" else "valid"

@@ -32,8 +32,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from artifacts import atomic_write_text, json_text, load_checkpoint, save_checkpoint
-from config import Config, InputError, config_yaml
-from data.dataset import SPLITS, CXRDataset, evaluation_loader, load_table, positive_weights
+from config import Config, InputError, config_yaml, read_yaml
+from data.dataset import SPLITS, CXRDataset, evaluation_loader, load_table, positive_weights, preprocessing
 from models import build_model, load_pretrained, resolve_device
 from Prediction_DP import auroc_per_label, mean_auroc, predict_scores
 
@@ -244,15 +244,16 @@ def train(cfg: Config, exp_dir: Path, resume: bool = False) -> dict:
 
     sampler_gen = torch.Generator().manual_seed(seed + 1)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 2) if dp else None
-    size, eq = cfg.data.image_size, cfg.data.histogram_equalization
-    train_set = CXRDataset(train_frame, table.root, labels, size, eq, cfg.data.augment_flip)
+    train_set = CXRDataset(train_frame, table.root, labels, preprocessing(cfg.data), table.cache,
+                           cfg.data.augment_flip)
     loader = DataLoader(train_set, batch_size=cfg.training.logical_batch_size, shuffle=not dp,
                         generator=sampler_gen, num_workers=cfg.data.num_workers)
-    valid_loader = evaluation_loader(valid_frame, table.root, cfg.data, cfg.training.physical_batch_size)
+    valid_loader = evaluation_loader(valid_frame, table, cfg.data, cfg.training.physical_batch_size)
 
     cfg = cfg.model_copy(deep=True)
     cfg.derived = {"n_train": n_train, "n_valid": len(valid_frame), "n_test": len(frames["test"]),
                    "dataset_folder": str(table.root),
+                   "preprocessing_cache": str(table.cache.images.parent) if table.cache else None,
                    "pos_weight": dict(zip(labels, map(float, pos_weight))), "steps_per_epoch": len(loader)}
     engine, delta = None, None
     if dp:
@@ -268,6 +269,11 @@ def train(cfg: Config, exp_dir: Path, resume: bool = False) -> dict:
         cfg.derived.update(noise_multiplier=setup.noise_multiplier, sample_rate=setup.sample_rate,
                            expected_logical_batch=setup.sample_rate * n_train)
     core = model._module if dp else model  # the plain nn.Module, for evaluation and state dicts
+    if ckpt is not None:
+        before = read_yaml(exp_dir / "config.yaml").get("derived", {}).get("n_train")
+        if before is not None and before != n_train:
+            raise InputError(f"--resume: the training split now has {n_train} images, the run started with {before} "
+                             f"(data or preprocessing cache changed); start a new experiment")
     exp_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(exp_dir / "config.yaml", config_yaml(cfg))
 

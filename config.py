@@ -49,22 +49,42 @@ class CsvColumns(_Section):
     view: Optional[str] = None
 
 
+class MimicOptions(_Section):
+    """MIMIC-CXR-JPG: which labeler's study labels to use and where MIMIC-IV demographics are."""
+
+    labeler: Literal["chexpert", "negbio"] = "chexpert"
+    patients_csv: Optional[str] = None  # MIMIC-IV patients.csv[.gz] (absolute or relative to data.root)
+
+
+class CacheOptions(_Section):
+    """The preprocessing cache written by ``main_2D_DP.py prepare`` and read by training."""
+
+    dir: Optional[str] = None  # null = ~/.cache/dp-cxr/prepared
+    workers: int = Field(2, ge=1)
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)  # prepare exits with code 2 above this share of bad images
+
+
 class Data(_Section):
-    dataset: Literal["synthetic", "master_list", "chexpert", "nih", "csv"] = "synthetic"
+    dataset: Literal["synthetic", "uka", "chexpert", "mimic", "nih", "padchest", "vindr", "csv"] = "synthetic"
     root: Optional[str] = None
     site: Literal["public", "private", "all"] = "private"
     image_size: int = Field(64, ge=32, le=1024)
     labels: list[str] = Field(default_factory=lambda: list(STUDY_LABELS), min_length=1)
     histogram_equalization: bool = True
+    fit: Literal["pad", "crop"] = "pad"  # non-square images: keep the aspect, pad the short side or centre-crop
     augment_flip: bool = False
     num_workers: int = Field(0, ge=0)
     uncertain: Literal["ignore", "zero", "one"] = "ignore"
     blank: Literal["zero", "ignore"] = "zero"
     views: list[str] = Field(default_factory=lambda: ["PA", "AP"], min_length=1)
     label_map: dict[str, str] = Field(default_factory=dict)
+    merge_sides: bool = False  # X_right + X_left -> X (positive if either side is)
+    reader_vote: Literal["majority", "any"] = "majority"  # several readers per image (VinDr-CXR)
     valid_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     csv: CsvColumns = Field(default_factory=CsvColumns)
+    mimic: MimicOptions = Field(default_factory=MimicOptions)
+    cache: CacheOptions = Field(default_factory=CacheOptions)
     synthetic: SyntheticData = Field(default_factory=SyntheticData)
 
 

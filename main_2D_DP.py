@@ -6,6 +6,7 @@
     python main_2D_DP.py compare EXP_A EXP_B [--split test|valid] [--out DIR]
     python main_2D_DP.py sweep --epsilons inf,8,4,1 [--name NAME] [--config FILE] [--set KEY=VALUE ...]
     python main_2D_DP.py data describe [--config FILE] [--set KEY=VALUE ...]
+    python main_2D_DP.py prepare [--config FILE] [--set KEY=VALUE ...]
 
 Exit codes: 0 success, 2 bad input (config, paths, data), 1 anything else.
 """
@@ -22,7 +23,8 @@ import pandas as pd
 
 from artifacts import atomic_write_text, json_text
 from config import InputError, load_config, merge, parse_overrides, validate
-from data.dataset import describe, load_table
+from data.cache import check_bad_share, prepare
+from data.dataset import cache_location, describe, load_table, preprocessing
 from evaluation.report import sweep_report
 from evaluation.sweep import correlations, log_sweep_hparams, sweep_row
 from Prediction_DP import (compare_experiments, format_comparison, format_metrics, load_experiment_config,
@@ -155,6 +157,26 @@ def run_describe(config: Path | None, overrides: list[str]) -> Path:
     return out
 
 
+def run_prepare(config: Path | None, overrides: list[str]) -> Path:
+    """Preprocess every image of the configured dataset into the cache that training then reads."""
+    cfg = load_config(config or DEFAULT_CONFIG, overrides)
+    table = load_table(cfg.data, cfg.experiment.seed, use_cache=False)
+    folder = cache_location(table, cfg.data)
+    started = time.time()
+    result = prepare(folder, cfg.data.dataset, table.root, table.frame["path"].tolist(), preprocessing(cfg.data),
+                     cfg.data.cache.workers)
+    seconds = time.time() - started
+    rate = f", {result.prepared / seconds:.0f} images/s" if result.prepared and seconds > 0 else ""
+    print(f"{result.images} images at {cfg.data.image_size}px in {folder}: {result.reused} done before, "
+          f"{result.prepared} prepared now ({seconds:.1f} s{rate}), {len(result.bad)} bad "
+          f"({result.bad_fraction:.2%})")
+    if len(result.bad):
+        print(result.bad.groupby("reason").size().sort_values(ascending=False).head(10).to_string())
+        print(f"bad images are listed in {folder / 'bad_images.csv'} and left out of training and prediction")
+    check_bad_share(len(result.bad), result.images, cfg.data.cache.max_bad_fraction, folder / "bad_images.csv")
+    return folder
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main_2D_DP.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -183,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     da.add_argument("action", choices=["describe"])
     da.add_argument("--config", type=Path, default=None)
     da.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides")
+    pp = sub.add_parser("prepare", help="preprocess all images once into a memory-mapped cache (resumable)")
+    pp.add_argument("--config", type=Path, default=None)
+    pp.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides")
     return parser
 
 
@@ -193,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             run_train(args.config, args.name, args.resume, args.overrides)
         elif args.command == "predict":
             run_predict(args.experiment, args.split)
+        elif args.command == "prepare":
+            run_prepare(args.config, args.overrides)
         elif args.command == "data":
             run_describe(args.config, args.overrides)
         elif args.command == "sweep":

@@ -1,15 +1,14 @@
 """Tables and images of a chest-radiograph dataset, as torch Datasets.
 
-A dataset is one table (one row per image: ``image_id``, ``patient_id``, ``split``, ``sex``, ``age``,
-``view``, one 0/1 column per label, NaN where unlabelled) plus an image folder. Graded labels follow
-the study: grades 3 and 4 are positive, everything else (1, 2, 5) negative, blank unlabelled.
+A dataset is one table (one row per image: ``image_id``, ``path``, ``patient_id``, ``split``, ``sex``,
+``age``, ``view``, one 0/1 column per label, NaN where unlabelled) plus an image folder; the readers
+in ``data/adapters.py`` turn each published layout into it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -18,6 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 from config import Data, InputError
 from data import synthetic
 from data.adapters import READERS
+from data.cache import Cache, cache_folder, check_bad_share, default_dir, open_cache
+from data.images import BadImage, Preprocessing, preprocess
 
 SPLITS = ("train", "valid", "test")
 
@@ -29,6 +30,7 @@ class Table:
     labels: list[str]
     # per label, how many source values were uncertain (-1) or blank before the label policy
     source_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    cache: Cache | None = None  # the complete preprocessing cache of these images, if prepared
 
     def split(self, name: str) -> pd.DataFrame:
         return self.frame[self.frame["split"] == name].reset_index(drop=True)
@@ -38,56 +40,37 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "dp-cxr"
 
 
-def load_table(data: Data, seed: int) -> Table:
-    """Read the configured dataset (generating the synthetic one if needed), with binary labels."""
-    if data.dataset in READERS:
-        return _native_table(data, seed)
+def preprocessing(data: Data) -> Preprocessing:
+    return Preprocessing(data.image_size, data.fit, data.histogram_equalization)
+
+
+def load_table(data: Data, seed: int, use_cache: bool = True) -> Table:
+    """Read the configured dataset (generating the synthetic one if needed) with the configured
+    side merging, label names, views, label policy and patient split.
+
+    With ``use_cache``, a finished preprocessing cache of exactly these images is attached and the
+    images it found bad are left out (refused above ``data.cache.max_bad_fraction``).
+    """
     if data.dataset == "synthetic":
         cache = Path(data.root).expanduser() if data.root else default_cache_dir()
         n = {"public": data.synthetic.public_patients, "private": data.synthetic.private_patients}
-        folder = synthetic.generate(cache, data.image_size, n, seed)
+        root, reader = synthetic.generate(cache, data.image_size, n, seed), READERS["uka"]
     else:
-        folder = Path(data.root).expanduser()
-    return _master_list_table(folder, data)
-
-
-def _master_list_table(folder: Path, data: Data) -> Table:
-    """The study's layout: ``master_list.csv`` with graded labels and ``images/<image_id>.png``."""
-    csv = folder / "master_list.csv"
-    if not csv.is_file():
-        raise InputError(f"data.root: {csv} not found")
-    frame = pd.read_csv(csv, dtype={"image_id": str, "patient_id": str, "sex": str})
-    required = ["image_id", "patient_id", "split", "sex", "age", *data.labels] + (["site"] if data.site != "all" else [])
-    missing = [c for c in required if c not in frame]
-    if missing:
-        raise InputError(f"{csv}: missing column(s) {missing}")
-    bad_split = ~frame["split"].isin(SPLITS)
-    if bad_split.any():
-        row = int(bad_split.idxmax())
-        raise InputError(f"{csv}: row {row + 2}, column 'split': {frame['split'][row]!r}, expected one of {SPLITS}")
-    if data.site != "all":
-        frame = frame[frame["site"] == data.site]
-    counts = {label: {"uncertain": 0, "blank": int(frame[label].isna().sum())} for label in data.labels}
-    for label in data.labels:
-        frame[label] = binarize_grades(frame[label], csv, label)
-    frame["path"] = "images/" + frame["image_id"] + ".png"
-    return Table(frame.reset_index(drop=True), folder, list(data.labels), counts)
-
-
-def _native_table(data: Data, seed: int) -> Table:
-    """A public dataset in its own layout, with the configured label, view and split policies."""
-    root = Path(data.root).expanduser()
-    frame, native = READERS[data.dataset](root, data)
+        root, reader = Path(data.root).expanduser(), READERS[data.dataset]
+    frame, native = reader(root, data)
     escaping = frame["path"].map(lambda p: Path(p).is_absolute() or ".." in Path(p).parts)
     if escaping.any():
         raise InputError(f"{root}: image path {frame['path'][escaping.idxmax()]!r} leaves the dataset root; "
                          f"paths must be relative to data.root")
+    if data.merge_sides:
+        frame, native = merge_sides(frame, native)
     frame = frame.rename(columns=data.label_map)
     available = [data.label_map.get(label, label) for label in native]
     unknown = [label for label in data.labels if label not in available]
     if unknown:
+        merge = "" if data.merge_sides else ", merge X_right/X_left with data.merge_sides"
         raise InputError(f"data.labels: {unknown} not in the {data.dataset} dataset; it has {available} "
-                         f"(rename with data.label_map)")
+                         f"(rename with data.label_map{merge})")
     frame = frame[frame["view"].isin(data.views) | (frame["view"] == "")]  # unknown view: kept
     if frame.empty:
         raise InputError(f"data.views: no {data.dataset} image has a view in {data.views}")
@@ -97,7 +80,43 @@ def _native_table(data: Data, seed: int) -> Table:
         frame[label] = apply_label_policy(frame[label], data.uncertain, data.blank)
     frame = frame.reset_index(drop=True)
     frame["split"] = patient_split(frame["patient_id"], frame["split"], data.valid_fraction, data.test_fraction, seed)
-    return Table(frame, root, list(data.labels), counts)
+    table = Table(frame, root, list(data.labels), counts)
+    return attach_cache(table, data) if use_cache else table
+
+
+def cache_location(table: Table, data: Data) -> Path:
+    return cache_folder(Path(data.cache.dir) if data.cache.dir else default_dir(), data.dataset, table.root,
+                        table.frame["path"].tolist(), preprocessing(data))
+
+
+def attach_cache(table: Table, data: Data) -> Table:
+    cache = open_cache(cache_location(table, data))
+    if cache is None:
+        return table
+    bad = table.frame["path"].isin(cache.bad)
+    check_bad_share(int(bad.sum()), len(bad), data.cache.max_bad_fraction, cache.report)
+    if bad.any():
+        print(f"leaving out {int(bad.sum())} bad image(s) listed in {cache.report}")
+    return replace(table, frame=table.frame[~bad].reset_index(drop=True), cache=cache)
+
+
+def merge_sides(frame: pd.DataFrame, native: tuple[str, ...]) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """``X_right`` and ``X_left`` -> ``X``: positive if either side is, else uncertain if either is,
+    else negative if either is labelled, else blank. Only pairs the reader loaded are merged."""
+    out = []
+    for name in native:
+        base, _, side = name.rpartition("_")
+        pair = [f"{base}_right", f"{base}_left"]
+        if side not in ("right", "left") or not set(pair) <= set(native):
+            out.append(name)
+        elif base not in out:
+            out.append(base)
+            if set(pair) <= set(frame.columns):
+                right, left = frame[pair[0]], frame[pair[1]]
+                merged = right.where(right.notna(), left)  # one side blank: the other decides
+                merged = merged.mask((right == 1) | (left == 1), 1.0)
+                frame = frame.assign(**{base: merged.mask((merged == 0) & ((right == -1) | (left == -1)), -1.0)})
+    return frame, tuple(out)
 
 
 def apply_label_policy(values: pd.Series, uncertain: str, blank: str) -> pd.Series:
@@ -124,7 +143,7 @@ def patient_split(patients: pd.Series, official: pd.Series, valid_fraction: floa
         raise InputError(f"patient {conflict.index[0]!r} has images in several splits {sorted(conflict.iloc[0])}: "
                          f"no patient may be in two splits")
     known = per_patient.map(lambda values: values[0])
-    split[~given] = patients[~given].map(known).fillna("")
+    split[~given] = patients[~given].map(known).astype(object).fillna("")
     free = sorted(set(patients[split == ""]))
     draw = np.random.default_rng(seed).random(len(free))
     test_share = 0.0 if (split == "test").any() else test_fraction
@@ -133,18 +152,6 @@ def patient_split(patients: pd.Series, official: pd.Series, valid_fraction: floa
     missing = split == ""
     split[missing] = patients[missing].map(assign)
     return split
-
-
-def binarize_grades(grades: pd.Series, source: Path, label: str) -> pd.Series:
-    """Study grading: 3 and 4 are positive; 1, 2 and other codes (5 = not assessable) negative.
-
-    A blank grade means the finding was not assessed: NaN, masked out of the loss and the metrics.
-    """
-    bad = ~(grades.isin([1, 2, 3, 4, 5]) | grades.isna())
-    if bad.any():
-        row = int(bad.idxmax())
-        raise InputError(f"{source}: row {row + 2}, column '{label}': grade {grades[row]!r}, expected 1-5 or blank")
-    return grades.isin([3, 4]).astype(np.float32).where(grades.notna())
 
 
 def positive_weights(train: pd.DataFrame, labels: list[str]) -> torch.Tensor:
@@ -161,40 +168,47 @@ def positive_weights(train: pd.DataFrame, labels: list[str]) -> torch.Tensor:
 class CXRDataset(Dataset):
     """Grayscale radiographs as [1, S, S] float tensors in [0, 1] with their label vector.
 
-    Preprocessing follows the study: resize, optional histogram equalisation (cv2.equalizeHist);
-    augmentation is at most a horizontal flip.
+    Pixels come from the preprocessing cache when there is one, else from ``preprocess`` (the same
+    function that filled the cache); augmentation is at most a horizontal flip.
     """
 
-    def __init__(self, frame: pd.DataFrame, root: Path, labels: list[str], image_size: int,
-                 histogram_equalization: bool = True, augment_flip: bool = False):
-        self.frame = frame
-        self.paths = [Path(root) / p for p in frame["path"]]
+    def __init__(self, frame: pd.DataFrame, root: Path, labels: list[str], prep: Preprocessing,
+                 cache: Cache | None = None, augment_flip: bool = False):
+        self.paths = frame["path"].tolist()
+        self.root = Path(root)
         self.targets = torch.tensor(frame[labels].to_numpy(np.float32))
-        self.image_size = image_size
-        self.equalize = histogram_equalization
+        self.prep = prep
+        self.cache_file = cache.images if cache else None
+        self.rows = frame["path"].map(cache.rows).to_numpy() if cache else None
         self.flip = augment_flip
+        self._images = None  # opened lazily, so that DataLoader workers each map the file themselves
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def __getstate__(self):
+        return {**self.__dict__, "_images": None}
+
     def __getitem__(self, index: int):
-        path = self.paths[index]
-        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-        if image is None:
-            raise InputError(f"{path}: missing or unreadable image")
-        if image.shape != (self.image_size, self.image_size):
-            image = cv2.resize(image, (self.image_size, self.image_size), interpolation=cv2.INTER_AREA)
-        if self.equalize:
-            image = cv2.equalizeHist(image)
+        if self.cache_file is not None:
+            if self._images is None:
+                self._images = np.load(self.cache_file, mmap_mode="r")
+            image = np.array(self._images[self.rows[index]])
+        else:
+            try:
+                image = preprocess(self.root / self.paths[index], self.prep)
+            except BadImage as exc:
+                raise InputError(f"{self.root / self.paths[index]}: {exc}; `python main_2D_DP.py prepare` lists "
+                                 f"such images and leaves them out") from None
         x = torch.from_numpy(image).unsqueeze(0).float().div_(255.0)
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, self.targets[index]
 
 
-def evaluation_loader(frame: pd.DataFrame, root: Path, data: Data, batch_size: int) -> DataLoader:
-    """Images of ``frame`` in order, without augmentation, for validation and prediction."""
-    dataset = CXRDataset(frame, root, data.labels, data.image_size, data.histogram_equalization)
+def evaluation_loader(frame: pd.DataFrame, table: Table, data: Data, batch_size: int) -> DataLoader:
+    """Images of ``frame`` (rows of ``table``) in order, without augmentation, for validation and prediction."""
+    dataset = CXRDataset(frame, table.root, data.labels, preprocessing(data), table.cache)
     return DataLoader(dataset, batch_size=batch_size, num_workers=data.num_workers)
 
 

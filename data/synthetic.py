@@ -47,7 +47,7 @@ SITES = ("public", "private")
 SPLIT_SHARES = {"train": 0.7, "valid": 0.1, "test": 0.2}
 # Visibility of a finding by grade; 1 (absent) and 5 (not assessable) draw nothing.
 GRADE_SEVERITY = {1: 0.0, 2: 0.25, 3: 0.7, 4: 1.0, 5: 0.0}
-GENERATOR_VERSION = 3  # bump when the drawing changes, so stale caches are rebuilt
+GENERATOR_VERSION = 4  # bump when the drawing changes, so stale caches are rebuilt
 
 
 @dataclass
@@ -243,7 +243,10 @@ def sample_patient_cases(rng: np.random.Generator, site: str, patient_seed: int)
 
 
 def build_master_list(n_patients: dict, seed: int) -> tuple[pd.DataFrame, list[Case]]:
-    """Sample patients per site and split them by patient (no patient in two splits)."""
+    """Sample patients per site and split them by patient (no patient in two splits).
+
+    The table is the study's master list (``data.dataset: uka``), the image subset folder being the site.
+    """
     rng = np.random.default_rng(seed)
     rows, cases = [], []
     pid = 0
@@ -253,8 +256,8 @@ def build_master_list(n_patients: dict, seed: int) -> tuple[pd.DataFrame, list[C
             split = rng.choice(list(SPLIT_SHARES), p=list(SPLIT_SHARES.values()))
             for case in sample_patient_cases(rng, site, seed * 1_000_003 + pid):
                 image_id = f"{site[:3]}_{pid:06d}_{len(cases) % 1000:03d}"
-                rows.append({"image_id": image_id, "patient_id": f"P{pid:06d}", "split": split,
-                             "site": site, "sex": case.sex, "age": case.age, "view": case.view,
+                rows.append({"image_id": image_id, "patient_id": f"P{pid:06d}", "split": split, "subset": site,
+                             "site": site, "gender": case.sex, "age": case.age, "view": case.view,
                              **{label: case.grades[label] for label in LABELS}})
                 cases.append(case)
     return pd.DataFrame(rows), cases
@@ -262,7 +265,7 @@ def build_master_list(n_patients: dict, seed: int) -> tuple[pd.DataFrame, list[C
 
 def _render_to_file(args):
     case, size, path = args
-    cv2.imwrite(str(path), render(case, size))
+    cv2.imwrite(str(path), render(case, size), [cv2.IMWRITE_JPEG_QUALITY, 95])
 
 
 def synthetic_folder(cache_dir: Path, size: int, n_patients: dict, seed: int) -> Path:
@@ -272,16 +275,18 @@ def synthetic_folder(cache_dir: Path, size: int, n_patients: dict, seed: int) ->
 
 
 def generate(cache_dir: Path, size: int, n_patients: dict, seed: int, workers: int | None = None) -> Path:
-    """Write ``master_list.csv`` and ``images/<image_id>.png``; reuse a complete earlier run.
+    """Write the study's layout, ``master_list.csv`` and ``UKA_preprocessed/<site>/<image_id>.jpg``
+    (JPEG quality 95); reuse a complete earlier run.
 
     A ``done.json`` marker is written last, so an interrupted generation is redone, never half-used.
     """
     folder = synthetic_folder(cache_dir, size, n_patients, seed)
     if (folder / "done.json").exists():
         return folder
-    (folder / "images").mkdir(parents=True, exist_ok=True)
     frame, cases = build_master_list(n_patients, seed)
-    jobs = [(c, size, folder / "images" / f"{i}.png") for c, i in zip(cases, frame["image_id"])]
+    for site in SITES:
+        (folder / "UKA_preprocessed" / site).mkdir(parents=True, exist_ok=True)
+    jobs = [(c, size, folder / "UKA_preprocessed" / c.site / f"{i}.jpg") for c, i in zip(cases, frame["image_id"])]
     workers = workers or min(len(os.sched_getaffinity(0)), 8)
     desc = f"Generating synthetic CXRs ({size}px) in {folder}"
     if workers > 1:

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from data import synthetic
-from data.dataset import binarize_grades
+from data.adapters import binarize_grades
 
 N = {"public": 8, "private": 12}
 SIZE = 96
@@ -19,8 +19,9 @@ def test_generation_is_deterministic(tmp_path):
     b = synthetic.generate(tmp_path / "b", 48, N, seed=3, workers=1)
     frame = pd.read_csv(a / "master_list.csv")
     assert frame.equals(pd.read_csv(b / "master_list.csv"))
-    for image_id in frame["image_id"]:
-        assert (a / "images" / f"{image_id}.png").read_bytes() == (b / "images" / f"{image_id}.png").read_bytes()
+    for image_id, site in zip(frame["image_id"], frame["subset"]):
+        image = f"UKA_preprocessed/{site}/{image_id}.jpg"
+        assert (a / image).read_bytes() == (b / image).read_bytes()
     other = synthetic.generate(tmp_path / "c", 48, N, seed=4, workers=1)
     assert not frame.equals(pd.read_csv(other / "master_list.csv"))
 
@@ -34,12 +35,12 @@ def test_cache_is_reused(tmp_path):
 
 def test_master_list_shape_and_patient_split():
     frame, _ = synthetic.build_master_list({"public": 200, "private": 300}, seed=0)
-    expected = ["image_id", "patient_id", "split", "site", "sex", "age", "view", *synthetic.LABELS]
+    expected = ["image_id", "patient_id", "split", "subset", "site", "gender", "age", "view", *synthetic.LABELS]
     assert list(frame.columns) == expected
     assert frame["image_id"].is_unique
     assert (frame.groupby("patient_id")["split"].nunique() == 1).all()
     assert set(frame["split"]) == {"train", "valid", "test"} and set(frame["site"]) == {"public", "private"}
-    assert set(frame["sex"]) == {"F", "M"}
+    assert set(frame["gender"]) == {"F", "M"} and (frame["subset"] == frame["site"]).all()
     assert frame[list(synthetic.LABELS)].isin([1, 2, 3, 4, 5]).all().all()
     # Older patients carry more findings.
     positives = frame[list(synthetic.LABELS)].isin([3, 4]).sum(axis=1)
@@ -47,8 +48,9 @@ def test_master_list_shape_and_patient_split():
 
 
 def test_grades_3_and_4_are_positive():
-    grades = pd.Series([1, 2, 3, 4, 5])
-    assert binarize_grades(grades, "x.csv", "cardiomegaly").tolist() == [0, 0, 1, 1, 0]
+    grades = pd.Series([1, 2, 3, 4, 5, np.nan])
+    assert binarize_grades(grades, "x.csv", "cardiomegaly").tolist()[:5] == [0, 0, 1, 1, 0]
+    assert np.isnan(binarize_grades(grades, "x.csv", "cardiomegaly")[5])  # not assessed: unlabelled
 
 
 def _case():
