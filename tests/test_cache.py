@@ -6,7 +6,9 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
+from torch.utils.data import DataLoader
 
 from config import validate
 from data import cache as cache_module
@@ -92,10 +94,12 @@ def test_prepare_reports_bad_images_and_caches_the_same_pixels(tmp_path, mixed, 
         assert torch_equal(cached[i][0], direct[i][0]), table.frame["path"][i]
         assert cached[i][0].shape == (1, SIZE, SIZE)
     assert len(np.unique(cached[0][0].numpy())) > 10  # real content, not an empty slot
+    workers = DataLoader(cached, batch_size=8, num_workers=2)  # each worker maps the file itself
+    assert torch_equal(torch.cat([x for x, _ in workers]), torch.stack([direct[i][0] for i in range(len(direct))]))
 
 
 def torch_equal(a, b) -> bool:
-    return bool((a == b).all())
+    return a.shape == b.shape and bool((a == b).all())
 
 
 def test_too_many_bad_images_stop_prepare_and_training(tmp_path, mixed, capsys):
@@ -209,3 +213,17 @@ def test_dicom_monochrome1_is_inverted_and_uses_its_full_depth(tmp_path):
     (tmp_path / "broken.dicom").write_bytes((tmp_path / "normal.dicom").read_bytes()[:300])
     with pytest.raises(BadImage, match="unreadable DICOM"):
         preprocess(tmp_path / "broken.dicom", prep)
+
+
+def test_resume_is_refused_when_the_cache_changes_the_training_split(tmp_path, mixed, capsys):
+    labels = pd.read_csv(mixed / "labels.csv")
+    labels[labels["path"].str.match(r"img/\d+\.")].to_csv(mixed / "labels.csv", index=False)  # 40 good images
+    config = _config_file(tmp_path, _settings(mixed, tmp_path, cache={"max_bad_fraction": 0.5}))
+    assert main(["train", "--config", config, "--set", "dp.enabled=false"]) == 0  # decoded on the fly
+    data = validate({"data": _settings(mixed, tmp_path)}).data
+    train_image = load_table(data, seed=0).split("train")["path"][0]
+    (mixed / train_image).write_bytes(b"")  # the file breaks after training started; prepare leaves it out
+    assert main(["prepare", "--config", config]) == 0
+    capsys.readouterr()
+    assert main(["train", "--config", config, "--resume", "--set", "dp.enabled=false", "training.epochs=2"]) == 2
+    assert "the training split now has" in capsys.readouterr().err
