@@ -3,13 +3,15 @@
 DP-SGD, per logical step: draw a Poisson batch (each training image independently with probability
 q = sample rate), clip each image's gradient to L2 norm C (``dp.max_grad_norm``), sum, add Gaussian
 noise N(0, sigma^2 C^2) and divide by the expected batch size qN. The accountant (RDP or PRV)
-composes the steps into (epsilon, delta). Opacus does all of it; ``BatchMemoryManager`` splits each
-logical batch into physical batches that fit in memory, and the optimizer steps only at the end of
-a logical batch. Non-private training uses the same logical batch by gradient accumulation.
+composes the steps into (epsilon, delta). Opacus does all of it; each logical batch is split into
+physical batches that fit in memory, and the optimizer adds noise and steps only at the end of a
+logical batch. Non-private training uses the same logical batch by gradient accumulation. Before
+every logical step the accountant's epsilon after that step is checked against the target.
 
-Everything needed to continue exactly is in ``checkpoints/last.pt``: weights, optimizer, the
-accountant's history, the epoch, the best metric and every RNG state (global, sampler, noise), so a
-resumed run reports the same epsilon and, on CPU, the same weights as an uninterrupted one.
+Everything needed to continue exactly is in ``checkpoints/last.pt``, written at the end of every
+epoch and every ``training.checkpoint_every_steps`` steps: weights, optimizer, the accountant's
+history, the position in the epoch, the best metric and every RNG state (global, sampler, noise),
+so a resumed run reports the same epsilon and, on CPU, the same weights as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -24,24 +26,25 @@ import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
-from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from artifacts import atomic_write_text, json_text, load_checkpoint, save_checkpoint
+from artifacts import ExperimentLock, atomic_write_text, json_text, load_checkpoint, save_checkpoint
 from config import Config, InputError, config_yaml, read_yaml
 from data.dataset import SPLITS, CXRDataset, evaluation_loader, load_table, positive_weights, preprocessing
 from models import build_model, load_pretrained, resolve_device
 from Prediction_DP import auroc_per_label, mean_auroc, predict_scores
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: mid-epoch position (epoch_sampler_state, step_in_epoch, epoch_loss)
 # Settings that may change on --resume; anything else would change the data, the model or the
 # privacy accounting of the run being continued.
-RESUMABLE_KEYS = {"training.epochs", "training.device", "data.num_workers", "output.target_dir", "experiment.name",
-                  "evaluation.bootstrap", "evaluation.seed", "evaluation.age_bins", "evaluation.min_subgroup_size"}
+RESUMABLE_KEYS = {"training.epochs", "training.device", "training.checkpoint_every_steps", "data.num_workers",
+                  "output.target_dir", "experiment.name", "evaluation.bootstrap", "evaluation.seed",
+                  "evaluation.age_bins", "evaluation.min_subgroup_size"}
 
 
 def default_delta(n_train: int) -> float:
@@ -118,50 +121,118 @@ def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLo
     return DPSetup(model, optimizer, loader, engine, float(noise_multiplier), sample_rate)
 
 
-def train_one_epoch(model, criterion, optimizer, loader, device, physical_batch_size: int, dp: bool,
-                    desc: str, epsilon_fn=None) -> tuple[float, int]:
-    """One pass over ``loader``; returns (mean training loss, logical steps taken)."""
+class TrainingStopped(Exception):
+    """Training cannot go on without corrupting the model (non-finite loss or gradient)."""
+
+
+@dataclass
+class EpochProgress:
+    """Where an epoch stands: its logical batches (dataset indices), how many are done, loss so far."""
+
+    batches: list[list[int]]
+    done: int = 0
+    loss_sum: float = 0.0
+    seen: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.done == len(self.batches)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.seen, 1)
+
+
+def draw_epoch(loader: DataLoader) -> list[list[int]]:
+    """All logical batches of one epoch, drawn up front from the loader's sampler (Poisson under DP).
+
+    Drawing them at the start of the epoch makes the epoch a pure function of the sampler's state
+    then, so a run resumed mid-epoch redraws the same batches and skips those already taken.
+    """
+    return [list(batch) for batch in loader.batch_sampler]
+
+
+def train_one_epoch(model, criterion, optimizer, loader: DataLoader, progress: EpochProgress, device,
+                    physical_batch_size: int, dp: bool, image_ids, desc: str, *, step_allowed=lambda: True,
+                    after_step=lambda: None, epsilon_fn=None) -> EpochProgress:
+    """Take the logical steps of ``progress.batches`` not yet done, each split into physical chunks.
+
+    DP-SGD: the optimizer clips and accumulates every chunk and adds noise once, at the last chunk
+    of the logical batch (what Opacus' BatchMemoryManager does); an empty Poisson batch still takes
+    a (noise-only) step. Non-private: gradients of the chunks are accumulated, weighted by size.
+    ``step_allowed()`` is asked before each logical step (the privacy budget guard) and
+    ``after_step()`` called after it (periodic checkpoints). A non-finite loss, or weights made
+    non-finite by a step, stop training before anything of that step is saved.
+    """
     model.train()
-    loss_sum, seen, steps = 0.0, 0, 0
-    bar = tqdm(total=len(loader), desc=desc, leave=False, dynamic_ncols=True)
-
-    def physical_batches():
-        """(x, y, share of the logical batch, last chunk of the logical batch?)"""
-        if dp:  # Opacus splits the Poisson batch; its optimizer skips all but the last physical step
-            with BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical_batch_size,
-                                    optimizer=optimizer) as physical:
-                for x, y in physical:
-                    yield x, y, 1.0, None
-        else:
-            for x, y in loader:
-                chunks = list(zip(x.split(physical_batch_size), y.split(physical_batch_size)))
-                for i, (xc, yc) in enumerate(chunks):
-                    yield xc, yc, len(xc) / len(x), i == len(chunks) - 1
-
-    for x, y, share, last in physical_batches():
-        x, y = x.to(device), y.to(device)
-        loss = criterion(model(x), y)
-        with warnings.catch_warnings():
-            # The input image needs no gradient; Opacus' full backward hooks warn about it although
-            # the per-sample gradients of all parameters are complete.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-            (loss * share).backward()
-        if len(x):  # an empty Poisson batch still steps (noise only) but has no loss to report
-            loss_sum += loss.item() * len(x)
-            seen += len(x)
-        if dp or last:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        # DPOptimizer marks the physical steps that BatchMemoryManager told it to skip.
-        if (dp and not optimizer._is_last_step_skipped) or last:
-            steps += 1
-            bar.update(1)
-            postfix = {"loss": f"{loss_sum / max(seen, 1):.4f}"}
-            if epsilon_fn is not None and (steps % 10 == 0 or steps == len(loader)):
-                postfix["eps"] = f"{epsilon_fn():.3f}"
-            bar.set_postfix(postfix, refresh=False)
+    todo = progress.batches[progress.done:]
+    epoch = DataLoader(loader.dataset, batch_sampler=todo, collate_fn=loader.collate_fn,
+                       num_workers=loader.num_workers)
+    bar = tqdm(total=len(progress.batches), initial=progress.done, desc=desc, leave=False, dynamic_ncols=True)
+    for indices, (x, y) in zip(todo, epoch):
+        if not step_allowed():
+            break
+        chunks = list(zip(x.split(physical_batch_size), y.split(physical_batch_size)))
+        for i, (xc, yc) in enumerate(chunks):
+            last = i == len(chunks) - 1
+            xc, yc = xc.to(device), yc.to(device)
+            loss = criterion(model(xc), yc)
+            with warnings.catch_warnings():
+                # The input image needs no gradient; Opacus' full backward hooks warn about it although
+                # the per-sample gradients of all parameters are complete.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+                # Opacus scales per-sample gradients of a mean loss itself; accumulation weighs chunks by size
+                (loss if dp else loss * (len(xc) / max(len(x), 1))).backward()
+            if not torch.isfinite(loss):
+                raise TrainingStopped(_stopped_at("loss", progress, desc, indices, image_ids))
+            if len(xc):  # an empty Poisson batch has no loss to report
+                progress.loss_sum += loss.item() * len(xc)
+                progress.seen += len(xc)
+            if dp:  # clip and accumulate every chunk; noise and the update come with the last one
+                optimizer.signal_skip_step(do_skip=not last)
+            if dp or last:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise TrainingStopped(_stopped_at("gradient", progress, desc, indices, image_ids))
+        progress.done += 1
+        bar.update(1)
+        postfix = {"loss": f"{progress.loss:.4f}"}
+        if epsilon_fn is not None and (progress.done % 10 == 0 or progress.complete):
+            postfix["eps"] = f"{epsilon_fn():.3f}"
+        bar.set_postfix(postfix, refresh=False)
+        after_step()
     bar.close()
-    return loss_sum / max(seen, 1), steps
+    return progress
+
+
+def _stopped_at(what: str, progress: EpochProgress, desc: str, indices: list[int], image_ids) -> str:
+    shown = [image_ids[j] for j in indices[:8]]
+    return (f"non-finite {what} at logical step {progress.done + 1} of {len(progress.batches)} in {desc}, batch "
+            f"with images {shown}{' ...' if len(indices) > 8 else ''}; this step was not saved")
+
+
+def steps_within_budget(accountant: str, history: list, noise_multiplier: float, sample_rate: float,
+                        target_epsilon: float, delta: float, planned: int) -> int:
+    """The largest k <= ``planned`` such that ``history`` followed by k more steps (sigma, q) spends at
+    most the target epsilon.
+
+    The accountant composes the same entries when the steps are taken, so a run that stops after k
+    steps reports an epsilon within the target. One accountant call when the plan fits (the usual
+    case: sigma was solved for it), else a bisection.
+    """
+    def spent(k: int) -> float:
+        acc = (RDPAccountant if accountant == "rdp" else PRVAccountant)()
+        acc.history = list(history) + ([(noise_multiplier, sample_rate, k)] if k else [])
+        return acc.get_epsilon(delta) if acc.history else 0.0
+
+    if planned <= 0 or spent(planned) <= target_epsilon:
+        return max(planned, 0)
+    low, high = 0, planned  # spent(high) > target
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if spent(middle) <= target_epsilon else (low, middle)
+    return low
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -209,13 +280,26 @@ def _write_summary(exp_dir: Path, summary: dict) -> None:
     atomic_write_text(exp_dir / "summary.json", json_text(summary))
 
 
-def train(cfg: Config, exp_dir: Path, resume: bool = False) -> dict:
-    """Train ``cfg`` into ``exp_dir`` (new, or continued from ``checkpoints/last.pt``); return the summary."""
+def train(cfg: Config, exp_dir: Path, resume: bool = False, allow_budget_increase: bool = False) -> dict:
+    """Train ``cfg`` into ``exp_dir`` (new, or continued from ``checkpoints/last.pt``); return the summary.
+
+    One process at a time: the experiment folder is locked while training.
+    """
     exp_dir = Path(exp_dir)
+    with ExperimentLock(exp_dir):
+        for leftover in exp_dir.rglob(".*.tmp"):  # a write interrupted by a kill; the target file is intact
+            leftover.unlink()
+        return _train(cfg, exp_dir, resume, allow_budget_increase)
+
+
+def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool) -> dict:
     last_path, best_path = exp_dir / "checkpoints" / "last.pt", exp_dir / "checkpoints" / "best.pt"
-    ckpt = load_checkpoint(last_path) if resume else None
+    ckpt = load_checkpoint(last_path) if resume and last_path.is_file() else None
+    if resume and ckpt is None:
+        print(f"{last_path} not written yet: starting {exp_dir.name} from the beginning")
     if ckpt is not None and ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{last_path}: checkpoint format {ckpt.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+        raise InputError(f"{last_path}: checkpoint format {ckpt.get('format')!r}, expected {CHECKPOINT_FORMAT} "
+                         f"(written by another DP-CXR version); start a new experiment")
     seed, dp, labels = cfg.experiment.seed, cfg.dp.enabled, list(cfg.data.labels)
     torch.manual_seed(seed)
     device = resolve_device(cfg.training.device)
@@ -278,33 +362,86 @@ def train(cfg: Config, exp_dir: Path, resume: bool = False) -> dict:
     atomic_write_text(exp_dir / "config.yaml", config_yaml(cfg))
 
     start_epoch, steps, best, best_epoch = 0, 0, -math.inf, None
+    progress, budget_note = None, {}
     if ckpt is not None:
         core.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if dp:
             engine.accountant.history = [tuple(entry) for entry in ckpt["accountant_history"]]
+        start_epoch, steps = ckpt["epoch"], ckpt["steps"]
+        best, best_epoch = ckpt["best_valid_auroc_mean"], ckpt["best_epoch"]
+        budget_note = ckpt.get("budget", {})
+        if ckpt["step_in_epoch"]:  # redraw the interrupted epoch's batches, then continue after those taken
+            sampler_gen.set_state(ckpt["epoch_sampler_state"])
+            progress = EpochProgress(draw_epoch(loader), ckpt["step_in_epoch"], *ckpt["epoch_loss"])
         _set_rng_state(ckpt["rng"], sampler_gen, noise_gen)
-        start_epoch, steps, best, best_epoch = ckpt["epoch"], ckpt["steps"], ckpt["best_valid_auroc_mean"], ckpt["best_epoch"]
-        print(f"resuming {exp_dir.name} after epoch {start_epoch} ({steps} steps)")
+        print(f"resuming {exp_dir.name} after {steps} steps (epoch {start_epoch + 1}, step {ckpt['step_in_epoch']})")
 
     def epsilon() -> float:
         return engine.get_epsilon(delta)
 
-    summary = {}
-    writer = SummaryWriter(str(exp_dir / "tensorboard"))
+    # The privacy budget guard: how many more steps fit within the target epsilon.
+    guarded = dp and cfg.dp.epsilon is not None and not allow_budget_increase
+    if dp and cfg.dp.epsilon is not None and allow_budget_increase:
+        budget_note = {"increase_allowed": True, "target_epsilon": cfg.dp.epsilon}
+        print(f"--allow-budget-increase: training may spend more than the target epsilon {cfg.dp.epsilon:g}; "
+              f"the epsilon spent is recorded in summary.json")
+    planned = cfg.training.epochs * len(loader)
+    budget_steps = steps + steps_within_budget(
+        cfg.dp.accountant, engine.accountant.history, cfg.derived["noise_multiplier"], cfg.derived["sample_rate"],
+        cfg.dp.epsilon, delta, planned - steps) if guarded else math.inf
+    if planned > budget_steps:
+        print(f"privacy budget: epsilon {cfg.dp.epsilon:g} allows {budget_steps} steps, {planned} are planned; "
+              f"training stops at step {budget_steps} (--allow-budget-increase to go beyond)")
+
+    writer = SummaryWriter(str(exp_dir / "tensorboard"), purge_step=steps + 1 if ckpt else None)
     valid_truth = valid_frame[labels].to_numpy()
     epochs, started = cfg.training.epochs, time.time()
+    every = cfg.training.checkpoint_every_steps
+    image_ids = train_frame["image_id"].tolist()
+    summary, stopped = {}, None
+
+    def state(epoch: int, progress: EpochProgress, epoch_start) -> dict:
+        """Everything to continue exactly from here (only tensors and plain values: safe to load)."""
+        return {"format": CHECKPOINT_FORMAT, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                "labels": labels, "model_name": cfg.model.name, "epoch": epoch + progress.complete,
+                "steps": steps, "step_in_epoch": 0 if progress.complete else progress.done,
+                "epoch_sampler_state": epoch_start, "epoch_loss": [progress.loss_sum, progress.seen],
+                "best_valid_auroc_mean": best, "best_epoch": best_epoch,
+                "noise_multiplier": cfg.derived.get("noise_multiplier"), "budget": budget_note,
+                "accountant_history": [list(entry) for entry in engine.accountant.history] if dp else [],
+                "rng": _rng_state(sampler_gen, noise_gen)}
+
     for epoch in range(start_epoch, epochs):
-        train_loss, n_steps = train_one_epoch(
-            model, criterion, optimizer, loader, device, cfg.training.physical_batch_size, dp,
-            desc=f"epoch {epoch + 1}/{epochs}", epsilon_fn=epsilon if dp else None)
-        steps += n_steps
+        epoch_start = sampler_gen.get_state() if progress is None else ckpt["epoch_sampler_state"]
+        progress = progress or EpochProgress(draw_epoch(loader))
+
+        def step_allowed() -> bool:
+            return steps < budget_steps
+
+        def after_step() -> None:
+            nonlocal steps
+            steps += 1
+            if every and steps % every == 0 and not progress.complete:
+                save_checkpoint(state(epoch, progress, epoch_start), last_path)
+
+        try:
+            progress = train_one_epoch(model, criterion, optimizer, loader, progress, device,
+                                       cfg.training.physical_batch_size, dp, image_ids, f"epoch {epoch + 1}/{epochs}",
+                                       step_allowed=step_allowed, after_step=after_step,
+                                       epsilon_fn=epsilon if dp else None)
+        except TrainingStopped as exc:
+            good = last_path if last_path.is_file() else "none yet"
+            raise TrainingStopped(f"{exc}; last good checkpoint: {good} (check the learning rate and these images)"
+                                  ) from None
+        if not progress.complete:
+            stopped = f"privacy budget reached: epsilon {epsilon():.4f} of target {cfg.dp.epsilon:g} at step {steps}"
         scores, valid_loss = predict_scores(core, valid_loader, device, criterion, desc="valid")
         per_label = auroc_per_label(valid_truth, scores, labels)
         auroc_mean = mean_auroc(per_label)
         eps = epsilon() if dp else None
 
-        writer.add_scalar("train/loss", train_loss, steps)
+        writer.add_scalar("train/loss", progress.loss, steps)
         writer.add_scalar("valid/loss", valid_loss, steps)
         writer.add_scalar("valid/auroc_mean", auroc_mean, steps)
         for label, value in per_label.items():
@@ -319,26 +456,28 @@ def train(cfg: Config, exp_dir: Path, resume: bool = False) -> dict:
             save_checkpoint({"format": CHECKPOINT_FORMAT, "model": core.state_dict(), "labels": labels,
                              "model_name": cfg.model.name, "epoch": epoch + 1,
                              "valid_auroc_mean": auroc_mean}, best_path)
-        save_checkpoint({
-            "format": CHECKPOINT_FORMAT, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-            "labels": labels, "model_name": cfg.model.name, "epoch": epoch + 1, "steps": steps,
-            "best_valid_auroc_mean": best, "best_epoch": best_epoch,
-            "noise_multiplier": cfg.derived.get("noise_multiplier"),
-            "accountant_history": [list(entry) for entry in engine.accountant.history] if dp else [],
-            "rng": _rng_state(sampler_gen, noise_gen)}, last_path)
+        save_checkpoint(state(epoch, progress, epoch_start), last_path)
+        if budget_note:
+            budget_note["epsilon_spent"] = eps
         summary = {
-            "experiment": exp_dir.name, "epochs_completed": epoch + 1, "epochs_planned": epochs,
+            "experiment": exp_dir.name, "epochs_completed": epoch + progress.complete, "epochs_planned": epochs,
             "steps": steps, "best_valid_auroc_mean": best, "best_epoch": best_epoch,
-            "last_valid_auroc_mean": auroc_mean, "last_valid_loss": valid_loss, "last_train_loss": train_loss,
+            "last_valid_auroc_mean": auroc_mean, "last_valid_loss": valid_loss, "last_train_loss": progress.loss,
+            "stopped": stopped,
             "dp": {"enabled": dp, "epsilon_spent": eps, "target_epsilon": cfg.dp.epsilon if dp else None,
                    "delta": delta, "noise_multiplier": cfg.derived.get("noise_multiplier"),
                    "max_grad_norm": cfg.dp.max_grad_norm if dp else None,
                    "sample_rate": cfg.derived.get("sample_rate"),
-                   "accountant": cfg.dp.accountant if dp else None}}
+                   "accountant": cfg.dp.accountant if dp else None, "budget_increase": budget_note or None}}
         _write_summary(exp_dir, summary)
         privacy = f", epsilon {eps:.3f}" if dp else ""
-        tqdm.write(f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, valid loss {valid_loss:.4f}, "
+        tqdm.write(f"epoch {epoch + 1}/{epochs}: train loss {progress.loss:.4f}, valid loss {valid_loss:.4f}, "
                    f"valid AUROC {auroc_mean:.4f}{privacy} ({time.time() - started:.0f} s)")
+        progress = None
+        if stopped:
+            print(f"stopped: {stopped}; the remaining steps were not taken "
+                  f"(resume with --allow-budget-increase to spend more, which summary.json records)")
+            break
     writer.close()
     if not summary:  # resumed a finished run: nothing to do, report what is there
         summary = json.loads((exp_dir / "summary.json").read_text())

@@ -7,15 +7,23 @@ code on load.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import socket
 import tempfile
+import time
+import warnings
 from pathlib import Path
 
 import torch
 
 from config import InputError
+
+
+class OutputError(Exception):
+    """A result could not be written (disk full, permissions): the command line exits with code 1."""
 
 
 def _umask() -> int:
@@ -35,8 +43,11 @@ def _atomic(path: Path, write) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            kept = "the previous version is kept" if path.exists() else "nothing was written"
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}; {kept}") from None
         raise
 
 
@@ -70,3 +81,53 @@ def load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise InputError(f"{path}: not a readable DP-CXR checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+class ExperimentLock:
+    """``<folder>/.lock`` holding the owner's pid and host, so two processes never train one experiment.
+
+    A lock left by a dead process on this host is taken over with a warning; one from another host
+    cannot be checked and is refused, naming the file to delete once that run is known to be gone.
+    """
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".lock"
+        self.owner = {"pid": os.getpid(), "host": socket.gethostname()}
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale()
+                continue
+            with os.fdopen(fd, "w") as handle:
+                json.dump({**self.owner, "since": time.strftime("%Y-%m-%dT%H:%M:%S")}, handle)
+            return self
+
+    def _take_over_if_stale(self) -> None:
+        try:
+            holder = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            holder = {}
+        if holder.get("host") == self.owner["host"] and not _alive(holder.get("pid")):
+            warnings.warn(f"{self.path}: taking over the lock of process {holder.get('pid')}, which is gone")
+            self.path.unlink(missing_ok=True)
+            return
+        raise InputError(f"{self.path.parent} is being trained by process {holder.get('pid')} on "
+                         f"{holder.get('host')!r} (since {holder.get('since')}); wait for it to finish, or delete "
+                         f"{self.path} if that process is known to be gone")
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM  # exists, owned by someone else
+    return True

@@ -102,6 +102,7 @@ class Training(_Section):
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every_steps: int = Field(100, ge=0)  # also write last.pt every N logical steps (0 = per epoch only)
 
     @model_validator(mode="after")
     def _physical_fits_logical(self):

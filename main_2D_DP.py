@@ -1,14 +1,15 @@
 """DP-CXR command line.
 
     python main_2D_DP.py                      train with configs/config.yaml, then predict on test
-    python main_2D_DP.py train [--config FILE] [--name NAME] [--resume] [--set KEY=VALUE ...]
+    python main_2D_DP.py train [--config FILE] [--name NAME] [--resume [--allow-budget-increase]] [--set KEY=VALUE ...]
     python main_2D_DP.py predict EXPERIMENT_DIR [--split test|valid]
     python main_2D_DP.py compare EXP_A EXP_B [--split test|valid] [--out DIR]
     python main_2D_DP.py sweep --epsilons inf,8,4,1 [--name NAME] [--config FILE] [--set KEY=VALUE ...]
     python main_2D_DP.py data describe [--config FILE] [--set KEY=VALUE ...]
     python main_2D_DP.py prepare [--config FILE] [--set KEY=VALUE ...]
 
-Exit codes: 0 success, 2 bad input (config, paths, data), 1 anything else.
+Exit codes: 0 success, 2 bad input (config, paths, data, checkpoints), 1 anything else (a result that
+cannot be written, a non-finite loss), each with a message naming the file, key or step.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from artifacts import atomic_write_text, json_text
+from artifacts import OutputError, atomic_write_text, json_text
 from config import InputError, load_config, merge, parse_overrides, validate
 from data.cache import check_bad_share, prepare
 from data.dataset import cache_location, describe, load_table, preprocessing
@@ -29,7 +30,7 @@ from evaluation.report import sweep_report
 from evaluation.sweep import correlations, log_sweep_hparams, sweep_row
 from Prediction_DP import (compare_experiments, format_comparison, format_metrics, load_experiment_config,
                            predict_experiment)
-from Train_Valid_DP import check_resume_compatible, train
+from Train_Valid_DP import TrainingStopped, check_resume_compatible, train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "config.yaml"
 
@@ -40,7 +41,8 @@ def _experiment_name(cfg) -> str:
     return f"{cfg.data.dataset}-{cfg.data.site}_{cfg.model.name}_{privacy}_{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def run_train(config: Path | None, name: str | None, resume: bool, overrides: list[str]) -> Path:
+def run_train(config: Path | None, name: str | None, resume: bool, overrides: list[str],
+              allow_budget_increase: bool = False) -> Path:
     """Resolve the config and experiment folder, refuse unsafe reuse, train; return the folder."""
     overrides = list(overrides) + ([f"experiment.name={name}"] if name else [])
     cfg = load_config(config or DEFAULT_CONFIG, overrides)
@@ -58,7 +60,7 @@ def run_train(config: Path | None, name: str | None, resume: bool, overrides: li
     elif exp_dir.exists() and any(exp_dir.iterdir()):
         raise InputError(f"experiment {exp_dir} already exists; use --resume to continue it or --name for a new one")
     print(f"experiment folder: {exp_dir}")
-    train(cfg, exp_dir, resume=resume)
+    train(cfg, exp_dir, resume=resume, allow_budget_increase=allow_budget_increase)
     return exp_dir
 
 
@@ -185,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", type=Path, default=None, help=f"YAML config (default {DEFAULT_CONFIG})")
     tr.add_argument("--name", help="experiment name (folder under output.target_dir)")
     tr.add_argument("--resume", action="store_true", help="continue the named experiment from checkpoints/last.pt")
+    tr.add_argument("--allow-budget-increase", action="store_true",
+                    help="let training spend more than dp.epsilon (e.g. --resume with more epochs); recorded")
     tr.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                     help="override config keys by dotted name, values parsed as YAML")
     pr = sub.add_parser("predict", help="score a split with an experiment's best checkpoint")
@@ -215,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
-            run_train(args.config, args.name, args.resume, args.overrides)
+            run_train(args.config, args.name, args.resume, args.overrides, args.allow_budget_increase)
         elif args.command == "predict":
             run_predict(args.experiment, args.split)
         elif args.command == "prepare":
@@ -231,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (OutputError, TrainingStopped) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,181 @@
+"""Faults: kills at any moment, a full disk, two trainers, non-finite losses, an exhausted privacy
+budget and checkpoints that would run code when loaded."""
+from __future__ import annotations
+
+import errno
+import json
+import pickle
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import Train_Valid_DP
+from artifacts import load_checkpoint
+from conftest import REPO
+from main_2D_DP import main
+from test_training import _assert_same_run, _exp
+
+
+def _summary(exp):
+    return json.loads((exp / "summary.json").read_text())
+
+
+def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_run(tiny_config):
+    path = tiny_config(dp={"epsilon": None, "noise_multiplier": 0.8}, training={"checkpoint_every_steps": 1})
+    assert main(["train", "--config", str(path), "--name", "straight"]) == 0
+    exp = _exp(path, "killed")
+    last = exp / "checkpoints" / "last.pt"
+    rng = random.Random(0)
+    command = [sys.executable, str(REPO / "main_2D_DP.py"), "train", "--config", str(path), "--name", "killed"]
+    kills = 0
+    for attempt in range(3):
+        proc = subprocess.Popen(command + (["--resume"] if attempt else []), cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        before = last.stat().st_mtime_ns if last.exists() else 0
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:  # wait for a fresh checkpoint, then a bit more
+            if last.exists() and last.stat().st_mtime_ns != before:
+                break
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        load_checkpoint(last)  # whatever the moment of the kill, the checkpoint on disk is whole
+    assert kills >= 2
+    assert main(["train", "--config", str(path), "--name", "killed", "--resume"]) == 0
+    _assert_same_run(_exp(path, "straight"), exp)  # same steps, epsilon and weights: nothing counted twice or lost
+    assert not list(exp.rglob("*.tmp")) and not (exp / ".lock").exists()
+    load_checkpoint(exp / "checkpoints" / "best.pt")
+
+
+def test_privacy_budget_is_never_exceeded_without_explicit_consent(tiny_config, capsys):
+    path = tiny_config(training={"epochs": 1})
+    assert main(["train", "--config", str(path)]) == 0
+    first = _summary(_exp(path))
+    assert main(["train", "--config", str(path), "--resume", "--set", "training.epochs=3"]) == 0
+    guarded = _summary(_exp(path))
+    assert "privacy budget reached" in guarded["stopped"] and "--allow-budget-increase" in capsys.readouterr().out
+    assert guarded["dp"]["epsilon_spent"] <= 8.0 and guarded["steps"] < 2 * first["steps"]
+    assert main(["train", "--config", str(path), "--resume", "--allow-budget-increase",
+                 "--set", "training.epochs=3"]) == 0
+    spent = _summary(_exp(path))
+    assert spent["epochs_completed"] == 3 and spent["stopped"] is None and spent["dp"]["epsilon_spent"] > 8.0
+    assert spent["dp"]["budget_increase"] == {"increase_allowed": True, "target_epsilon": 8.0,
+                                              "epsilon_spent": spent["dp"]["epsilon_spent"]}
+
+
+def test_a_second_trainer_is_refused_and_a_stale_lock_taken_over(tiny_config, capsys):
+    path = tiny_config(training={"epochs": 1}, dp={"enabled": False})
+    assert main(["train", "--config", str(path)]) == 0
+    lock = _exp(path) / ".lock"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "since": "then"}))
+        assert main(["train", "--config", str(path), "--resume", "--set", "training.epochs=2"]) == 2
+        assert f"is being trained by process {sleeper.pid}" in capsys.readouterr().err
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with pytest.warns(UserWarning, match=f"taking over the lock of process {sleeper.pid}"):
+        assert main(["train", "--config", str(path), "--resume", "--set", "training.epochs=2"]) == 0
+    assert _summary(_exp(path))["epochs_completed"] == 2 and not lock.exists()
+
+
+def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config, monkeypatch, capsys):
+    path = tiny_config(training={"checkpoint_every_steps": 0})
+    real_save, calls = torch.save, []
+
+    def save(obj, handle, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:  # best.pt and last.pt of epoch 1 are written; then the disk is full
+            handle.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert main(["train", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "No space left on device" in err and "previous version is kept" in err
+    checkpoint = load_checkpoint(_exp(path) / "checkpoints" / "last.pt")
+    assert checkpoint["epoch"] == 1 and checkpoint["step_in_epoch"] == 0
+
+
+def test_a_non_finite_loss_stops_training_naming_step_images_and_checkpoint(tiny_config, monkeypatch, capsys):
+    path = tiny_config()
+    real, calls = Train_Valid_DP.MaskedBCEWithLogitsLoss.forward, []
+
+    def forward(self, logits, target):
+        loss = real(self, logits, target)
+        calls.extend([1] if torch.is_grad_enabled() else [])  # training chunks, not validation
+        return loss * float("nan") if len(calls) == 5 and torch.is_grad_enabled() else loss
+
+    monkeypatch.setattr(Train_Valid_DP.MaskedBCEWithLogitsLoss, "forward", forward)
+    assert main(["train", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss at logical step" in err and "batch with images ['pri_" in err
+    assert "last good checkpoint" in err and "this step was not saved" in err
+
+
+def test_weights_made_non_finite_by_a_step_are_never_saved(tiny_config, monkeypatch, capsys):
+    path = tiny_config(training={"checkpoint_every_steps": 1})
+    real, calls = torch.optim.NAdam.step, []
+
+    def step(self, *args, **kwargs):
+        calls.append(1)
+        out = real(self, *args, **kwargs)
+        if len(calls) == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.NAdam, "step", step)
+    assert main(["train", "--config", str(path)]) == 1
+    assert "non-finite gradient at logical step 3" in capsys.readouterr().err
+    saved = load_checkpoint(_exp(path) / "checkpoints" / "last.pt")
+    assert saved["steps"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(tiny_config, tmp_path, capsys):
+    path = tiny_config(training={"epochs": 1})
+    assert main(["train", "--config", str(path)]) == 0
+    exp, marker = _exp(path), tmp_path / "pwned"
+    for name in ("best.pt", "last.pt"):
+        state = load_checkpoint(exp / "checkpoints" / name)
+        state["note"] = _Payload(str(marker))
+        torch.save(state, exp / "checkpoints" / name, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    assert main(["predict", str(exp)]) == 2
+    assert "best.pt: not a readable DP-CXR checkpoint" in capsys.readouterr().err
+    assert main(["train", "--config", str(path), "--resume", "--set", "training.epochs=2"]) == 2
+    assert "last.pt: not a readable DP-CXR checkpoint" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_truncated_and_old_checkpoints_are_input_errors(tiny_config, capsys):
+    path = tiny_config(training={"epochs": 1})
+    assert main(["train", "--config", str(path)]) == 0
+    last = _exp(path) / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    torch.save({**state, "format": 1}, last)
+    assert main(["train", "--config", str(path), "--resume", "--set", "training.epochs=2"]) == 2
+    assert "checkpoint format 1, expected 2" in capsys.readouterr().err
+    last.write_bytes(last.read_bytes()[:1000])
+    assert main(["train", "--config", str(path), "--resume", "--set", "training.epochs=2"]) == 2
+    assert "last.pt: not a readable DP-CXR checkpoint" in capsys.readouterr().err
