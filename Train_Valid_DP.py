@@ -153,8 +153,8 @@ def draw_epoch(loader: DataLoader) -> list[list[int]]:
 
 
 def train_one_epoch(model, criterion, optimizer, loader: DataLoader, progress: EpochProgress, device,
-                    physical_batch_size: int, dp: bool, image_ids, desc: str, *, step_allowed=lambda: True,
-                    after_step=lambda: None, epsilon_fn=None) -> EpochProgress:
+                    physical_batch_size: int, dp: bool, image_ids, desc: str, *, loader_seed: int = 0,
+                    step_allowed=lambda: True, after_step=lambda: None, epsilon_fn=None) -> EpochProgress:
     """Take the logical steps of ``progress.batches`` not yet done, each split into physical chunks.
 
     DP-SGD: the optimizer clips and accumulates every chunk and adds noise once, at the last chunk
@@ -162,12 +162,14 @@ def train_one_epoch(model, criterion, optimizer, loader: DataLoader, progress: E
     a (noise-only) step. Non-private: gradients of the chunks are accumulated, weighted by size.
     ``step_allowed()`` is asked before each logical step (the privacy budget guard) and
     ``after_step()`` called after it (periodic checkpoints). A non-finite loss, or weights made
-    non-finite by a step, stop training before anything of that step is saved.
+    non-finite by a step, stop training before anything of that step is saved. ``loader_seed`` seeds
+    the DataLoader's own draw (worker seeds), which would otherwise consume the global RNG and make
+    a resumed epoch differ from an uninterrupted one.
     """
     model.train()
     todo = progress.batches[progress.done:]
     epoch = DataLoader(loader.dataset, batch_sampler=todo, collate_fn=loader.collate_fn,
-                       num_workers=loader.num_workers)
+                       num_workers=loader.num_workers, generator=torch.Generator().manual_seed(loader_seed))
     bar = tqdm(total=len(progress.batches), initial=progress.done, desc=desc, leave=False, dynamic_ncols=True)
     for indices, (x, y) in zip(todo, epoch):
         if not step_allowed():
@@ -428,8 +430,8 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
         try:
             progress = train_one_epoch(model, criterion, optimizer, loader, progress, device,
                                        cfg.training.physical_batch_size, dp, image_ids, f"epoch {epoch + 1}/{epochs}",
-                                       step_allowed=step_allowed, after_step=after_step,
-                                       epsilon_fn=epsilon if dp else None)
+                                       loader_seed=seed * 10_000 + epoch, step_allowed=step_allowed,
+                                       after_step=after_step, epsilon_fn=epsilon if dp else None)
         except TrainingStopped as exc:
             good = last_path if last_path.is_file() else "none yet"
             raise TrainingStopped(f"{exc}; last good checkpoint: {good} (check the learning rate and these images)"

@@ -26,16 +26,38 @@ def _summary(exp):
     return json.loads((exp / "summary.json").read_text())
 
 
+# Runs the command line with torch.save writing half of the 4th checkpoint and then SIGKILLing itself.
+KILLED_IN_A_WRITE = """
+import os, signal, sys, torch
+sys.path.insert(0, sys.argv[1])
+real, calls = torch.save, []
+def save(obj, handle, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 4:
+        handle.write(b"half a checkpoint"); handle.flush(); os.fsync(handle.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(obj, handle, *args, **kwargs)
+torch.save = save
+from main_2D_DP import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_run(tiny_config):
     path = tiny_config(dp={"epsilon": None, "noise_multiplier": 0.8}, training={"checkpoint_every_steps": 1})
     assert main(["train", "--config", str(path), "--name", "straight"]) == 0
     exp = _exp(path, "killed")
     last = exp / "checkpoints" / "last.pt"
+    args = ["train", "--config", str(path), "--name", "killed"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_IN_A_WRITE, str(REPO), *args], cwd=REPO,
+                            capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert list(last.parent.glob(".last.pt.*.tmp"))  # the half-written file never replaced last.pt
+    assert load_checkpoint(last)["steps"] == 3
     rng = random.Random(0)
-    command = [sys.executable, str(REPO / "main_2D_DP.py"), "train", "--config", str(path), "--name", "killed"]
-    kills = 0
-    for attempt in range(3):
-        proc = subprocess.Popen(command + (["--resume"] if attempt else []), cwd=REPO,
+    kills = 1
+    for attempt in range(2):
+        proc = subprocess.Popen([sys.executable, str(REPO / "main_2D_DP.py"), *args, "--resume"], cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         before = last.stat().st_mtime_ns if last.exists() else 0
         deadline = time.time() + 120
@@ -50,7 +72,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_run(tiny_
         proc.wait()
         load_checkpoint(last)  # whatever the moment of the kill, the checkpoint on disk is whole
     assert kills >= 2
-    assert main(["train", "--config", str(path), "--name", "killed", "--resume"]) == 0
+    assert main([*args, "--resume"]) == 0
     _assert_same_run(_exp(path, "straight"), exp)  # same steps, epsilon and weights: nothing counted twice or lost
     assert not list(exp.rglob("*.tmp")) and not (exp / ".lock").exists()
     load_checkpoint(exp / "checkpoints" / "best.pt")
@@ -140,7 +162,8 @@ def test_weights_made_non_finite_by_a_step_are_never_saved(tiny_config, monkeypa
     assert main(["train", "--config", str(path)]) == 1
     assert "non-finite gradient at logical step 3" in capsys.readouterr().err
     saved = load_checkpoint(_exp(path) / "checkpoints" / "last.pt")
-    assert saved["steps"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    assert saved["steps"] == 2
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
 
 
 class _Payload:
