@@ -48,6 +48,20 @@ def test_clipped_sum_matches_naive_per_example_loop(name):
         assert torch.allclose(p.summed_grad, want, rtol=1e-5, atol=1e-10), name
 
 
+def test_per_image_losses_are_each_images_own_loss():
+    """``reduction='none'`` (what Opacus' ghost clipping differentiates) = the loss of each image alone."""
+    torch.manual_seed(1)
+    logits, target = torch.randn(6, 3), (torch.rand(6, 3) > 0.5).float()
+    target[0, 1] = target[4, 2] = float("nan")
+    criterion = MaskedBCEWithLogitsLoss(torch.tensor([2.0, 1.0, 3.0]))
+    batch_loss = criterion(logits, target)
+    alone = torch.stack([criterion(logits[i:i + 1], target[i:i + 1]) for i in range(6)])
+    criterion.reduction = "none"
+    per_image = criterion(logits, target)
+    assert per_image.shape == (6,) and torch.allclose(per_image, alone)
+    assert torch.allclose(per_image.mean(), batch_loss)
+
+
 def test_default_delta_is_below_one_over_n():
     for n in (10, 99, 100, 101, 1650, 10**6):
         assert default_delta(n) < 1 / n <= 10 * default_delta(n)

@@ -1,0 +1,182 @@
+"""DP-SGD step cost against non-private training, every Opacus per-sample method, in one process.
+
+    python bench/bench_dp.py [--large] [--repeats 5] [--out bench/RESULTS.md]
+
+ResNet9 (GroupNorm, Mish), 8 labels, one logical step = one physical batch (224 px, batch 32; with
+--large 512 px, batch 8). Each repetition runs one step of every method in turn (interleaved, so
+machine noise hits all alike) after one warm-up step each; the table gives the median step time,
+its ratio to the non-private step, peak memory and its ratio. Peak memory is measured in a fresh
+child process per method (CPU: peak resident set of that process; CUDA: peak allocated beyond
+model and data), since a process's peak never goes down. The last line is what a training DataLoader
+reads per second from a preprocessing cache of that size. The table is appended to --out with the
+machine, versions and command.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import opacus
+import pandas as pd
+import torch
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data.cache import Cache  # noqa: E402
+from data.dataset import CXRDataset  # noqa: E402
+from data.images import Preprocessing  # noqa: E402
+from models import build_model  # noqa: E402
+from Train_Valid_DP import MaskedBCEWithLogitsLoss  # noqa: E402
+
+LABELS = 8
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+METHODS = ("non-private", "hooks", "ew", "functorch", "ghost")
+
+
+class Step:
+    """One method's model, optimizer and loss on a fixed batch; ``run()`` takes one optimizer step."""
+
+    def __init__(self, method: str, size: int, batch: int, device: torch.device):
+        torch.manual_seed(0)
+        self.x = torch.rand(batch, 1, size, size, device=device)
+        self.y = (torch.rand(batch, LABELS, device=device) < 0.3).float()
+        model = build_model("resnet9", LABELS, "mish", size).to(device)
+        optimizer = torch.optim.NAdam(model.parameters(), lr=2e-4)
+        criterion = MaskedBCEWithLogitsLoss(torch.ones(LABELS, device=device))
+        if method != "non-private":
+            loader = DataLoader(TensorDataset(self.x.cpu(), self.y.cpu()), batch_size=batch)
+            private = PrivacyEngine(accountant="rdp").make_private(
+                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.5,
+                poisson_sampling=False, grad_sample_mode=method,
+                **({"criterion": criterion} if method == "ghost" else {}))
+            model, optimizer = private[0], private[1]
+            criterion = private[2] if method == "ghost" else criterion
+        self.model, self.optimizer, self.criterion = model, optimizer, criterion
+
+    def run(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.criterion(self.model(self.x), self.y).backward()
+        self.optimizer.step()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory(method: str, size: int, batch: int, device_name: str, queue) -> None:
+    """Child process: peak memory (bytes) of two steps of ``method``: CUDA memory allocated beyond the
+    model and data, or on CPU the peak resident set of the whole process."""
+    device = torch.device(device_name)
+    step = Step(method, size, batch, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        step.run()
+        step.run()
+        _sync(device)
+        queue.put(torch.cuda.max_memory_allocated() - start)
+    else:  # the whole process's peak resident set, as a user sees it
+        step.run()
+        step.run()
+        queue.put(_peak_rss())
+
+
+def _peak_rss() -> int:
+    """VmHWM (bytes): unlike ru_maxrss it starts afresh at exec, so the forking parent's size is not in it."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_memory(method: str, size: int, batch: int, device: torch.device) -> float:
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=peak_memory, args=(method, size, batch, str(device), queue))
+    child.start()
+    result = queue.get()
+    child.join()
+    return result
+
+
+def loader_rate(size: int, batch: int, images: int = 512) -> float:
+    """Images per second a shuffled training DataLoader reads from a preprocessing cache of this size."""
+    with tempfile.TemporaryDirectory() as tmp:
+        array = np.lib.format.open_memmap(Path(tmp) / "images.npy", "w+", np.uint8, (images, size, size))
+        array[:] = np.random.default_rng(0).integers(0, 255, array.shape, dtype=np.uint8)
+        array.flush()
+        frame = pd.DataFrame({"path": [f"{i}.png" for i in range(images)], "label": 0.0})
+        cache = Cache(Path(tmp) / "images.npy", {p: i for i, p in enumerate(frame["path"])}, {}, Path(tmp))
+        dataset = CXRDataset(frame, Path(tmp), ["label"], Preprocessing(size), cache)
+        start = time.perf_counter()
+        seen = sum(len(x) for x, _ in DataLoader(dataset, batch_size=batch, shuffle=True))
+        return seen / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--large", action="store_true", help="512 px, physical batch 8 instead of 224 px, 32")
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
+    args = parser.parse_args()
+    size = args.size or (512 if args.large else 224)
+    batch = args.batch or (8 if args.large else 32)
+    methods = args.methods.split(",")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    steps = {m: Step(m, size, batch, device) for m in methods}
+    for step in steps.values():
+        step.run()  # warm-up
+    times = {m: [] for m in methods}
+    for _ in range(args.repeats):
+        for method, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            step.run()
+            _sync(device)
+            times[method].append(time.perf_counter() - start)
+    del steps
+    memory = {m: measure_memory(m, size, batch, device) for m in methods}
+    rate = loader_rate(size, batch)
+
+    base_time, base_memory = statistics.median(times[methods[0]]), memory[methods[0]]
+    lines = [f"| method | step s (median of {args.repeats}) | x {methods[0]} | peak memory GB | x {methods[0]} |",
+             "|---|---|---|---|---|"]
+    for method in methods:
+        median = statistics.median(times[method])
+        lines.append(f"| {method} | {median:.3f} | {median / base_time:.2f} | {memory[method] / 1e9:.2f} | "
+                     f"{memory[method] / base_memory:.2f} |")
+    lines.append(f"\nData loader from a {size} px preprocessing cache: {rate:,.0f} images/s "
+                 f"(batch {batch}); the non-private step consumes {batch / base_time:,.1f} images/s.")
+    table = "\n".join(lines)
+    print(table)
+    device_text = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    header = (f"\n## ResNet9, {size} px, physical batch {batch}, {device_text}\n\n"
+              f"{datetime.date.today()}, {platform.processor() or platform.machine()}, Python "
+              f"{platform.python_version()}, torch {torch.__version__}, opacus {opacus.__version__}; "
+              f"`{' '.join(['python bench/bench_dp.py', *sys.argv[1:]])}`\n\n")
+    with open(args.out, "a") as handle:
+        handle.write(header + table + "\n")
+    print(f"appended to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
