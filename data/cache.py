@@ -148,7 +148,7 @@ class Cache:
     images: Path  # images.npy
     rows: dict[str, int] = field(repr=False)
     bad: dict[str, str] = field(repr=False)
-    report: Path = None
+    report: Path
 
 
 def open_cache(folder: Path) -> Cache | None:
