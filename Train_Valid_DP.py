@@ -3,7 +3,10 @@
 DP-SGD, per logical step: draw a Poisson batch (each training image independently with probability
 q = sample rate), clip each image's gradient to L2 norm C (``dp.max_grad_norm``), sum, add Gaussian
 noise N(0, sigma^2 C^2) and divide by the expected batch size qN. The accountant (RDP or PRV)
-composes the steps into (epsilon, delta). Opacus does all of it; each logical batch is split into
+composes the steps into (epsilon, delta). Opacus does all of it except, by default
+(``dp.grad_sample_mode: bookkeeping``), the clipped sum, which ``privacy.bookkeeping`` computes
+exactly in one backward pass and hands to Opacus' optimizer for noise, scaling and accounting.
+Each logical batch is split into
 physical batches that fit in memory, and the optimizer adds noise and steps only at the end of a
 logical batch. Non-private training uses the same logical batch by gradient accumulation. Before
 every logical step the accountant's epsilon after that step is checked against the target.
@@ -19,6 +22,7 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
@@ -38,11 +43,13 @@ from config import Config, InputError, config_yaml, read_yaml
 from data.dataset import SPLITS, CXRDataset, evaluation_loader, load_table, positive_weights, preprocessing
 from models import build_model, load_pretrained, resolve_device
 from Prediction_DP import auroc_per_label, mean_auroc, predict_scores
+from privacy.bookkeeping import BookKeeping
 
 CHECKPOINT_FORMAT = 2  # 2: mid-epoch position (epoch_sampler_state, step_in_epoch, epoch_loss)
 # Settings that may change on --resume; anything else would change the data, the model or the
-# privacy accounting of the run being continued.
-RESUMABLE_KEYS = {"training.epochs", "training.device", "training.checkpoint_every_steps", "data.num_workers",
+# privacy accounting of the run being continued (every per-sample method clips exactly alike).
+RESUMABLE_KEYS = {"training.epochs", "training.device", "training.checkpoint_every_steps", "training.compile",
+                  "dp.grad_sample_mode", "data.num_workers",
                   "output.target_dir", "experiment.name", "evaluation.bootstrap", "evaluation.seed",
                   "evaluation.age_bins", "evaluation.min_subgroup_size"}
 
@@ -64,14 +71,14 @@ class MaskedBCEWithLogitsLoss(nn.Module):
     loss = sum_{i,l} m_il * bce(x_il, y_il) / (B * L), with m_il = 0 where y_il is NaN: exactly
     ``nn.BCEWithLogitsLoss(reduction='mean')`` when nothing is masked, and a mean over the batch of
     per-image terms, which is what Opacus' ``loss_reduction='mean'`` assumes for per-sample gradients.
-    ``reduction = 'none'`` gives those per-image terms, sum_l m_il * bce(x_il, y_il) / L (Opacus' ghost
-    clipping asks for them).
+    ``reduction = 'none'`` gives those per-image terms, sum_l m_il * bce(x_il, y_il) / L (what
+    training differentiates: per-sample clipping needs each image's own loss).
     """
 
-    def __init__(self, pos_weight: torch.Tensor):
+    def __init__(self, pos_weight: torch.Tensor, reduction: str = "mean"):
         super().__init__()
         self.register_buffer("pos_weight", pos_weight)
-        self.reduction = "mean"
+        self.reduction = reduction
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         labelled = ~torch.isnan(target)
@@ -99,6 +106,16 @@ class DPSetup:
     engine: PrivacyEngine
     noise_multiplier: float
     sample_rate: float
+    backward: Callable[[torch.Tensor], None]  # per-image losses of a physical batch -> what optimizer.step uses
+
+
+def _mean_backward(per_image: torch.Tensor) -> None:
+    """Opacus' per-sample modes: backward of the batch mean (its ``loss_reduction='mean'``)."""
+    with warnings.catch_warnings():
+        # The input image needs no gradient; Opacus' full backward hooks warn about it although
+        # the per-sample gradients of all parameters are complete.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        (per_image.sum() / max(len(per_image), 1)).backward()
 
 
 def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, *, accountant: str,
@@ -109,6 +126,8 @@ def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLo
 
     sigma comes from Opacus' ``get_noise_multiplier`` (what ``make_private_with_epsilon`` calls), so
     it can be recorded and reused on resume instead of being solved again for the remaining epochs.
+    ``bookkeeping`` wraps the model without hooks (Opacus' ``no_op``) and swaps in Opacus' optimizer
+    for precomputed clipped sums, with the same sampler, noise, expected batch size and accountant hook.
     """
     engine = PrivacyEngine(accountant=accountant)
     sample_rate = 1.0 / len(loader)
@@ -120,9 +139,18 @@ def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLo
                                                     accountant=accountant)
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode=grad_sample_mode,
+        max_grad_norm=max_grad_norm, poisson_sampling=True,
+        grad_sample_mode="no_op" if grad_sample_mode == "bookkeeping" else grad_sample_mode,
         noise_generator=noise_generator)
-    return DPSetup(model, optimizer, loader, engine, float(noise_multiplier), sample_rate)
+    backward = _mean_backward
+    if grad_sample_mode == "bookkeeping":
+        optimizer = DPOptimizerFastGradientClipping(
+            optimizer.original_optimizer, noise_multiplier=optimizer.noise_multiplier, max_grad_norm=max_grad_norm,
+            expected_batch_size=optimizer.expected_batch_size, loss_reduction=optimizer.loss_reduction,
+            generator=optimizer.generator, secure_mode=optimizer.secure_mode)
+        optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        backward = BookKeeping(model, max_grad_norm).backward
+    return DPSetup(model, optimizer, loader, engine, float(noise_multiplier), sample_rate, backward)
 
 
 class TrainingStopped(Exception):
@@ -157,13 +185,18 @@ def draw_epoch(loader: DataLoader) -> list[list[int]]:
 
 
 def train_one_epoch(model, criterion, optimizer, loader: DataLoader, progress: EpochProgress, device,
-                    physical_batch_size: int, dp: bool, image_ids, desc: str, *, loader_seed: int = 0,
+                    physical_batch_size: int, backward, image_ids, desc: str, *, loader_seed: int = 0,
+                    fixed_shape: bool = False,
                     step_allowed=lambda: True, after_step=lambda: None, epsilon_fn=None) -> EpochProgress:
     """Take the logical steps of ``progress.batches`` not yet done, each split into physical chunks.
 
-    DP-SGD: the optimizer clips and accumulates every chunk and adds noise once, at the last chunk
-    of the logical batch (what Opacus' BatchMemoryManager does); an empty Poisson batch still takes
-    a (noise-only) step. Non-private: gradients of the chunks are accumulated, weighted by size.
+    ``criterion`` gives per-image losses. DP-SGD (``backward`` from :func:`privatize`): the optimizer
+    clips and accumulates every chunk and adds noise once, at the last chunk of the logical batch
+    (what Opacus' BatchMemoryManager does); an empty Poisson batch still takes a (noise-only) step.
+    Non-private (``backward`` None): gradients of the chunks are accumulated, weighted by size.
+    ``fixed_shape`` pads every chunk to ``physical_batch_size`` with blank images whose labels are
+    all unlabelled (NaN): their loss and gradient are exactly zero, so a compiled model sees one
+    shape under Poisson sampling without changing the update.
     ``step_allowed()`` is asked before each logical step (the privacy budget guard) and
     ``after_step()`` called after it (periodic checkpoints). A non-finite loss, or weights made
     non-finite by a step, stop training before anything of that step is saved. ``loader_seed`` seeds
@@ -171,6 +204,7 @@ def train_one_epoch(model, criterion, optimizer, loader: DataLoader, progress: E
     a resumed epoch differ from an uninterrupted one.
     """
     model.train()
+    dp = backward is not None
     todo = progress.batches[progress.done:]
     epoch = DataLoader(loader.dataset, batch_sampler=todo, collate_fn=loader.collate_fn,
                        num_workers=loader.num_workers, generator=torch.Generator().manual_seed(loader_seed))
@@ -181,19 +215,22 @@ def train_one_epoch(model, criterion, optimizer, loader: DataLoader, progress: E
         chunks = list(zip(x.split(physical_batch_size), y.split(physical_batch_size)))
         for i, (xc, yc) in enumerate(chunks):
             last = i == len(chunks) - 1
+            n = len(xc)
+            if fixed_shape and n < physical_batch_size:
+                xc = torch.cat([xc, xc.new_zeros(physical_batch_size - n, *xc.shape[1:])])
+                yc = torch.cat([yc, yc.new_full((physical_batch_size - n, *yc.shape[1:]), float("nan"))])
             xc, yc = xc.to(device), yc.to(device)
-            loss = criterion(model(xc), yc)
-            with warnings.catch_warnings():
-                # The input image needs no gradient; Opacus' full backward hooks warn about it although
-                # the per-sample gradients of all parameters are complete.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-                # Opacus scales per-sample gradients of a mean loss itself; accumulation weighs chunks by size
-                (loss if dp else loss * (len(xc) / max(len(x), 1))).backward()
+            per_image = criterion(model(xc), yc)
+            loss = per_image.detach().sum() / max(n, 1)
+            if dp:
+                backward(per_image)
+            else:  # the mean over the logical batch, accumulated chunk by chunk
+                (per_image.sum() / max(len(x), 1)).backward()
             if not torch.isfinite(loss):
                 raise TrainingStopped(_stopped_at("loss", progress, desc, indices, image_ids))
-            if len(xc):  # an empty Poisson batch has no loss to report
-                progress.loss_sum += loss.item() * len(xc)
-                progress.seen += len(xc)
+            if n:  # an empty Poisson batch has no loss to report
+                progress.loss_sum += loss.item() * n
+                progress.seen += n
             if dp:  # clip and accumulate every chunk; noise and the update come with the last one
                 optimizer.signal_skip_step(do_skip=not last)
             if dp or last:
@@ -328,7 +365,8 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
             raise RuntimeError(f"model {cfg.model.name} is not compatible with Opacus: {errors}")
     model.to(device)
     pos_weight = positive_weights(train_frame, labels)
-    criterion = MaskedBCEWithLogitsLoss(pos_weight).to(device)
+    criterion = MaskedBCEWithLogitsLoss(pos_weight).to(device)  # validation: mean over images
+    per_image_loss = MaskedBCEWithLogitsLoss(pos_weight, reduction="none").to(device)
     optimizer = build_optimizer(cfg.training.optimizer, model.parameters(), cfg.training.lr,
                                 cfg.training.weight_decay)
 
@@ -345,7 +383,7 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
                    "dataset_folder": str(table.root),
                    "preprocessing_cache": str(table.cache.images.parent) if table.cache else None,
                    "pos_weight": dict(zip(labels, map(float, pos_weight))), "steps_per_epoch": len(loader)}
-    engine, delta = None, None
+    engine, delta, backward = None, None, None
     if dp:
         delta = cfg.dp.delta if cfg.dp.delta is not None else default_delta(n_train)
         check_delta(delta, n_train)
@@ -355,10 +393,15 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
                           noise_multiplier=ckpt["noise_multiplier"] if ckpt else cfg.dp.noise_multiplier,
                           target_epsilon=cfg.dp.epsilon, delta=delta, epochs=cfg.training.epochs,
                           noise_generator=noise_gen)
-        model, optimizer, loader, engine = setup.model, setup.optimizer, setup.loader, setup.engine
+        model, optimizer, loader, engine, backward = (setup.model, setup.optimizer, setup.loader, setup.engine,
+                                                      setup.backward)
         cfg.derived.update(noise_multiplier=setup.noise_multiplier, sample_rate=setup.sample_rate,
                            expected_logical_batch=setup.sample_rate * n_train)
     core = model._module if dp else model  # the plain nn.Module, for evaluation and state dicts
+    forward = model
+    if cfg.training.compile:  # training forward pass only; a fresh cache, not a graph of an earlier run's model
+        torch._dynamo.reset()
+        forward = torch.compile(model)
     if ckpt is not None:
         before = read_yaml(exp_dir / "config.yaml").get("derived", {}).get("n_train")
         if before is not None and before != n_train:
@@ -432,10 +475,11 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
                 save_checkpoint(state(epoch, progress, epoch_start), last_path)
 
         try:
-            progress = train_one_epoch(model, criterion, optimizer, loader, progress, device,
-                                       cfg.training.physical_batch_size, dp, image_ids, f"epoch {epoch + 1}/{epochs}",
+            progress = train_one_epoch(forward, per_image_loss, optimizer, loader, progress, device,
+                                       cfg.training.physical_batch_size, backward, image_ids, f"epoch {epoch + 1}/{epochs}",
                                        loader_seed=seed * 10_000 + epoch, step_allowed=step_allowed,
-                                       after_step=after_step, epsilon_fn=epsilon if dp else None)
+                                       after_step=after_step, epsilon_fn=epsilon if dp else None,
+                                       fixed_shape=cfg.training.compile)
         except TrainingStopped as exc:
             good = last_path if last_path.is_file() else "none yet"
             raise TrainingStopped(f"{exc}; last good checkpoint: {good} (check the learning rate and these images)"

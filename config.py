@@ -103,6 +103,7 @@ class Training(_Section):
     weight_decay: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every_steps: int = Field(100, ge=0)  # also write last.pt every N logical steps (0 = per epoch only)
+    compile: bool = False  # torch.compile the training forward pass; batches padded to a fixed shape
 
     @model_validator(mode="after")
     def _physical_fits_logical(self):
@@ -120,7 +121,7 @@ class DP(_Section):
     delta: Optional[float] = Field(None, gt=0, lt=1)
     max_grad_norm: float = Field(1.5, gt=0)
     accountant: Literal["rdp", "prv"] = "rdp"
-    grad_sample_mode: Literal["hooks", "functorch", "ew"] = "hooks"
+    grad_sample_mode: Literal["bookkeeping", "hooks", "functorch", "ew"] = "bookkeeping"
 
     @model_validator(mode="after")
     def _one_noise_source(self):
@@ -159,6 +160,13 @@ class Config(_Section):
     # Values derived at run time (noise multiplier, sample rate, dataset sizes...): written into the
     # resolved config of an experiment, never read as settings.
     derived: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _compile_needs_hookless_dp(self):
+        if self.training.compile and self.dp.enabled and self.dp.grad_sample_mode != "bookkeeping":
+            raise ValueError(f"training.compile: true works non-private or with dp.grad_sample_mode bookkeeping, "
+                             f"not with Opacus' '{self.dp.grad_sample_mode}' hooks")
+        return self
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:

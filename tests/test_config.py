@@ -63,3 +63,9 @@ def test_overrides_are_parsed_as_yaml(tiny_config):
 def test_override_syntax_error():
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_overrides(["dp.epsilon"])
+
+
+def test_compile_is_refused_with_opacus_hooks(tiny_config, capsys):
+    code, err = run_cli(capsys, "train", "--config", str(tiny_config()), "--set", "training.compile=true",
+                        "dp.grad_sample_mode=hooks")
+    assert code == 2 and "training.compile" in err and "'hooks'" in err

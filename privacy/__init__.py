@@ -1,0 +1,1 @@
+"""Privacy machinery beyond what Opacus ships: a faster exact per-sample clipping path (book-keeping)."""
