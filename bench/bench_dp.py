@@ -1,9 +1,14 @@
-"""DP-SGD step cost against non-private training, every Opacus per-sample method, in one process.
+"""DP-SGD step cost against non-private training, for every per-sample method, in one process.
 
     python bench/bench_dp.py [--large] [--repeats 5] [--out bench/RESULTS.md]
 
 ResNet9 (GroupNorm, Mish), 8 labels, one logical step = one physical batch (224 px, batch 32; with
---large 512 px, batch 8). Each repetition runs one step of every method in turn (interleaved, so
+--large 512 px, batch 8). Methods: DP-CXR's ``bookkeeping`` (the default) and Opacus' ``hooks``,
+``ew``, ``functorch`` as training wires them (``privatize``), and Opacus' ``ghost`` clipping.
+A method ending in ``+compile`` (``non-private+compile``, ``bookkeeping+compile``) runs its forward
+pass through ``torch.compile`` (``training.compile``); its compile time, spent in the warm-up, is
+printed. One compiled method per run: Dynamo's cache is per code object, so a second compiled ResNet9
+in the same process could run the first one's graph. Each repetition runs one step of every method in turn (interleaved, so
 machine noise hits all alike) after one warm-up step each; the table gives the median step time,
 its ratio to the non-private step, peak memory and its ratio. Peak memory is measured in a fresh
 child process per method (CPU: peak resident set of that process; CUDA: peak allocated beyond
@@ -37,38 +42,43 @@ from data.cache import Cache  # noqa: E402
 from data.dataset import CXRDataset  # noqa: E402
 from data.images import Preprocessing  # noqa: E402
 from models import build_model  # noqa: E402
-from Train_Valid_DP import MaskedBCEWithLogitsLoss  # noqa: E402
+from Train_Valid_DP import MaskedBCEWithLogitsLoss, privatize  # noqa: E402
 
 LABELS = 8
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
-METHODS = ("non-private", "hooks", "ew", "functorch", "ghost")
+warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus' ghost: the image needs no grad
+METHODS = ("non-private", "bookkeeping", "hooks", "ew", "functorch", "ghost")
 
 
 class Step:
     """One method's model, optimizer and loss on a fixed batch; ``run()`` takes one optimizer step."""
 
     def __init__(self, method: str, size: int, batch: int, device: torch.device):
+        method, _, compiled = method.partition("+")
         torch.manual_seed(0)
         self.x = torch.rand(batch, 1, size, size, device=device)
         self.y = (torch.rand(batch, LABELS, device=device) < 0.3).float()
         model = build_model("resnet9", LABELS, "mish", size).to(device)
         optimizer = torch.optim.NAdam(model.parameters(), lr=2e-4)
-        criterion = MaskedBCEWithLogitsLoss(torch.ones(LABELS, device=device))
-        if method != "non-private":
-            loader = DataLoader(TensorDataset(self.x.cpu(), self.y.cpu()), batch_size=batch)
-            private = PrivacyEngine(accountant="rdp").make_private(
+        criterion = MaskedBCEWithLogitsLoss(torch.ones(LABELS, device=device), reduction="none")
+        self.backward = lambda per_image: per_image.mean().backward()
+        loader = DataLoader(TensorDataset(self.x.cpu(), self.y.cpu()), batch_size=batch)
+        if method == "ghost":  # Opacus' own loss wrapper does the two backward passes
+            criterion.reduction = "mean"
+            model, optimizer, criterion, _ = PrivacyEngine(accountant="rdp").make_private(
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.5,
-                poisson_sampling=False, grad_sample_mode=method,
-                **({"criterion": criterion} if method == "ghost" else {}))
-            model, optimizer = private[0], private[1]
-            criterion = private[2] if method == "ghost" else criterion
-        self.model, self.optimizer, self.criterion = model, optimizer, criterion
+                poisson_sampling=False, grad_sample_mode=method, criterion=criterion)
+            self.backward = lambda loss: loss.backward()
+        elif method != "non-private":
+            setup = privatize(model, optimizer, loader, accountant="rdp", max_grad_norm=1.5, grad_sample_mode=method,
+                              noise_multiplier=1.0)
+            model, optimizer, self.backward = setup.model, setup.optimizer, setup.backward
+        self.model = torch.compile(model) if compiled else model
+        self.optimizer, self.criterion = optimizer, criterion
 
     def run(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.criterion(self.model(self.x), self.y).backward()
+        self.backward(self.criterion(self.model(self.x), self.y))
         self.optimizer.step()
 
 
@@ -134,17 +144,22 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated; at most one ending in +compile")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
     args = parser.parse_args()
     size = args.size or (512 if args.large else 224)
     batch = args.batch or (8 if args.large else 32)
     methods = args.methods.split(",")
+    if sum(m.endswith("+compile") for m in methods) > 1:
+        parser.error("--methods: one +compile method per run (each needs a process of its own)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     steps = {m: Step(m, size, batch, device) for m in methods}
-    for step in steps.values():
-        step.run()  # warm-up
+    for method, step in steps.items():
+        start = time.perf_counter()
+        step.run()  # warm-up (and compilation)
+        if "compile" in method:
+            print(f"{method}: first step (compiling) {time.perf_counter() - start:.1f} s", flush=True)
     times = {m: [] for m in methods}
     for _ in range(args.repeats):
         for method, step in steps.items():
