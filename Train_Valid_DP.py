@@ -11,6 +11,9 @@ physical batches that fit in memory, and the optimizer adds noise and steps only
 logical batch. Non-private training uses the same logical batch by gradient accumulation. Before
 every logical step the accountant's epsilon after that step is checked against the target.
 
+Under torchrun (``parallel``) every rank trains on its share of each logical batch and rank 0
+alone validates and writes.
+
 Everything needed to continue exactly is in ``checkpoints/last.pt``, written at the end of every
 epoch and every ``training.checkpoint_every_steps`` steps: weights, optimizer, the accountant's
 history, the position in the epoch, the best metric and every RNG state (global, sampler, noise),
@@ -23,17 +26,22 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.distributed as dist
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.optimizers import DPOptimizerFastGradientClipping, DistributedDPOptimizerFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -42,6 +50,7 @@ from artifacts import ExperimentLock, atomic_write_text, json_text, load_checkpo
 from config import Config, InputError, config_yaml, read_yaml
 from data.dataset import SPLITS, CXRDataset, evaluation_loader, load_table, positive_weights, preprocessing
 from models import build_model, load_pretrained, resolve_device
+from parallel import Ranks
 from Prediction_DP import auroc_per_label, mean_auroc, predict_scores
 from privacy.bookkeeping import BookKeeping
 
@@ -49,6 +58,7 @@ CHECKPOINT_FORMAT = 2  # 2: mid-epoch position (epoch_sampler_state, step_in_epo
 # Settings that may change on --resume; anything else would change the data, the model or the
 # privacy accounting of the run being continued (every per-sample method clips exactly alike).
 RESUMABLE_KEYS = {"training.epochs", "training.device", "training.checkpoint_every_steps", "training.compile",
+                  "training.distributed_timeout_s",
                   "dp.grad_sample_mode", "data.num_workers",
                   "output.target_dir", "experiment.name", "evaluation.bootstrap", "evaluation.seed",
                   "evaluation.age_bins", "evaluation.min_subgroup_size"}
@@ -128,8 +138,13 @@ def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLo
     it can be recorded and reused on resume instead of being solved again for the remaining epochs.
     ``bookkeeping`` wraps the model without hooks (Opacus' ``no_op``) and swaps in Opacus' optimizer
     for precomputed clipped sums, with the same sampler, noise, expected batch size and accountant hook.
+    A ``DPDDP`` model (torchrun) gets Opacus' distributed optimizers (noise on rank 0, gradients summed
+    over ranks, expected batch per rank); the returned loader still draws the global Poisson batch,
+    of which each rank takes its share.
     """
+    distributed = isinstance(model, DPDDP)
     engine = PrivacyEngine(accountant=accountant)
+    original_loader = loader
     sample_rate = 1.0 / len(loader)
     if noise_multiplier is None:
         with warnings.catch_warnings():  # the bisection probes tiny sigmas whose RDP order is out of range
@@ -142,9 +157,12 @@ def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLo
         max_grad_norm=max_grad_norm, poisson_sampling=True,
         grad_sample_mode="no_op" if grad_sample_mode == "bookkeeping" else grad_sample_mode,
         noise_generator=noise_generator)
+    if distributed:
+        loader = DPDataLoader.from_data_loader(original_loader, generator=original_loader.generator)
     backward = _mean_backward
     if grad_sample_mode == "bookkeeping":
-        optimizer = DPOptimizerFastGradientClipping(
+        kind = DistributedDPOptimizerFastGradientClipping if distributed else DPOptimizerFastGradientClipping
+        optimizer = kind(
             optimizer.original_optimizer, noise_multiplier=optimizer.noise_multiplier, max_grad_norm=max_grad_norm,
             expected_batch_size=optimizer.expected_batch_size, loss_reduction=optimizer.loss_reduction,
             generator=optimizer.generator, secure_mode=optimizer.secure_mode)
@@ -186,7 +204,7 @@ def draw_epoch(loader: DataLoader) -> list[list[int]]:
 
 def train_one_epoch(model, criterion, optimizer, loader: DataLoader, progress: EpochProgress, device,
                     physical_batch_size: int, backward, image_ids, desc: str, *, loader_seed: int = 0,
-                    fixed_shape: bool = False,
+                    fixed_shape: bool = False, ranks: Ranks = Ranks(),
                     step_allowed=lambda: True, after_step=lambda: None, epsilon_fn=None) -> EpochProgress:
     """Take the logical steps of ``progress.batches`` not yet done, each split into physical chunks.
 
@@ -196,7 +214,8 @@ def train_one_epoch(model, criterion, optimizer, loader: DataLoader, progress: E
     Non-private (``backward`` None): gradients of the chunks are accumulated, weighted by size.
     ``fixed_shape`` pads every chunk to ``physical_batch_size`` with blank images whose labels are
     all unlabelled (NaN): their loss and gradient are exactly zero, so a compiled model sees one
-    shape under Poisson sampling without changing the update.
+    shape under Poisson sampling without changing the update. Under torchrun each rank loads its share
+    of every logical batch; the loss reported is that of the whole batch.
     ``step_allowed()`` is asked before each logical step (the privacy budget guard) and
     ``after_step()`` called after it (periodic checkpoints). A non-finite loss, or weights made
     non-finite by a step, stop training before anything of that step is saved. ``loader_seed`` seeds
@@ -206,13 +225,15 @@ def train_one_epoch(model, criterion, optimizer, loader: DataLoader, progress: E
     model.train()
     dp = backward is not None
     todo = progress.batches[progress.done:]
-    epoch = DataLoader(loader.dataset, batch_sampler=todo, collate_fn=loader.collate_fn,
+    epoch = DataLoader(loader.dataset, batch_sampler=[ranks.share(b) for b in todo], collate_fn=loader.collate_fn,
                        num_workers=loader.num_workers, generator=torch.Generator().manual_seed(loader_seed))
-    bar = tqdm(total=len(progress.batches), initial=progress.done, desc=desc, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=len(progress.batches), initial=progress.done, desc=desc, leave=False, dynamic_ncols=True,
+               disable=not ranks.main)
     for indices, (x, y) in zip(todo, epoch):
         if not step_allowed():
             break
         chunks = list(zip(x.split(physical_batch_size), y.split(physical_batch_size)))
+        step_loss = torch.zeros(2, dtype=torch.float64)  # loss sum, images
         for i, (xc, yc) in enumerate(chunks):
             last = i == len(chunks) - 1
             n = len(xc)
@@ -224,13 +245,12 @@ def train_one_epoch(model, criterion, optimizer, loader: DataLoader, progress: E
             loss = per_image.detach().sum() / max(n, 1)
             if dp:
                 backward(per_image)
-            else:  # the mean over the logical batch, accumulated chunk by chunk
-                (per_image.sum() / max(len(x), 1)).backward()
+            else:  # the mean over the logical batch, accumulated chunk by chunk; DDP averages over ranks
+                with model.no_sync() if ranks.distributed and not last else nullcontext():
+                    (per_image.sum() * (ranks.world / max(len(indices), 1))).backward()
             if not torch.isfinite(loss):
                 raise TrainingStopped(_stopped_at("loss", progress, desc, indices, image_ids))
-            if n:  # an empty Poisson batch has no loss to report
-                progress.loss_sum += loss.item() * n
-                progress.seen += n
+            step_loss += torch.tensor([loss.item() * n, n], dtype=torch.float64)
             if dp:  # clip and accumulate every chunk; noise and the update come with the last one
                 optimizer.signal_skip_step(do_skip=not last)
             if dp or last:
@@ -238,6 +258,10 @@ def train_one_epoch(model, criterion, optimizer, loader: DataLoader, progress: E
                 optimizer.zero_grad(set_to_none=True)
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             raise TrainingStopped(_stopped_at("gradient", progress, desc, indices, image_ids))
+        if ranks.distributed:
+            dist.all_reduce(step_loss)
+        progress.loss_sum += float(step_loss[0])  # an empty Poisson batch adds no loss
+        progress.seen += int(step_loss[1])
         progress.done += 1
         bar.update(1)
         postfix = {"loss": f"{progress.loss:.4f}"}
@@ -323,23 +347,28 @@ def _write_summary(exp_dir: Path, summary: dict) -> None:
     atomic_write_text(exp_dir / "summary.json", json_text(summary))
 
 
-def train(cfg: Config, exp_dir: Path, resume: bool = False, allow_budget_increase: bool = False) -> dict:
+def train(cfg: Config, exp_dir: Path, resume: bool = False, allow_budget_increase: bool = False,
+          ranks: Ranks = Ranks()) -> dict:
     """Train ``cfg`` into ``exp_dir`` (new, or continued from ``checkpoints/last.pt``); return the summary.
 
-    One process at a time: the experiment folder is locked while training.
+    One job at a time: the experiment folder is locked while training. Under torchrun every rank
+    trains and reads the checkpoint it resumes from; rank 0 locks and writes (others return {}).
     """
     exp_dir = Path(exp_dir)
+    if not ranks.main:
+        return _train(cfg, exp_dir, resume, allow_budget_increase, ranks)
     with ExperimentLock(exp_dir):
         for leftover in exp_dir.rglob(".*.tmp"):  # a write interrupted by a kill; the target file is intact
             leftover.unlink()
-        return _train(cfg, exp_dir, resume, allow_budget_increase)
+        return _train(cfg, exp_dir, resume, allow_budget_increase, ranks)
 
 
-def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool) -> dict:
+def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool, ranks: Ranks) -> dict:
     last_path, best_path = exp_dir / "checkpoints" / "last.pt", exp_dir / "checkpoints" / "best.pt"
     ckpt = load_checkpoint(last_path) if resume and last_path.is_file() else None
     if resume and ckpt is None:
-        print(f"{last_path} not written yet: starting {exp_dir.name} from the beginning")
+        if ranks.main:
+            print(f"{last_path} not written yet: starting {exp_dir.name} from the beginning")
     if ckpt is not None and ckpt.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{last_path}: checkpoint format {ckpt.get('format')!r}, expected {CHECKPOINT_FORMAT} "
                          f"(written by another DP-CXR version); start a new experiment")
@@ -388,7 +417,7 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
         delta = cfg.dp.delta if cfg.dp.delta is not None else default_delta(n_train)
         check_delta(delta, n_train)
         cfg.dp.delta = delta
-        setup = privatize(model, optimizer, loader, accountant=cfg.dp.accountant,
+        setup = privatize(DPDDP(model) if ranks.distributed else model, optimizer, loader, accountant=cfg.dp.accountant,
                           max_grad_norm=cfg.dp.max_grad_norm, grad_sample_mode=cfg.dp.grad_sample_mode,
                           noise_multiplier=ckpt["noise_multiplier"] if ckpt else cfg.dp.noise_multiplier,
                           target_epsilon=cfg.dp.epsilon, delta=delta, epochs=cfg.training.epochs,
@@ -397,7 +426,10 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
                                                       setup.backward)
         cfg.derived.update(noise_multiplier=setup.noise_multiplier, sample_rate=setup.sample_rate,
                            expected_logical_batch=setup.sample_rate * n_train)
+    elif ranks.distributed:
+        model = DDP(model)
     core = model._module if dp else model  # the plain nn.Module, for evaluation and state dicts
+    core = core.module if ranks.distributed else core
     forward = model
     if cfg.training.compile:  # training forward pass only; a fresh cache, not a graph of an earlier run's model
         torch._dynamo.reset()
@@ -407,8 +439,9 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
         if before is not None and before != n_train:
             raise InputError(f"--resume: the training split now has {n_train} images, the run started with {before} "
                              f"(data or preprocessing cache changed); start a new experiment")
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(exp_dir / "config.yaml", config_yaml(cfg))
+    if ranks.main:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(exp_dir / "config.yaml", config_yaml(cfg))
 
     start_epoch, steps, best, best_epoch = 0, 0, -math.inf, None
     progress, budget_note = None, {}
@@ -424,7 +457,9 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
             sampler_gen.set_state(ckpt["epoch_sampler_state"])
             progress = EpochProgress(draw_epoch(loader), ckpt["step_in_epoch"], *ckpt["epoch_loss"])
         _set_rng_state(ckpt["rng"], sampler_gen, noise_gen)
-        print(f"resuming {exp_dir.name} after {steps} steps (epoch {start_epoch + 1}, step {ckpt['step_in_epoch']})")
+        if ranks.main:
+            print(f"resuming {exp_dir.name} after {steps} steps "
+                  f"(epoch {start_epoch + 1}, step {ckpt['step_in_epoch']})")
 
     def epsilon() -> float:
         return engine.get_epsilon(delta)
@@ -433,17 +468,19 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
     guarded = dp and cfg.dp.epsilon is not None and not allow_budget_increase
     if dp and cfg.dp.epsilon is not None and allow_budget_increase:
         budget_note = {"increase_allowed": True, "target_epsilon": cfg.dp.epsilon}
-        print(f"--allow-budget-increase: training may spend more than the target epsilon {cfg.dp.epsilon:g}; "
-              f"the epsilon spent is recorded in summary.json")
+        if ranks.main:
+            print(f"--allow-budget-increase: training may spend more than the target epsilon {cfg.dp.epsilon:g}; "
+                  f"the epsilon spent is recorded in summary.json")
     planned = cfg.training.epochs * len(loader)
     budget_steps = steps + steps_within_budget(
         cfg.dp.accountant, engine.accountant.history, cfg.derived["noise_multiplier"], cfg.derived["sample_rate"],
         cfg.dp.epsilon, delta, planned - steps) if guarded else math.inf
     if planned > budget_steps:
-        print(f"privacy budget: epsilon {cfg.dp.epsilon:g} allows {budget_steps} steps, {planned} are planned; "
-              f"training stops at step {budget_steps} (--allow-budget-increase to go beyond)")
+        if ranks.main:
+            print(f"privacy budget: epsilon {cfg.dp.epsilon:g} allows {budget_steps} steps, {planned} are planned; "
+                  f"training stops at step {budget_steps} (--allow-budget-increase to go beyond)")
 
-    writer = SummaryWriter(str(exp_dir / "tensorboard"), purge_step=steps + 1 if ckpt else None)
+    writer = SummaryWriter(str(exp_dir / "tensorboard"), purge_step=steps + 1 if ckpt else None) if ranks.main else None
     valid_truth = valid_frame[labels].to_numpy()
     epochs, started = cfg.training.epochs, time.time()
     every = cfg.training.checkpoint_every_steps
@@ -471,7 +508,7 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
         def after_step() -> None:
             nonlocal steps
             steps += 1
-            if every and steps % every == 0 and not progress.complete:
+            if ranks.main and every and steps % every == 0 and not progress.complete:
                 save_checkpoint(state(epoch, progress, epoch_start), last_path)
 
         try:
@@ -479,13 +516,18 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
                                        cfg.training.physical_batch_size, backward, image_ids, f"epoch {epoch + 1}/{epochs}",
                                        loader_seed=seed * 10_000 + epoch, step_allowed=step_allowed,
                                        after_step=after_step, epsilon_fn=epsilon if dp else None,
-                                       fixed_shape=cfg.training.compile)
+                                       fixed_shape=cfg.training.compile, ranks=ranks)
         except TrainingStopped as exc:
             good = last_path if last_path.is_file() else "none yet"
             raise TrainingStopped(f"{exc}; last good checkpoint: {good} (check the learning rate and these images)"
                                   ) from None
         if not progress.complete:
             stopped = f"privacy budget reached: epsilon {epsilon():.4f} of target {cfg.dp.epsilon:g} at step {steps}"
+        if not ranks.main:  # validation, logs and checkpoints are rank 0's
+            progress = None
+            if stopped:
+                break
+            continue
         scores, valid_loss = predict_scores(core, valid_loader, device, criterion, desc="valid")
         per_label = auroc_per_label(valid_truth, scores, labels)
         auroc_mean = mean_auroc(per_label)
@@ -528,6 +570,8 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
             print(f"stopped: {stopped}; the remaining steps were not taken "
                   f"(resume with --allow-budget-increase to spend more, which summary.json records)")
             break
+    if not ranks.main:
+        return {}
     writer.close()
     if not summary:  # resumed a finished run: nothing to do, report what is there
         summary = json.loads((exp_dir / "summary.json").read_text())

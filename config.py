@@ -104,6 +104,7 @@ class Training(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every_steps: int = Field(100, ge=0)  # also write last.pt every N logical steps (0 = per epoch only)
     compile: bool = False  # torch.compile the training forward pass; batches padded to a fixed shape
+    distributed_timeout_s: int = Field(900, ge=10)  # torchrun: a rank waiting longer on the others fails
 
     @model_validator(mode="after")
     def _physical_fits_logical(self):

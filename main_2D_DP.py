@@ -17,17 +17,20 @@ import argparse
 import json
 import math
 import sys
+import os
 import time
 from pathlib import Path
 
 import pandas as pd
 
+import parallel
 from artifacts import OutputError, atomic_write_text, json_text
 from config import InputError, load_config, merge, parse_overrides, validate
 from data.cache import check_bad_share, prepare
 from data.dataset import cache_location, describe, load_table, preprocessing
 from evaluation.report import sweep_report
 from evaluation.sweep import correlations, log_sweep_hparams, sweep_row
+from models import resolve_device
 from Prediction_DP import (compare_experiments, format_comparison, format_metrics, load_experiment_config,
                            predict_experiment)
 from Train_Valid_DP import TrainingStopped, check_resume_compatible, train
@@ -42,10 +45,34 @@ def _experiment_name(cfg) -> str:
 
 
 def run_train(config: Path | None, name: str | None, resume: bool, overrides: list[str],
-              allow_budget_increase: bool = False) -> Path:
-    """Resolve the config and experiment folder, refuse unsafe reuse, train; return the folder."""
+              allow_budget_increase: bool = False) -> Path | None:
+    """Resolve the config and experiment folder, refuse unsafe reuse, train; return the folder.
+
+    Under torchrun every rank trains; rank 0 decides the folder (its name has a timestamp) and is
+    the only one to get it back (the others return None: prediction and reports are rank 0's).
+    """
     overrides = list(overrides) + ([f"experiment.name={name}"] if name else [])
     cfg = load_config(config or DEFAULT_CONFIG, overrides)
+    ranks = parallel.start(resolve_device(cfg.training.device).type == "cuda", cfg.training.distributed_timeout_s)
+    try:
+        checked = _resolve_experiment(cfg, config, resume, overrides) if ranks.main else None
+    except InputError as exc:
+        checked = exc
+    checked = parallel.from_main(ranks, checked)
+    if isinstance(checked, InputError):
+        raise checked
+    cfg, exp_dir = checked
+    if ranks.main:
+        print(f"experiment folder: {exp_dir}" + (f" ({ranks.world} processes)" if ranks.distributed else ""))
+    try:
+        train(cfg, exp_dir, resume=resume, allow_budget_increase=allow_budget_increase, ranks=ranks)
+    finally:
+        parallel.finish(ranks)
+    return exp_dir if ranks.main else None
+
+
+def _resolve_experiment(cfg, config: Path | None, resume: bool, overrides: list[str]):
+    """(config to train, experiment folder), refusing to overwrite or to resume what does not exist."""
     if resume and not cfg.experiment.name:
         raise InputError("--resume needs the experiment's name (--name NAME or experiment.name)")
     exp_dir = Path(cfg.output.target_dir) / (cfg.experiment.name or _experiment_name(cfg))
@@ -59,9 +86,7 @@ def run_train(config: Path | None, name: str | None, resume: bool, overrides: li
         check_resume_compatible(saved, cfg)
     elif exp_dir.exists() and any(exp_dir.iterdir()):
         raise InputError(f"experiment {exp_dir} already exists; use --resume to continue it or --name for a new one")
-    print(f"experiment folder: {exp_dir}")
-    train(cfg, exp_dir, resume=resume, allow_budget_increase=allow_budget_increase)
-    return exp_dir
+    return cfg, exp_dir
 
 
 def run_predict(exp_dir: Path, split: str) -> None:
@@ -218,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in (None, "train"):
+            raise InputError(f"'{args.command}' runs in one process; under torchrun only train (and the "
+                             f"default train + predict) are distributed")
         if args.command == "train":
             run_train(args.config, args.name, args.resume, args.overrides, args.allow_budget_increase)
         elif args.command == "predict":
@@ -231,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "compare":
             run_compare(args.experiment_a, args.experiment_b, args.split, args.out)
         else:
-            run_predict(run_train(None, None, False, []), "test")
+            exp_dir = run_train(None, None, False, [])
+            if exp_dir is not None:  # rank 0 under torchrun
+                run_predict(exp_dir, "test")
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

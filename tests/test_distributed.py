@@ -1,0 +1,75 @@
+"""torchrun on CPU (gloo, 2 processes): the same model, privacy and outputs as one process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from main_2D_DP import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "main_2D_DP.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def summary(exp):
+    return json.loads((exp / "summary.json").read_text())
+
+
+def weights(exp):
+    return torch.load(exp / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def assert_same_model(exp_a, exp_b):
+    a, b = summary(exp_a), summary(exp_b)
+    assert a["steps"] == b["steps"] and a["epochs_completed"] == b["epochs_completed"]
+    for key in ("epsilon_spent", "noise_multiplier", "sample_rate", "delta"):
+        assert a["dp"][key] == b["dp"][key], key
+    assert a["last_train_loss"] == pytest.approx(b["last_train_loss"], rel=1e-5)
+    wa, wb = weights(exp_a), weights(exp_b)
+    for k in wa:  # the same global batches and noise; only the order of float sums differs
+        scale = float(wa[k].abs().max()) if wa[k].is_floating_point() else 0.0
+        assert float((wa[k].float() - wb[k].float()).abs().max()) <= 1e-4 * scale + 1e-7, k
+
+
+@pytest.mark.parametrize("dp", [True, False], ids=["dp", "non-private"])
+def test_two_processes_train_what_one_process_trains(tiny_config, dp):
+    """Epsilon, sigma, steps and weights equal a one-process run; only rank 0 writes, once."""
+    # SGD: Adam would hide a wrong gradient scale (its steps do not depend on it)
+    path = tiny_config(dp={"enabled": dp}, training={"optimizer": "sgd", "lr": 0.05})
+    experiments = path.parent / "experiments"
+    assert main(["train", "--config", str(path), "--name", "one"]) == 0
+    run = torchrun("train", "--config", str(path), "--name", "two")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("experiment folder:") == 1 and "(2 processes)" in run.stdout
+    assert_same_model(experiments / "one", experiments / "two")
+    assert sorted(p.name for p in experiments.iterdir()) == ["one", "two"]
+    assert len(list((experiments / "two" / "tensorboard").iterdir())) == 1  # one event file: rank 0's
+
+
+def test_distributed_resume_continues_to_the_one_process_run(tiny_config):
+    # a fixed sigma: with a target epsilon, stopping after one epoch would have been planned
+    path = tiny_config(training={"optimizer": "sgd", "lr": 0.05}, dp={"epsilon": None, "noise_multiplier": 0.8})
+    experiments = path.parent / "experiments"
+    assert main(["train", "--config", str(path), "--name", "one"]) == 0
+    first = torchrun("train", "--config", str(path), "--name", "two", "--set", "training.epochs=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = torchrun("train", "--name", "two", "--resume", "--set", "training.epochs=2",
+                       f"output.target_dir={experiments}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming two after" in resumed.stdout
+    assert_same_model(experiments / "one", experiments / "two")
+
+
+def test_commands_other_than_train_refuse_torchrun(tiny_config, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["sweep", "--epsilons", "inf", "--config", str(tiny_config())]) == 2
+    assert "under torchrun only train" in capsys.readouterr().err
