@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -73,3 +74,25 @@ def test_commands_other_than_train_refuse_torchrun(tiny_config, monkeypatch, cap
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["sweep", "--epsilons", "inf", "--config", str(tiny_config())]) == 2
     assert "under torchrun only train" in capsys.readouterr().err
+
+
+def test_a_rank_that_fails_stops_the_job_instead_of_hanging(tiny_config, tmp_path):
+    """Rank 1 dies in its first epoch while rank 0 waits in a collective: the job ends at once, with the error."""
+    script = tmp_path / "failing_rank.py"
+    script.write_text(f"""import os, sys
+sys.path.insert(0, {REPO!r})
+import Train_Valid_DP
+if os.environ["RANK"] == "1":
+    def lost(*args, **kwargs):
+        raise RuntimeError("rank 1 lost its device")
+    Train_Valid_DP.train_one_epoch = lost
+from main_2D_DP import main
+sys.exit(main(sys.argv[1:]))
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), "train", "--config", str(tiny_config())], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "rank 1 lost its device" in run.stderr
+    assert time.monotonic() - started < 120  # not the 900 s collective timeout
