@@ -42,7 +42,7 @@ from opacus.optimizers import DPOptimizerFastGradientClipping, DistributedDPOpti
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -191,6 +191,21 @@ class EpochProgress:
     @property
     def loss(self) -> float:
         return self.loss_sum / max(self.seen, 1)
+
+
+class EmptySafeCollate:
+    """``default_collate``, except that an empty batch gives empty tensors of the right shape.
+
+    Under torchrun a rank's share of a non-private batch is empty when the batch has fewer images
+    than there are ranks (the last batch of an epoch); the rank must still take part in the step.
+    """
+
+    def __init__(self, dataset):
+        x, y = dataset[0]
+        self.empty = (x.new_empty(0, *x.shape), y.new_empty(0, *y.shape))
+
+    def __call__(self, batch):
+        return default_collate(batch) if batch else self.empty
 
 
 def draw_epoch(loader: DataLoader) -> list[list[int]]:
@@ -404,7 +419,8 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
     train_set = CXRDataset(train_frame, table.root, labels, preprocessing(cfg.data), table.cache,
                            cfg.data.augment_flip)
     loader = DataLoader(train_set, batch_size=cfg.training.logical_batch_size, shuffle=not dp,
-                        generator=sampler_gen, num_workers=cfg.data.num_workers)
+                        generator=sampler_gen, num_workers=cfg.data.num_workers,
+                        collate_fn=EmptySafeCollate(train_set) if ranks.distributed else None)
     valid_loader = evaluation_loader(valid_frame, table, cfg.data, cfg.training.physical_batch_size)
 
     cfg = cfg.model_copy(deep=True)

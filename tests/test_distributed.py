@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from main_2D_DP import main
 
@@ -44,14 +45,18 @@ def assert_same_model(exp_a, exp_b):
 @pytest.mark.parametrize("dp", [True, False], ids=["dp", "non-private"])
 def test_two_processes_train_what_one_process_trains(tiny_config, dp):
     """Epsilon, sigma, steps and weights equal a one-process run; only rank 0 writes, once."""
-    # SGD: Adam would hide a wrong gradient scale (its steps do not depend on it)
-    path = tiny_config(dp={"enabled": dp}, training={"optimizer": "sgd", "lr": 0.05})
+    # SGD: Adam would hide a wrong gradient scale (its steps do not depend on it). Non-private: 124
+    # training images in batches of 41, so the last batch has one image and rank 1's share is empty.
+    path = tiny_config(dp={"enabled": dp}, training={"optimizer": "sgd", "lr": 0.05,
+                                                     "logical_batch_size": 16 if dp else 41})
     experiments = path.parent / "experiments"
     assert main(["train", "--config", str(path), "--name", "one"]) == 0
     run = torchrun("train", "--config", str(path), "--name", "two")
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("experiment folder:") == 1 and "(2 processes)" in run.stdout
     assert_same_model(experiments / "one", experiments / "two")
+    if not dp:  # the case the batch size was chosen for did occur
+        assert yaml.safe_load((experiments / "two" / "config.yaml").read_text())["derived"]["n_train"] % 41 == 1
     assert sorted(p.name for p in experiments.iterdir()) == ["one", "two"]
     assert len(list((experiments / "two" / "tensorboard").iterdir())) == 1  # one event file: rank 0's
 
