@@ -42,36 +42,34 @@ def assert_same_model(exp_a, exp_b):
         assert float((wa[k].float() - wb[k].float()).abs().max()) <= 1e-4 * scale + 1e-7, k
 
 
-@pytest.mark.parametrize("dp", [True, False], ids=["dp", "non-private"])
-def test_two_processes_train_what_one_process_trains(tiny_config, dp):
-    """Epsilon, sigma, steps and weights equal a one-process run; only rank 0 writes, once."""
-    # SGD: Adam would hide a wrong gradient scale (its steps do not depend on it). Non-private: 124
-    # training images in batches of 41, so the last batch has one image and rank 1's share is empty.
-    path = tiny_config(dp={"enabled": dp}, training={"optimizer": "sgd", "lr": 0.05,
-                                                     "logical_batch_size": 16 if dp else 41})
-    experiments = path.parent / "experiments"
-    assert main(["train", "--config", str(path), "--name", "one"]) == 0
-    run = torchrun("train", "--config", str(path), "--name", "two")
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("experiment folder:") == 1 and "(2 processes)" in run.stdout
-    assert_same_model(experiments / "one", experiments / "two")
-    if not dp:  # the case the batch size was chosen for did occur
-        assert yaml.safe_load((experiments / "two" / "config.yaml").read_text())["derived"]["n_train"] % 41 == 1
-    assert sorted(p.name for p in experiments.iterdir()) == ["one", "two"]
-    assert len(list((experiments / "two" / "tensorboard").iterdir())) == 1  # one event file: rank 0's
-
-
-def test_distributed_resume_continues_to_the_one_process_run(tiny_config):
-    # a fixed sigma: with a target epsilon, stopping after one epoch would have been planned
+def test_two_processes_train_and_resume_what_one_process_trains(tiny_config):
+    """DP: epsilon, sigma, steps and weights equal a one-process run, also across a distributed resume;
+    only rank 0 writes, once."""
+    # SGD: Adam would hide a wrong gradient scale (its steps do not depend on it). A fixed sigma: with a
+    # target epsilon, stopping after the first epoch would have been planned.
     path = tiny_config(training={"optimizer": "sgd", "lr": 0.05}, dp={"epsilon": None, "noise_multiplier": 0.8})
     experiments = path.parent / "experiments"
     assert main(["train", "--config", str(path), "--name", "one"]) == 0
     first = torchrun("train", "--config", str(path), "--name", "two", "--set", "training.epochs=1")
     assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("experiment folder:") == 1 and "(2 processes)" in first.stdout
     resumed = torchrun("train", "--name", "two", "--resume", "--set", "training.epochs=2",
                        f"output.target_dir={experiments}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming two after" in resumed.stdout
+    assert resumed.stdout.count("resuming two after 8 steps") == 1
+    assert_same_model(experiments / "one", experiments / "two")
+    assert sorted(p.name for p in experiments.iterdir()) == ["one", "two"]
+    assert len(list((experiments / "two" / "tensorboard").iterdir())) == 2  # rank 0's, one per launch
+
+
+def test_two_processes_train_non_private_what_one_process_trains(tiny_config):
+    # 124 training images in batches of 41: the last batch has one image, rank 1's share is empty
+    path = tiny_config(dp={"enabled": False}, training={"optimizer": "sgd", "lr": 0.05, "logical_batch_size": 41})
+    experiments = path.parent / "experiments"
+    assert main(["train", "--config", str(path), "--name", "one"]) == 0
+    run = torchrun("train", "--config", str(path), "--name", "two")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert yaml.safe_load((experiments / "two" / "config.yaml").read_text())["derived"]["n_train"] % 41 == 1
     assert_same_model(experiments / "one", experiments / "two")
 
 
