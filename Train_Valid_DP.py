@@ -257,15 +257,15 @@ def train_one_epoch(model, criterion, optimizer, loader: DataLoader, progress: E
                 yc = torch.cat([yc, yc.new_full((physical_batch_size - n, *yc.shape[1:]), float("nan"))])
             xc, yc = xc.to(device), yc.to(device)
             per_image = criterion(model(xc), yc)
-            loss = per_image.detach().sum() / max(n, 1)
+            loss_sum = per_image.detach().sum()
             if dp:
                 backward(per_image)
             else:  # the mean over the logical batch, accumulated chunk by chunk; DDP averages over ranks
                 with model.no_sync() if ranks.distributed and not last else nullcontext():
                     (per_image.sum() * (ranks.world / max(len(indices), 1))).backward()
-            if not torch.isfinite(loss):
+            if not torch.isfinite(loss_sum):
                 raise TrainingStopped(_stopped_at("loss", progress, desc, indices, image_ids))
-            step_loss += torch.tensor([loss.item() * n, n], dtype=torch.float64)
+            step_loss += torch.tensor([loss_sum.item(), n], dtype=torch.float64)
             if dp:  # clip and accumulate every chunk; noise and the update come with the last one
                 optimizer.signal_skip_step(do_skip=not last)
             if dp or last:

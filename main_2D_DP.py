@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import sys
-import os
 import time
 from pathlib import Path
 
@@ -243,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in (None, "train"):
+        if parallel.launched() and args.command not in (None, "train"):
             raise InputError(f"'{args.command}' runs in one process; under torchrun only train (and the "
                              f"default train + predict) are distributed")
         if args.command == "train":

@@ -36,14 +36,18 @@ class Ranks:
         return batch[self.rank::self.world]
 
 
+def launched() -> bool:
+    """Started by torchrun with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def start(cuda: bool, timeout_s: float) -> Ranks:
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU); a single process without torchrun.
 
     ``timeout_s`` bounds every collective: a rank that died or hangs stops the others with an error
     instead of a silent wait.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if not launched():
         return Ranks()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():

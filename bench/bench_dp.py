@@ -8,8 +8,8 @@ ResNet9 (GroupNorm, Mish), 8 labels, one logical step = one physical batch (224 
 A method ending in ``+compile`` (``non-private+compile``, ``bookkeeping+compile``) runs its forward
 pass through ``torch.compile`` (``training.compile``); its compile time, spent in the warm-up, is
 printed. One compiled method per run: Dynamo's cache is per code object, so a second compiled ResNet9
-in the same process could run the first one's graph. Each repetition runs one step of every method in turn (interleaved, so
-machine noise hits all alike) after one warm-up step each; the table gives the median step time,
+in the same process could run the first one's graph. Each repetition runs one step of every method
+in turn (interleaved, so machine noise hits all alike) after one warm-up step each; the table gives the median step time,
 its ratio to the non-private step, peak memory and its ratio. Peak memory is measured in a fresh
 child process per method (CPU: peak resident set of that process; CUDA: peak allocated beyond
 model and data), since a process's peak never goes down. The last line is what a training DataLoader

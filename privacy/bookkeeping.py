@@ -78,6 +78,8 @@ class _Layer:
         self.fired = False  # the output gradient arrived
         self.activation = None
         self.ghost_mode = False
+        # numeric padding for unfold/weight-gradient products; refuses unsupported 'same' at set-up
+        self.padding = _conv_padding(module) if isinstance(module, nn.Conv2d) else None
         self.per_sample: dict[str, torch.Tensor] = {}
         self.ghost: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -127,7 +129,7 @@ class _Layer:
     def _conv(self, a, g, sq_norms):
         m = self.module
         b = a.shape[0]
-        padding = _conv_padding(m)
+        padding = self.padding
         if self.ghost_mode:
             unfolded = F.unfold(a, m.kernel_size, m.dilation, padding, m.stride)  # B, d, T
             flat = g.flatten(2)  # B, p, T
@@ -164,7 +166,7 @@ class _Layer:
                 scaled = g * coef.to(g.dtype).view(-1, *[1] * (g.dim() - 1))
                 m = self.module
                 if isinstance(m, nn.Conv2d):
-                    p.grad = torch.nn.grad.conv2d_weight(a, m.weight.shape, scaled, m.stride, _conv_padding(m),
+                    p.grad = torch.nn.grad.conv2d_weight(a, m.weight.shape, scaled, m.stride, self.padding,
                                                          m.dilation, m.groups)
                 else:
                     p.grad = scaled.flatten(0, 1).t() @ a.flatten(0, 1)
