@@ -6,6 +6,7 @@ the split being scored; scoring the validation split itself takes its thresholds
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,24 +24,37 @@ from artifacts import atomic_write_text, json_text, load_checkpoint
 from evaluation.bootstrap import bootstrap_intervals, resample_counts
 from evaluation.compare import paired_auroc_comparison
 from evaluation.fairness import fairness_report, fairness_table
-from evaluation.report import comparison_report, prediction_report
-from models import build_model, resolve_device
+from evaluation.report import audit_sections, comparison_report, page, prediction_sections
+from models import MaskedBCEWithLogitsLoss, build_model, resolve_device
+from privacy import default_delta
+from privacy.audit import (attack_report, attack_table, canary_bound, lira_offline, membership_candidates,
+                           signed_logit)
+from privacy.canaries import check_record, draw_canaries, reference_patients
 
 
 @torch.no_grad()
+def predict_logits(model: torch.nn.Module, loader: DataLoader, device: torch.device,
+                   desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [N, L] and targets [N, L] (NaN = unlabelled) of the loader's images, in order, on the CPU."""
+    model.eval()
+    logits, targets = [], []
+    for x, y in tqdm(loader, desc=desc, leave=False):
+        logits.append(model(x.to(device)).float().cpu())
+        targets.append(y)
+    if not logits:
+        return torch.zeros(0, 0), torch.zeros(0, 0)
+    return torch.cat(logits), torch.cat(targets)
+
+
 def predict_scores(model: torch.nn.Module, loader: DataLoader, device: torch.device,
                    criterion: torch.nn.Module | None = None, desc: str = "predict"):
     """Sigmoid probabilities [N, L] (and the mean loss when ``criterion`` is given)."""
-    model.eval()
-    scores, loss_sum, n = [], 0.0, 0
-    for x, y in tqdm(loader, desc=desc, leave=False):
-        logits = model(x.to(device))
-        if criterion is not None:
-            loss_sum += criterion(logits, y.to(device)).item() * len(x)
-            n += len(x)
-        scores.append(torch.sigmoid(logits).cpu())
-    out = torch.cat(scores).numpy() if scores else np.zeros((0, 0))
-    return (out, loss_sum / max(n, 1)) if criterion is not None else out
+    logits, targets = predict_logits(model, loader, device, desc)
+    scores = torch.sigmoid(logits).numpy()
+    if criterion is None:
+        return scores
+    loss = criterion(logits.to(device), targets.to(device)).item() if len(logits) else 0.0
+    return scores, loss
 
 
 def labelled(truth: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -123,23 +137,40 @@ class Scored:
     epoch: int
 
 
-def score_split(exp_dir: Path, split: str) -> Scored:
-    """Score ``split`` with ``checkpoints/best.pt``; Youden thresholds come from valid (train for valid)."""
+@dataclass
+class Trained:
+    """An experiment's best model, ready to score images."""
+
+    cfg: Config
+    model: torch.nn.Module
+    labels: list[str]
+    epoch: int
+    device: torch.device
+
+
+def load_trained(exp_dir: Path, checkpoint: str = "best") -> Trained:
+    """The model of ``checkpoints/<checkpoint>.pt`` (best or last), checked against the experiment's config."""
     exp_dir = Path(exp_dir)
     cfg = load_experiment_config(exp_dir)
-    ckpt = load_checkpoint(exp_dir / "checkpoints" / "best.pt")
+    ckpt = load_checkpoint(exp_dir / "checkpoints" / f"{checkpoint}.pt")
     labels = list(ckpt["labels"])
     if labels != cfg.data.labels:
-        raise InputError(f"{exp_dir}: best.pt was trained on labels {labels}, config.yaml says {cfg.data.labels}")
+        raise InputError(f"{exp_dir}: {checkpoint}.pt was trained on labels {labels}, config.yaml says {cfg.data.labels}")
     device = resolve_device(cfg.training.device)
     model = build_model(cfg.model.name, len(labels), cfg.model.activation, cfg.data.image_size)
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError) as exc:
-        raise InputError(f"{exp_dir / 'checkpoints' / 'best.pt'}: weights do not fit model {cfg.model.name} "
+        raise InputError(f"{exp_dir / 'checkpoints' / f'{checkpoint}.pt'}: weights do not fit model {cfg.model.name} "
                          f"with {len(labels)} labels ({str(exc).splitlines()[0]})") from None
-    model.to(device)
+    return Trained(cfg, model.to(device), labels, ckpt["epoch"], device)
 
+
+def score_split(exp_dir: Path, split: str) -> Scored:
+    """Score ``split`` with ``checkpoints/best.pt``; Youden thresholds come from valid (train for valid)."""
+    exp_dir = Path(exp_dir)
+    best = load_trained(exp_dir)
+    cfg, model, labels, device = best.cfg, best.model, best.labels, best.device
     table = load_table(cfg.data, cfg.experiment.seed)
     batch = cfg.training.physical_batch_size
 
@@ -152,7 +183,7 @@ def score_split(exp_dir: Path, split: str) -> Scored:
     thresholds = {label: youden_threshold(ref_truth[:, i], ref_scores[:, i]) for i, label in enumerate(labels)}
     frame = table.split(split)
     truth, scores = run(frame, split)
-    return Scored(cfg, frame, labels, truth, scores, thresholds, threshold_split, ckpt["epoch"])
+    return Scored(cfg, frame, labels, truth, scores, thresholds, threshold_split, best.epoch)
 
 
 def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
@@ -179,18 +210,124 @@ def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
                                frame["age"].to_numpy(), evaluation.age_bins, weights, evaluation.min_subgroup_size)
     fairness["split"] = split
 
-    report = prediction_report(f"{exp_dir.name}: {split} split", labels, truth, scores, metrics, fairness)
-    outputs = {exp_dir / "predictions" / f"{split}.csv": out.to_csv(index=False),
-               exp_dir / "results" / f"{split}_metrics.json": json_text(metrics),
-               exp_dir / "results" / f"{split}_fairness.json": json_text(fairness),
-               exp_dir / "results" / f"{split}_fairness.csv": fairness_table(fairness).to_csv(index=False),
-               exp_dir / ("report.html" if split == "test" else f"report_{split}.html"): report}
+    _write_results(exp_dir, {exp_dir / "predictions" / f"{split}.csv": out.to_csv(index=False),
+                             exp_dir / "results" / f"{split}_metrics.json": json_text(metrics),
+                             exp_dir / "results" / f"{split}_fairness.json": json_text(fairness),
+                             exp_dir / "results" / f"{split}_fairness.csv": fairness_table(fairness).to_csv(index=False)})
+    _write_report(exp_dir, split)
+    _log_scalars(exp_dir, split, metrics, fairness)
+    return metrics
+
+
+def _write_results(exp_dir: Path, outputs: dict[Path, str]) -> None:
     for path, text in outputs.items():
         if path.exists():
             print(f"replacing {path} (recomputed from {exp_dir / 'checkpoints' / 'best.pt'})")
         atomic_write_text(path, text)
-    _log_scalars(exp_dir, split, metrics, fairness)
-    return metrics
+
+
+def report_path(exp_dir: Path, split: str) -> Path:
+    return Path(exp_dir) / ("report.html" if split == "test" else f"report_{split}.html")
+
+
+def _write_report(exp_dir: Path, split: str) -> None:
+    """(Re)write the split's report from the result files: its predictions and, for the test split,
+    the privacy audit, whichever of them exist."""
+    sections = []
+    pred, results = exp_dir / "predictions", exp_dir / "results"
+    if (results / f"{split}_fairness.json").is_file():
+        metrics = json.loads((results / f"{split}_metrics.json").read_text())
+        fairness = json.loads((results / f"{split}_fairness.json").read_text())
+        labels = list(metrics["labels"])
+        frame = pd.read_csv(pred / f"{split}.csv")
+        sections += prediction_sections(labels, frame[labels].to_numpy(float),
+                                        frame[[f"{label}_score" for label in labels]].to_numpy(float), metrics, fairness)
+    if split == "test" and (results / "audit.json").is_file():
+        audit = json.loads((results / "audit.json").read_text())
+        canaries = pred / "audit_canaries.csv"
+        sections += audit_sections(audit, pd.read_csv(results / "audit_attacks.csv"),
+                                   pd.read_csv(pred / "audit_scores.csv"),
+                                   pd.read_csv(canaries) if canaries.is_file() else None)
+    atomic_write_text(report_path(exp_dir, split), page(f"{exp_dir.name}: {split} split", sections))
+
+
+def audit_experiment(exp_dir: Path, reference_dirs: list[Path] = (), checkpoint: str = "best") -> dict:
+    """Membership inference against the model of ``checkpoint`` (best: the one predict uses; last: the
+    end of training) and, when it was trained with canaries, the one-run lower bound on epsilon
+    (``privacy.audit``). Writes ``results/audit.json`` and ``audit_attacks.csv``, per-image scores in
+    ``predictions/audit_scores.csv`` (and ``audit_canaries.csv``) and the audit sections of
+    ``report.html``; returns the audit. Reference runs are scored with their best checkpoint.
+
+    The bound of a non-private run is computed at ``dp.delta`` if set, else at the delta a DP run on
+    the same data would get."""
+    exp_dir = Path(exp_dir)
+    best = load_trained(exp_dir, checkpoint)
+    cfg, labels, seed = best.cfg, best.labels, best.cfg.experiment.seed
+    if cfg.audit.reference is not None:
+        raise InputError(f"{exp_dir} is reference run {cfg.audit.reference} of an audit; audit the experiment itself")
+    if not (exp_dir / "summary.json").is_file():
+        raise InputError(f"{exp_dir}: no summary.json; train the experiment to the end of an epoch first")
+    dp = json.loads((exp_dir / "summary.json").read_text())["dp"]
+    table = load_table(cfg.data, seed)
+    canaries = None
+    if cfg.audit.canaries:
+        canaries = draw_canaries(table.split("train"), labels, cfg.audit.canaries, seed)
+        check_record(exp_dir / "audit" / "canaries.csv", canaries, required=True)
+    candidates = membership_candidates(table.frame, labels, set() if canaries is None else set(canaries["image_id"]))
+    member = candidates["member"].to_numpy(bool)
+    loader = evaluation_loader(candidates, table, cfg.data, cfg.training.physical_batch_size)
+    logits, targets = predict_logits(best.model, loader, best.device, desc=f"{exp_dir.name} audit")
+    per_image_loss = MaskedBCEWithLogitsLoss(torch.tensor([cfg.derived["pos_weight"][label] for label in labels]),
+                                             reduction="none")
+    scores = {"loss": -per_image_loss(logits, targets).double().numpy()}
+    if reference_dirs:
+        phi, left_out = [], []
+        for ref_dir in reference_dirs:
+            ref = load_trained(ref_dir)
+            if ref.cfg.audit.reference is None or ref.cfg.data != cfg.data or ref.cfg.experiment.seed != seed:
+                raise InputError(f"{ref_dir}: not a reference run of {exp_dir} (another role, data or seed)")
+            ref_logits, ref_targets = predict_logits(ref.model, loader, ref.device, desc=f"reference {ref_dir.name}")
+            phi.append(signed_logit(ref_logits, ref_targets))
+            left_out.append(~reference_patients(candidates["patient_id"], ref.cfg.audit.reference, seed))
+        scores["lira_offline"] = lira_offline(signed_logit(logits, targets), np.stack(phi), np.stack(left_out))
+
+    evaluation = cfg.evaluation
+    weights = resample_counts(len(candidates), max(evaluation.bootstrap, 1), evaluation.seed)
+    sex, age = candidates["sex"].to_numpy(), candidates["age"].to_numpy()
+    attacks = {name: attack_report(member, score, weights, sex, age, evaluation.age_bins, evaluation.min_subgroup_size)
+               for name, score in scores.items()}
+    audit = {"experiment": exp_dir.name, "checkpoint": checkpoint, "checkpoint_epoch": best.epoch, "members": int(member.sum()),
+             "nonmembers": int((~member).sum()), "member_split": "train", "nonmember_split": "test",
+             "dp": {"enabled": dp["enabled"], "epsilon_spent": dp["epsilon_spent"], "delta": dp["delta"]},
+             "bootstrap": {"resamples": evaluation.bootstrap, "seed": evaluation.seed, "unit": "image"},
+             "reference_runs": [str(path) for path in reference_dirs], "attacks": attacks,
+             "attacks_note": ("Offline LiRA calibrated with " + f"{len(reference_dirs)} reference runs."
+                              if reference_dirs else "No reference runs: the calibrated attack (offline LiRA) needs "
+                              "`audit --reference-models K`."),
+             "canaries": None}
+    out = candidates[["image_id", "patient_id", "sex", "age", "member"]].assign(training_loss=-scores["loss"], **scores)
+    outputs = {exp_dir / "predictions" / "audit_scores.csv": out.to_csv(index=False)}
+    if canaries is not None:
+        canary_loader = evaluation_loader(canaries.assign(path=table.split("train").set_index("image_id").loc[
+            canaries["image_id"], "path"].to_numpy()), table, cfg.data, cfg.training.physical_batch_size)
+        canary_logits, canary_targets = predict_logits(best.model, canary_loader, best.device, desc="canaries")
+        canary_score = -per_image_loss(canary_logits, canary_targets).double().numpy()
+        delta = dp["delta"] if dp["enabled"] else cfg.dp.delta or default_delta(cfg.derived["n_train"])
+        audit["canaries"] = canary_bound(canary_score, canaries["included"].to_numpy(), delta)
+        audit["canaries"]["exceeds_accounted_epsilon"] = bool(
+            dp["enabled"] and audit["canaries"]["epsilon_lower_bound"] > dp["epsilon_spent"])
+        outputs[exp_dir / "predictions" / "audit_canaries.csv"] = canaries[["image_id", "patient_id", "included"]].assign(
+            score=canary_score).to_csv(index=False)
+    outputs[exp_dir / "results" / "audit.json"] = json_text(audit)
+    outputs[exp_dir / "results" / "audit_attacks.csv"] = attack_table(audit).to_csv(index=False)
+    _write_results(exp_dir, outputs)
+    _write_report(exp_dir, "test")
+    with SummaryWriter(str(exp_dir / "tensorboard")) as writer:
+        for name, attack in attacks.items():
+            writer.add_scalar(f"audit/{name}/attack_auroc", attack["overall"]["auroc"]["value"], best.epoch)
+        if audit["canaries"]:
+            writer.add_scalar("audit/epsilon_lower_bound", audit["canaries"]["epsilon_lower_bound"], best.epoch)
+    return audit
 
 
 def _log_scalars(exp_dir: Path, split: str, metrics: dict, fairness: dict) -> None:
@@ -277,4 +414,31 @@ def format_metrics(metrics: dict) -> str:
         b = metrics["bootstrap"]
         rows.append(f"(95% percentile intervals, {b['resamples']} image-level bootstrap resamples, seed {b['seed']}; "
                     f"thresholds fixed from the {metrics['threshold_split']} split)")
+    return "\n".join(rows)
+
+
+def format_audit(audit: dict) -> str:
+    """Headline of an audit: each attack's AUROC and TPR at low FPR, then the canary bound."""
+    def value(metric):
+        ci = metric["ci95"]
+        return f"{metric['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    rows = [f"membership inference: {audit['members']} members (train) vs {audit['nonmembers']} non-members (test)"]
+    for name, attack in audit["attacks"].items():
+        overall = attack["overall"]
+        tprs = ", ".join(f"TPR at {float(k.rsplit('_', 1)[1]):.1%} FPR {value(m)}" for k, m in overall.items()
+                         if k.startswith("tpr_at_fpr_"))
+        rows.append(f"  {name:13s} AUROC {value(overall['auroc'])}; {tprs}")
+    rows.append(f"  ({audit['attacks_note']})")
+    bound, dp = audit["canaries"], audit["dp"]
+    if bound:
+        accounted = f"accounted epsilon {dp['epsilon_spent']:.3f}" if dp["enabled"] else "non-private run"
+        rows.append(f"one-run audit: {bound['canaries']} canaries, {bound['correct']} of {bound['guesses']} guesses "
+                    f"right; epsilon >= {bound['epsilon_lower_bound']:.3f} at 95% confidence "
+                    f"(delta {bound['delta']:g}); {accounted}")
+        if bound["exceeds_accounted_epsilon"]:
+            rows.append("WARNING: the empirical lower bound exceeds the accounted epsilon: the privacy accounting or "
+                        "the training does not hold what it claims (or a 5% chance event); investigate before release")
+    else:
+        rows.append("one-run audit: no canaries (train --audit-canaries M to get an epsilon lower bound)")
     return "\n".join(rows)

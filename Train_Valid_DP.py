@@ -49,10 +49,12 @@ from tqdm import tqdm
 from artifacts import ExperimentLock, atomic_write_text, json_text, load_checkpoint, save_checkpoint
 from config import Config, InputError, config_yaml, read_yaml
 from data.dataset import SPLITS, CXRDataset, evaluation_loader, load_table, positive_weights, preprocessing
-from models import build_model, load_pretrained, resolve_device
+from models import MaskedBCEWithLogitsLoss, build_model, load_pretrained, resolve_device
 from parallel import Ranks
 from Prediction_DP import auroc_per_label, mean_auroc, predict_scores
+from privacy import check_delta, default_delta
 from privacy.bookkeeping import BookKeeping
+from privacy.canaries import check_record, draw_canaries, reference_training_split, with_canaries
 
 CHECKPOINT_FORMAT = 2  # 2: mid-epoch position (epoch_sampler_state, step_in_epoch, epoch_loss)
 # Settings that may change on --resume; anything else would change the data, the model or the
@@ -62,40 +64,6 @@ RESUMABLE_KEYS = {"training.epochs", "training.device", "training.checkpoint_eve
                   "dp.grad_sample_mode", "data.num_workers",
                   "output.target_dir", "experiment.name", "evaluation.bootstrap", "evaluation.seed",
                   "evaluation.age_bins", "evaluation.min_subgroup_size"}
-
-
-def default_delta(n_train: int) -> float:
-    """The largest power of ten strictly below 1/N."""
-    return 10.0 ** -(math.floor(math.log10(n_train)) + 1)
-
-
-def check_delta(delta: float, n_train: int) -> None:
-    if delta >= 1.0 / n_train:
-        raise InputError(f"dp.delta = {delta:g} must be below 1/N_train = 1/{n_train} = {1.0 / n_train:.3g}: "
-                         f"a larger delta allows releasing a whole training record; try {default_delta(n_train):g}")
-
-
-class MaskedBCEWithLogitsLoss(nn.Module):
-    """BCE with logits that ignores unlabelled entries (NaN targets).
-
-    loss = sum_{i,l} m_il * bce(x_il, y_il) / (B * L), with m_il = 0 where y_il is NaN: exactly
-    ``nn.BCEWithLogitsLoss(reduction='mean')`` when nothing is masked, and a mean over the batch of
-    per-image terms, which is what Opacus' ``loss_reduction='mean'`` assumes for per-sample gradients.
-    ``reduction = 'none'`` gives those per-image terms, sum_l m_il * bce(x_il, y_il) / L (what
-    training differentiates: per-sample clipping needs each image's own loss).
-    """
-
-    def __init__(self, pos_weight: torch.Tensor, reduction: str = "mean"):
-        super().__init__()
-        self.register_buffer("pos_weight", pos_weight)
-        self.reduction = reduction
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        labelled = ~torch.isnan(target)
-        loss = F.binary_cross_entropy_with_logits(logits, torch.where(labelled, target, 0.0),
-                                                  pos_weight=self.pos_weight, reduction="none")
-        per_image = (loss * labelled).sum(dim=1) / max(target.shape[1], 1)
-        return per_image if self.reduction == "none" else per_image.sum() / max(len(per_image), 1)
 
 
 def build_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -388,7 +356,11 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
         raise InputError(f"{last_path}: checkpoint format {ckpt.get('format')!r}, expected {CHECKPOINT_FORMAT} "
                          f"(written by another DP-CXR version); start a new experiment")
     seed, dp, labels = cfg.experiment.seed, cfg.dp.enabled, list(cfg.data.labels)
-    torch.manual_seed(seed)
+    reference = cfg.audit.reference
+    # The seed fixes the data and split; a reference run of an audit draws its own initialisation,
+    # batches and noise, as an independently trained model would.
+    run_seed = seed if reference is None else seed + 1000 * (reference + 1)
+    torch.manual_seed(run_seed)
     device = resolve_device(cfg.training.device)
 
     table = load_table(cfg.data, seed)
@@ -397,6 +369,11 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
         if len(frame) == 0:
             raise InputError(f"{table.root}: the {split} split of site '{cfg.data.site}' is empty")
     train_frame, valid_frame = frames["train"], frames["valid"]
+    canaries = draw_canaries(train_frame, labels, cfg.audit.canaries, seed) if cfg.audit.canaries else None
+    if canaries is not None:
+        train_frame = with_canaries(train_frame, canaries, labels)
+    if reference is not None:
+        train_frame = reference_training_split(table.frame, reference, seed)
     n_train = len(train_frame)
 
     model = build_model(cfg.model.name, len(labels), cfg.model.activation, cfg.data.image_size)
@@ -414,8 +391,8 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
     optimizer = build_optimizer(cfg.training.optimizer, model.parameters(), cfg.training.lr,
                                 cfg.training.weight_decay)
 
-    sampler_gen = torch.Generator().manual_seed(seed + 1)
-    noise_gen = torch.Generator(device=device).manual_seed(seed + 2) if dp else None
+    sampler_gen = torch.Generator().manual_seed(run_seed + 1)
+    noise_gen = torch.Generator(device=device).manual_seed(run_seed + 2) if dp else None
     train_set = CXRDataset(train_frame, table.root, labels, preprocessing(cfg.data), table.cache,
                            cfg.data.augment_flip)
     loader = DataLoader(train_set, batch_size=cfg.training.logical_batch_size, shuffle=not dp,
@@ -458,6 +435,9 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
     if ranks.main:
         exp_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(exp_dir / "config.yaml", config_yaml(cfg))
+        if canaries is not None:
+            record = exp_dir / "audit" / "canaries.csv"
+            atomic_write_text(record, check_record(record, canaries, required=False))
 
     start_epoch, steps, best, best_epoch = 0, 0, -math.inf, None
     progress, budget_note = None, {}
@@ -530,7 +510,7 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
         try:
             progress = train_one_epoch(forward, per_image_loss, optimizer, loader, progress, device,
                                        cfg.training.physical_batch_size, backward, image_ids, f"epoch {epoch + 1}/{epochs}",
-                                       loader_seed=seed * 10_000 + epoch, step_allowed=step_allowed,
+                                       loader_seed=run_seed * 10_000 + epoch, step_allowed=step_allowed,
                                        after_step=after_step, epsilon_fn=epsilon if dp else None,
                                        fixed_shape=cfg.training.compile, ranks=ranks)
         except TrainingStopped as exc:

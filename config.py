@@ -150,6 +150,13 @@ class Output(_Section):
     target_dir: str = "experiments"
 
 
+class Audit(_Section):
+    """Privacy audit settings that change training (see ``privacy/canaries.py``)."""
+
+    canaries: int = Field(0, ge=0)  # train --audit-canaries M: M training images become canaries
+    reference: Optional[int] = Field(None, ge=0)  # set by `audit --reference-models` on its reference runs
+
+
 class Config(_Section):
     experiment: Experiment = Field(default_factory=Experiment)
     data: Data = Field(default_factory=Data)
@@ -158,6 +165,7 @@ class Config(_Section):
     dp: DP = Field(default_factory=DP)
     evaluation: Evaluation = Field(default_factory=Evaluation)
     output: Output = Field(default_factory=Output)
+    audit: Audit = Field(default_factory=Audit)
     # Values derived at run time (noise multiplier, sample rate, dataset sizes...): written into the
     # resolved config of an experiment, never read as settings.
     derived: dict[str, Any] = Field(default_factory=dict)
@@ -167,6 +175,12 @@ class Config(_Section):
         if self.training.compile and self.dp.enabled and self.dp.grad_sample_mode != "bookkeeping":
             raise ValueError(f"training.compile: true works non-private or with dp.grad_sample_mode bookkeeping, "
                              f"not with Opacus' '{self.dp.grad_sample_mode}' hooks")
+        return self
+
+    @model_validator(mode="after")
+    def _one_audit_role(self):
+        if self.audit.canaries and self.audit.reference is not None:
+            raise ValueError("audit.canaries is for the audited run; a reference run (audit.reference) has none")
         return self
 
 

@@ -1,10 +1,13 @@
 """DP-CXR command line.
 
     python main_2D_DP.py                      train with configs/config.yaml, then predict on test
-    python main_2D_DP.py train [--config FILE] [--name NAME] [--resume [--allow-budget-increase]] [--set KEY=VALUE ...]
+    python main_2D_DP.py train [--config FILE] [--name NAME] [--resume [--allow-budget-increase]]
+                               [--audit-canaries M] [--set KEY=VALUE ...]
     python main_2D_DP.py predict EXPERIMENT_DIR [--split test|valid]
     python main_2D_DP.py compare EXP_A EXP_B [--split test|valid] [--out DIR]
-    python main_2D_DP.py sweep --epsilons inf,8,4,1 [--name NAME] [--config FILE] [--set KEY=VALUE ...]
+    python main_2D_DP.py sweep --epsilons inf,8,4,1 [--audit [--audit-canaries M]] [--name NAME] [--config FILE]
+                               [--set KEY=VALUE ...]
+    python main_2D_DP.py audit EXPERIMENT_DIR [--reference-models K] [--checkpoint best|last]
     python main_2D_DP.py data describe [--config FILE] [--set KEY=VALUE ...]
     python main_2D_DP.py prepare [--config FILE] [--set KEY=VALUE ...]
 
@@ -28,10 +31,10 @@ from config import InputError, load_config, merge, parse_overrides, validate
 from data.cache import check_bad_share, prepare
 from data.dataset import cache_location, describe, load_table, preprocessing
 from evaluation.report import sweep_report
-from evaluation.sweep import correlations, log_sweep_hparams, sweep_row
+from evaluation.sweep import audit_columns, correlations, log_sweep_hparams, sweep_row
 from models import resolve_device
-from Prediction_DP import (compare_experiments, format_comparison, format_metrics, load_experiment_config,
-                           predict_experiment)
+from Prediction_DP import (audit_experiment, compare_experiments, format_audit, format_comparison, format_metrics,
+                           load_experiment_config, predict_experiment)
 from Train_Valid_DP import TrainingStopped, check_resume_compatible, train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "config.yaml"
@@ -113,8 +116,24 @@ def parse_epsilons(text: str) -> list[float]:
     return values
 
 
-def run_sweep(epsilons: list[float], name: str, config: Path | None, overrides: list[str]) -> Path:
-    """Train (or resume, or skip when finished) one experiment per budget, then tabulate them."""
+def train_to_end(cfg, exp_dir: Path, what: str) -> bool:
+    """Train ``exp_dir`` to its last epoch, resuming a started run; True when it was finished before."""
+    summary_path = exp_dir / "summary.json"
+    done = summary_path.is_file() and json.loads(summary_path.read_text())["epochs_completed"] >= cfg.training.epochs
+    started = done or (exp_dir / "checkpoints" / "last.pt").is_file()
+    if started:
+        check_resume_compatible(load_experiment_config(exp_dir), cfg)
+    if done:
+        print(f"{what}: finished earlier, skipped")
+    else:
+        print(f"{what}: {'resuming' if started else 'training'} in {exp_dir}")
+        train(cfg, exp_dir, resume=started)
+    return done
+
+
+def run_sweep(epsilons: list[float], name: str, config: Path | None, overrides: list[str], audit: bool = False) -> Path:
+    """Train (or resume, or skip when finished) one experiment per budget, then tabulate them;
+    with ``audit``, audit each run too and add the audit's columns."""
     base = load_config(config or DEFAULT_CONFIG, overrides)
     sweep_dir = Path(base.output.target_dir) / name
     raw = base.model_dump(exclude={"derived"})
@@ -126,23 +145,15 @@ def run_sweep(epsilons: list[float], name: str, config: Path | None, overrides: 
         cfg = validate(merge(raw, {"dp": privacy, "experiment": {"name": run},
                                    "output": {"target_dir": str(sweep_dir)}}), source=f"sweep {name}/{run}")
         exp_dir = sweep_dir / run
-        summary_path = exp_dir / "summary.json"
-        done = summary_path.is_file() and json.loads(summary_path.read_text())["epochs_completed"] >= cfg.training.epochs
-        if done:
-            check_resume_compatible(load_experiment_config(exp_dir), cfg)
-            print(f"{run}: finished earlier, skipped")
-        else:
-            resume = (exp_dir / "checkpoints" / "last.pt").is_file()
-            if resume:
-                check_resume_compatible(load_experiment_config(exp_dir), cfg)
-            print(f"{run}: {'resuming' if resume else 'training'} in {exp_dir}")
-            train(cfg, exp_dir, resume=resume)
-        metrics_path = exp_dir / "results" / "test_metrics.json"
-        if not done or not metrics_path.is_file():
+        done = train_to_end(cfg, exp_dir, run)
+        results = exp_dir / "results"
+        if not done or not (results / "test_metrics.json").is_file():
             predict_experiment(exp_dir, "test")
-        results = {kind: json.loads((exp_dir / "results" / f"test_{kind}.json").read_text())
-                   for kind in ("metrics", "fairness")}
-        rows.append(sweep_row(epsilon, json.loads(summary_path.read_text()), results["metrics"], results["fairness"]))
+        if audit and (not done or not (results / "audit.json").is_file()):
+            audit_experiment(exp_dir)
+        found = {kind: json.loads((results / f"test_{kind}.json").read_text()) for kind in ("metrics", "fairness")}
+        row = sweep_row(epsilon, json.loads((exp_dir / "summary.json").read_text()), found["metrics"], found["fairness"])
+        rows.append({**row, **(audit_columns(json.loads((results / "audit.json").read_text())) if audit else {})})
     table = pd.DataFrame(rows)
     result = {"epsilons": epsilons, "experiments": [f"eps_{e:g}" for e in epsilons],
               "table": table.to_dict(orient="records"), "pearson_epsilon_vs_fairness": correlations(table)}
@@ -151,10 +162,42 @@ def run_sweep(epsilons: list[float], name: str, config: Path | None, overrides: 
     atomic_write_text(sweep_dir / "report.html", sweep_report(f"Privacy budget sweep {name}", table,
                                                              result["pearson_epsilon_vs_fairness"]))
     log_sweep_hparams(sweep_dir / "tensorboard", table)
-    print(table[["epsilon", "epsilon_spent", "noise_multiplier", "auroc_mean", "auroc_mean_ci95_low",
-                 "auroc_mean_ci95_high"]].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
+    shown = ["epsilon", "epsilon_spent", "noise_multiplier", "auroc_mean", "auroc_mean_ci95_low", "auroc_mean_ci95_high"]
+    shown += [c for c in ("attack_auroc", "epsilon_lower_bound") if c in table]
+    print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
     print(f"wrote {sweep_dir / 'sweep.csv'}, sweep.json and report.html")
     return sweep_dir
+
+
+def run_audit(exp_dir: Path, reference_models: int, checkpoint: str = "best") -> dict:
+    """Train the reference runs asked for (kept, resumable, in ``audit/references``), then audit.
+
+    Without ``--reference-models``, finished reference runs of an earlier audit are used if there are any.
+    """
+    cfg = load_experiment_config(exp_dir)
+    if reference_models < 0:
+        raise InputError(f"--reference-models: expected a number of runs >= 0, got {reference_models}")
+    folder = Path(exp_dir) / "audit" / "references"
+    raw = cfg.model_dump(exclude={"derived"})
+    for k in range(reference_models):
+        ref_cfg = validate(merge(raw, {"audit": {"canaries": 0, "reference": k}, "experiment": {"name": f"ref-{k}"},
+                                       "output": {"target_dir": str(folder)}}), source=f"{folder / f'ref-{k}'}")
+        train_to_end(ref_cfg, folder / f"ref-{k}", f"reference run {k + 1} of {reference_models}")
+    references = sorted(path for path in folder.glob("ref-*") if _finished(path)) if folder.is_dir() else []
+    if reference_models:
+        references = [folder / f"ref-{k}" for k in range(reference_models)]
+    audit = audit_experiment(exp_dir, references, checkpoint)
+    print(format_audit(audit))
+    print(f"wrote in {exp_dir}: results/audit.json and audit_attacks.csv, predictions/audit_scores.csv, report.html")
+    return audit
+
+
+def _finished(exp_dir: Path) -> bool:
+    summary = exp_dir / "summary.json"
+    if not summary.is_file():
+        return False
+    done = json.loads(summary.read_text())
+    return done["epochs_completed"] >= done["epochs_planned"] and (exp_dir / "checkpoints" / "best.pt").is_file()
 
 
 def run_describe(config: Path | None, overrides: list[str]) -> Path:
@@ -213,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the named experiment from checkpoints/last.pt")
     tr.add_argument("--allow-budget-increase", action="store_true",
                     help="let training spend more than dp.epsilon (e.g. --resume with more epochs); recorded")
+    tr.add_argument("--audit-canaries", type=int, default=None, metavar="M",
+                    help="make M training images canaries for `audit`'s one-run epsilon bound (audit.canaries)")
     tr.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                     help="override config keys by dotted name, values parsed as YAML")
     pr = sub.add_parser("predict", help="score a split with an experiment's best checkpoint")
@@ -227,8 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="one experiment per privacy budget, then a table and correlations")
     sw.add_argument("--epsilons", required=True, help="comma-separated budgets; inf = non-private (e.g. inf,8,4,1)")
     sw.add_argument("--name", default="sweep", help="sweep folder under output.target_dir (default: sweep)")
+    sw.add_argument("--audit", action="store_true", help="audit every run and add the audit's columns")
+    sw.add_argument("--audit-canaries", type=int, default=None, metavar="M", help="canaries per run (audit.canaries)")
     sw.add_argument("--config", type=Path, default=None)
     sw.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides")
+    au = sub.add_parser("audit", help="membership inference and the one-run epsilon lower bound of an experiment")
+    au.add_argument("experiment", type=Path)
+    au.add_argument("--reference-models", type=int, default=0, metavar="K",
+                    help="train K reference runs (each a full training) for the calibrated attack (offline LiRA)")
+    au.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                    help="model audited: best (what predict uses, default) or last (the end of training)")
     da = sub.add_parser("data", help="inspect the configured dataset")
     da.add_argument("action", choices=["describe"])
     da.add_argument("--config", type=Path, default=None)
@@ -245,8 +298,12 @@ def main(argv: list[str] | None = None) -> int:
         if parallel.launched() and args.command not in (None, "train"):
             raise InputError(f"'{args.command}' runs in one process; under torchrun only train (and the "
                              f"default train + predict) are distributed")
+        if args.command in ("train", "sweep") and args.audit_canaries is not None:
+            args.overrides = [*args.overrides, f"audit.canaries={args.audit_canaries}"]
         if args.command == "train":
             run_train(args.config, args.name, args.resume, args.overrides, args.allow_budget_increase)
+        elif args.command == "audit":
+            run_audit(args.experiment, args.reference_models, args.checkpoint)
         elif args.command == "predict":
             run_predict(args.experiment, args.split)
         elif args.command == "prepare":
@@ -254,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "data":
             run_describe(args.config, args.overrides)
         elif args.command == "sweep":
-            run_sweep(parse_epsilons(args.epsilons), args.name, args.config, args.overrides)
+            run_sweep(parse_epsilons(args.epsilons), args.name, args.config, args.overrides, args.audit)
         elif args.command == "compare":
             run_compare(args.experiment_a, args.experiment_b, args.split, args.out)
         else:

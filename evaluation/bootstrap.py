@@ -39,18 +39,23 @@ def _labelled(truth: np.ndarray, score: np.ndarray, weights: np.ndarray):
     return truth[keep].astype(bool), score[keep], weights[:, keep]
 
 
+def _tie_groups(truth: np.ndarray, score: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positive and negative weight [B, G] of each group of tied scores, in increasing score order."""
+    order = np.argsort(score, kind="stable")
+    sorted_score, positive = score[order], truth[order].astype(bool)
+    w = weights[:, order]
+    starts = np.flatnonzero(np.r_[True, sorted_score[1:] != sorted_score[:-1]])
+    pos = np.add.reduceat(np.where(positive, w, np.float32(0)), starts, axis=1)
+    neg = np.add.reduceat(np.where(positive, np.float32(0), w), starts, axis=1)
+    return pos, neg
+
+
 def weighted_auroc(truth: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """AUROC of one label under each row of ``weights`` ([B, n]); NaN where a class is absent.
 
     Unlabelled images (NaN truth) are left out.
     """
-    truth, score, weights = _labelled(truth, score, weights)
-    order = np.argsort(score, kind="stable")
-    sorted_score, positive = score[order], truth[order].astype(bool)
-    w = weights[:, order]
-    starts = np.flatnonzero(np.r_[True, sorted_score[1:] != sorted_score[:-1]])  # tie groups
-    pos = np.add.reduceat(np.where(positive, w, np.float32(0)), starts, axis=1)
-    neg = np.add.reduceat(np.where(positive, np.float32(0), w), starts, axis=1)
+    pos, neg = _tie_groups(*_labelled(truth, score, weights))
     below = np.cumsum(neg, axis=1) - neg
     total_pos, total_neg = pos.sum(axis=1), neg.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -59,6 +64,19 @@ def weighted_auroc(truth: np.ndarray, score: np.ndarray, weights: np.ndarray) ->
             total_pos.astype(np.float64) * total_neg.astype(np.float64))
     auc[(total_pos == 0) | (total_neg == 0)] = np.nan
     return auc
+
+
+def weighted_tpr_at_fpr(truth: np.ndarray, score: np.ndarray, weights: np.ndarray, fpr: float) -> np.ndarray:
+    """Largest TPR over thresholds ``score >= t`` whose FPR is at most ``fpr``, under each row of
+    ``weights``; NaN where a class is absent. (The low-FPR operating point of a membership attack.)"""
+    pos, neg = _tie_groups(truth.astype(bool), score, weights)
+    tp = np.cumsum(pos[:, ::-1], axis=1, dtype=np.float64)  # at each threshold, from the highest score down
+    fp = np.cumsum(neg[:, ::-1], axis=1, dtype=np.float64)
+    total_pos, total_neg = tp[:, -1:], fp[:, -1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = np.where(fp <= fpr * total_neg, tp / total_pos, 0.0).max(axis=1)
+    tpr[(total_pos[:, 0] == 0) | (total_neg[:, 0] == 0)] = np.nan
+    return tpr
 
 
 def weighted_threshold_metrics(truth: np.ndarray, predicted: np.ndarray, weights: np.ndarray) -> dict:

@@ -28,6 +28,19 @@ def sweep_row(target_epsilon: float, summary: dict, metrics: dict, fairness: dic
     return row
 
 
+def audit_columns(audit: dict) -> dict:
+    """Sweep columns of a run's audit: the loss attack (and LiRA) overall, and the canary bound."""
+    row = {}
+    for name, prefix in (("loss", "attack"), ("lira_offline", "lira")):
+        if name in audit["attacks"]:
+            overall = audit["attacks"][name]["overall"]
+            ci = overall["auroc"]["ci95"] or [None, None]
+            row.update({f"{prefix}_auroc": overall["auroc"]["value"], f"{prefix}_auroc_ci95_low": ci[0],
+                        f"{prefix}_auroc_ci95_high": ci[1], f"{prefix}_tpr_at_fpr_0.01": overall["tpr_at_fpr_0.01"]["value"]})
+    row["epsilon_lower_bound"] = audit["canaries"]["epsilon_lower_bound"] if audit["canaries"] else None
+    return row
+
+
 def correlations(table: pd.DataFrame) -> dict:
     """Pearson's r and p between epsilon and every fairness column, over the private runs."""
     private = table[np.isfinite(table["epsilon"].astype(float))]

@@ -121,6 +121,29 @@ class ViT(nn.Module):
         return self.fc(self.norm(self.blocks(h))[:, 0])
 
 
+class MaskedBCEWithLogitsLoss(nn.Module):
+    """BCE with logits that ignores unlabelled entries (NaN targets).
+
+    loss = sum_{i,l} m_il * bce(x_il, y_il) / (B * L), with m_il = 0 where y_il is NaN: exactly
+    ``nn.BCEWithLogitsLoss(reduction='mean')`` when nothing is masked, and a mean over the batch of
+    per-image terms, which is what Opacus' ``loss_reduction='mean'`` assumes for per-sample gradients.
+    ``reduction = 'none'`` gives those per-image terms, sum_l m_il * bce(x_il, y_il) / L (what
+    training differentiates: per-sample clipping needs each image's own loss).
+    """
+
+    def __init__(self, pos_weight: torch.Tensor, reduction: str = "mean"):
+        super().__init__()
+        self.register_buffer("pos_weight", pos_weight)
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        labelled = ~torch.isnan(target)
+        loss = F.binary_cross_entropy_with_logits(logits, torch.where(labelled, target, 0.0),
+                                                  pos_weight=self.pos_weight, reduction="none")
+        per_image = (loss * labelled).sum(dim=1) / max(target.shape[1], 1)
+        return per_image if self.reduction == "none" else per_image.sum() / max(len(per_image), 1)
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present; asking for CUDA without it is an input error."""
     if name == "cuda" and not torch.cuda.is_available():

@@ -57,9 +57,16 @@ def test_sweep_trains_each_budget_resumes_and_skips(tiny_config, monkeypatch, ca
     for run in ("eps_inf", "eps_8", "eps_2"):
         assert json.loads((sweep / run / "summary.json").read_text())["epochs_completed"] == 2
 
-    capsys.readouterr()
-    assert main(["sweep", "--epsilons", "inf,8,2", "--config", str(path), "--name", "budgets"]) == 0
+    capsys.readouterr()  # finished runs are skipped; --audit audits them and adds its columns
+    assert main(["sweep", "--epsilons", "inf,8,2", "--config", str(path), "--name", "budgets", "--audit"]) == 0
     assert capsys.readouterr().out.count("finished earlier, skipped") == 3
+    table = pd.read_csv(sweep / "sweep.csv")
+    for run in ("eps_inf", "eps_8", "eps_2"):
+        audit = json.loads((sweep / run / "results" / "audit.json").read_text())
+        assert table.loc[table["epsilon"] == float(run[4:]), "attack_auroc"].item() == pytest.approx(
+            audit["attacks"]["loss"]["overall"]["auroc"]["value"])
+    assert table["epsilon_lower_bound"].isna().all()  # trained without canaries: no bound
+    assert_report(sweep / "report.html", ["Runs", "Privacy audit vs epsilon"], min_figures=3)
 
 
 @pytest.mark.parametrize("text", ["8,abc", "0,8", "8,8", ""])
