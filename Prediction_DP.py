@@ -219,10 +219,10 @@ def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
     return metrics
 
 
-def _write_results(exp_dir: Path, outputs: dict[Path, str]) -> None:
+def _write_results(exp_dir: Path, outputs: dict[Path, str], checkpoint: str = "best") -> None:
     for path, text in outputs.items():
         if path.exists():
-            print(f"replacing {path} (recomputed from {exp_dir / 'checkpoints' / 'best.pt'})")
+            print(f"replacing {path} (recomputed from {exp_dir / 'checkpoints' / f'{checkpoint}.pt'})")
         atomic_write_text(path, text)
 
 
@@ -320,7 +320,7 @@ def audit_experiment(exp_dir: Path, reference_dirs: list[Path] = (), checkpoint:
             score=canary_score).to_csv(index=False)
     outputs[exp_dir / "results" / "audit.json"] = json_text(audit)
     outputs[exp_dir / "results" / "audit_attacks.csv"] = attack_table(audit).to_csv(index=False)
-    _write_results(exp_dir, outputs)
+    _write_results(exp_dir, outputs, checkpoint)
     _write_report(exp_dir, "test")
     with SummaryWriter(str(exp_dir / "tensorboard")) as writer:
         for name, attack in attacks.items():

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torch.distributed as dist
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader

@@ -206,6 +206,9 @@ def test_dp_run_stays_near_chance_with_reference_runs_reused(tiny_config, monkey
     # the report keeps the prediction sections and gains the audit's
     assert_report(exp / "report.html", ["Metrics", "ROC curves", "Membership inference"], min_figures=5)
 
+    assert main(["predict", str(exp)]) == 0  # predicting again keeps the audit in the report
+    assert_report(exp / "report.html", ["Metrics", "Membership inference", "One-run epsilon"], min_figures=6)
+
     # a later audit uses the finished reference runs without training anything
     monkeypatch.setattr(main_2D_DP, "train", lambda *a, **k: pytest.fail("reference run retrained"))
     capsys.readouterr()
@@ -227,3 +230,18 @@ def test_audit_refuses_what_it_cannot_audit(tiny_config, tmp_path, capsys):
     (exp / "checkpoints" / "best.pt").unlink()
     assert main(["audit", str(exp)]) == 2
     assert "best.pt" in capsys.readouterr().err
+
+
+def test_bound_is_sound_and_tight_on_a_mechanism_of_known_epsilon():
+    # Randomized response on each coin is exactly eps-DP: the bound may pass eps in at most 5% of runs
+    # (95% confidence) and, with 1000 canaries, should come close to it.
+    rng = np.random.default_rng(0)
+    epsilon, m = 2.0, 1000
+    bounds = []
+    for _ in range(100):
+        included = rng.integers(0, 2, m).astype(bool)
+        told = np.where(rng.random(m) < np.exp(epsilon) / (1 + np.exp(epsilon)), included, ~included)
+        bounds.append(canary_bound(told + rng.random(m) * 1e-3, included, delta=1e-6)["epsilon_lower_bound"])
+    bounds = np.array(bounds)
+    assert (bounds > epsilon).mean() <= 0.05
+    assert np.median(bounds) > 0.8 * epsilon
