@@ -188,7 +188,7 @@ def test_overfit_non_private_run_leaks_and_the_bound_shows_it(tiny_config, capsy
 
 
 def test_dp_run_stays_near_chance_with_reference_runs_reused(tiny_config, monkeypatch, capsys):
-    path = tiny_config(dp={"epsilon": 1.0}, evaluation={"bootstrap": 200})
+    path = tiny_config(dp={"epsilon": 1.0}, training={"epochs": 1}, evaluation={"bootstrap": 200})
     assert main(["train", "--config", str(path), "--audit-canaries", "20"]) == 0
     exp = path.parent / "experiments" / "tiny"
     assert main(["predict", str(exp)]) == 0

@@ -39,7 +39,7 @@ def test_default_delta_is_below_one_over_n():
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_reported_epsilon_is_what_a_fresh_accountant_computes(tiny_config, accountant):
-    path = tiny_config(dp={"accountant": accountant, "epsilon": 3.0})
+    path = tiny_config(dp={"accountant": accountant, "epsilon": 3.0}, training={"epochs": 1})
     assert main(["train", "--config", str(path)]) == 0
     exp = path.parent / "experiments" / "tiny"
     summary = json.loads((exp / "summary.json").read_text())["dp"]
