@@ -139,7 +139,7 @@ class Scored:
 
 @dataclass
 class Trained:
-    """An experiment's best model, ready to score images."""
+    """A trained model of an experiment (its best or last checkpoint), ready to score images."""
 
     cfg: Config
     model: torch.nn.Module
@@ -226,10 +226,6 @@ def _write_results(exp_dir: Path, outputs: dict[Path, str], checkpoint: str = "b
         atomic_write_text(path, text)
 
 
-def report_path(exp_dir: Path, split: str) -> Path:
-    return Path(exp_dir) / ("report.html" if split == "test" else f"report_{split}.html")
-
-
 def _write_report(exp_dir: Path, split: str) -> None:
     """(Re)write the split's report from the result files: its predictions and, for the test split,
     the privacy audit, whichever of them exist."""
@@ -248,7 +244,8 @@ def _write_report(exp_dir: Path, split: str) -> None:
         sections += audit_sections(audit, pd.read_csv(results / "audit_attacks.csv"),
                                    pd.read_csv(pred / "audit_scores.csv"),
                                    pd.read_csv(canaries) if canaries.is_file() else None)
-    atomic_write_text(report_path(exp_dir, split), page(f"{exp_dir.name}: {split} split", sections))
+    report = exp_dir / ("report.html" if split == "test" else f"report_{split}.html")
+    atomic_write_text(report, page(f"{exp_dir.name}: {split} split", sections))
 
 
 def audit_experiment(exp_dir: Path, reference_dirs: list[Path] = (), checkpoint: str = "best") -> dict:
@@ -296,12 +293,13 @@ def audit_experiment(exp_dir: Path, reference_dirs: list[Path] = (), checkpoint:
     sex, age = candidates["sex"].to_numpy(), candidates["age"].to_numpy()
     attacks = {name: attack_report(member, score, weights, sex, age, evaluation.age_bins, evaluation.min_subgroup_size)
                for name, score in scores.items()}
-    audit = {"experiment": exp_dir.name, "checkpoint": checkpoint, "checkpoint_epoch": best.epoch, "members": int(member.sum()),
-             "nonmembers": int((~member).sum()), "member_split": "train", "nonmember_split": "test",
+    audit = {"experiment": exp_dir.name, "checkpoint": checkpoint, "checkpoint_epoch": best.epoch,
+             "members": int(member.sum()), "nonmembers": int((~member).sum()), "member_split": "train",
+             "nonmember_split": "test",
              "dp": {"enabled": dp["enabled"], "epsilon_spent": dp["epsilon_spent"], "delta": dp["delta"]},
              "bootstrap": {"resamples": evaluation.bootstrap, "seed": evaluation.seed, "unit": "image"},
              "reference_runs": [str(path) for path in reference_dirs], "attacks": attacks,
-             "attacks_note": ("Offline LiRA calibrated with " + f"{len(reference_dirs)} reference runs."
+             "attacks_note": (f"Offline LiRA calibrated with {len(reference_dirs)} reference runs."
                               if reference_dirs else "No reference runs: the calibrated attack (offline LiRA) needs "
                               "`audit --reference-models K`."),
              "canaries": None}
