@@ -1,23 +1,29 @@
 """Training and validation, non-private or with DP-SGD (Opacus).
 
-DP-SGD, per logical step: draw a Poisson batch (each training image independently with probability
-q = sample rate), clip each image's gradient to L2 norm C (``dp.max_grad_norm``), sum, add Gaussian
-noise N(0, sigma^2 C^2) and divide by the expected batch size qN. The accountant (RDP or PRV)
-composes the steps into (epsilon, delta). Opacus does all of it except, by default
+DP-SGD, per logical step: draw a Poisson batch of privacy units (``dp.unit``: patients, or images;
+each of the N training units independently with probability q = B/N, B =
+``training.logical_batch_size``), clip each unit's summed gradient to L2 norm C
+(``dp.max_grad_norm``), sum, add Gaussian noise N(0, sigma^2 C^2) and divide by the expected batch
+B (``privacy.units``). The accountant (RDP or PRV) composes the steps, counted in units, into
+(epsilon, delta). Opacus does all of it except the sampling of units and, by default
 (``dp.grad_sample_mode: bookkeeping``), the clipped sum, which ``privacy.bookkeeping`` computes
 exactly in one backward pass and hands to Opacus' optimizer for noise, scaling and accounting.
-Each logical batch is split into
-physical batches that fit in memory, and the optimizer adds noise and steps only at the end of a
-logical batch. Non-private training uses the same logical batch by gradient accumulation. Before
-every logical step the accountant's epsilon after that step is checked against the target.
+Each logical batch is split into physical chunks that fit in memory without splitting a unit
+(``privacy.units.plan_chunks``), and the optimizer adds noise and steps only at the end of a
+logical batch. Non-private training shuffles images into logical batches of B and accumulates.
+Before every logical step the accountant's epsilon after that step is checked against the target.
 
-Under torchrun (``parallel``) every rank trains on its share of each logical batch and rank 0
-alone validates and writes.
+Noise and sampling draw from secret OS entropy unless ``dp.reproducible_noise`` (then from
+``experiment.seed``); ``experiment.seed`` always fixes model initialisation, data and splits.
+
+Under torchrun (``parallel``) every rank trains on its share of the units of each logical batch
+and rank 0 alone validates and writes.
 
 Everything needed to continue exactly is in ``checkpoints/last.pt``, written at the end of every
 epoch and every ``training.checkpoint_every_steps`` steps: weights, optimizer, the accountant's
 history, the position in the epoch, the best metric and every RNG state (global, sampler, noise),
 so a resumed run reports the same epsilon and, on CPU, the same weights as an uninterrupted one.
+Those generator states are the secret behind the noise: ``last.pt`` is private, never to be shared.
 """
 from __future__ import annotations
 
@@ -30,32 +36,35 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from opacus import PrivacyEngine
-from opacus.data_loader import DPDataLoader
-from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.optimizers import DPOptimizerFastGradientClipping, DistributedDPOptimizerFastGradientClipping
-from opacus.validators import ModuleValidator
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+from opacus.grad_sample.utils import prepare_module
+from opacus.optimizers import (DPOptimizerFastGradientClipping, DistributedDPOptimizerFastGradientClipping,
+                               get_optimizer_class)
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+import parallel
 from artifacts import ExperimentLock, atomic_write_text, json_text, load_checkpoint, save_checkpoint
 from config import Config, InputError, config_yaml, read_yaml
 from data.dataset import SPLITS, CXRDataset, evaluation_loader, load_table, positive_weights, preprocessing
-from models import MaskedBCEWithLogitsLoss, build_model, load_pretrained, resolve_device
+from models import PER_IMAGE_MODELS, MaskedBCEWithLogitsLoss, build_model, load_pretrained, resolve_device
 from parallel import Ranks
 from Prediction_DP import auroc_per_label, mean_auroc, predict_scores
-from privacy import check_delta, default_delta
+from privacy import check_delta, default_delta, pld_epsilons, secret_seed
 from privacy.bookkeeping import BookKeeping
 from privacy.canaries import check_record, draw_canaries, reference_training_split, with_canaries
+from privacy.per_sample import check_allowed, check_batch_independence
+from privacy.units import UnitSampler, plan_chunks, unit_rows
 
-CHECKPOINT_FORMAT = 2  # 2: mid-epoch position (epoch_sampler_state, step_in_epoch, epoch_loss)
+CHECKPOINT_FORMAT = 3  # 3: logical batches of privacy units, secret generator states
 # Settings that may change on --resume; anything else would change the data, the model or the
 # privacy accounting of the run being continued (every per-sample method clips exactly alike).
 RESUMABLE_KEYS = {"training.epochs", "training.device", "training.checkpoint_every_steps", "training.compile",
@@ -79,15 +88,15 @@ class DPSetup:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    loader: DataLoader
-    engine: PrivacyEngine
+    accountant: IAccountant
     noise_multiplier: float
-    sample_rate: float
-    backward: Callable[[torch.Tensor], None]  # per-image losses of a physical batch -> what optimizer.step uses
+    # per-example losses of a physical batch, each example's unit, whether the batch's one unit
+    # continues in the next batch -> what optimizer.step uses
+    backward: Callable[[torch.Tensor, torch.Tensor | None, bool], None]
 
 
-def _mean_backward(per_image: torch.Tensor) -> None:
-    """Opacus' per-sample modes: backward of the batch mean (its ``loss_reduction='mean'``)."""
+def _mean_backward(per_image: torch.Tensor, units=None, continues: bool = False) -> None:
+    """Opacus' per-sample modes (image units only): backward of the batch mean (``loss_reduction='mean'``)."""
     with warnings.catch_warnings():
         # The input image needs no gradient; Opacus' full backward hooks warn about it although
         # the per-sample gradients of all parameters are complete.
@@ -95,47 +104,42 @@ def _mean_backward(per_image: torch.Tensor) -> None:
         (per_image.sum() / max(len(per_image), 1)).backward()
 
 
-def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, *, accountant: str,
-              max_grad_norm: float, grad_sample_mode: str, noise_multiplier: float | None = None,
-              target_epsilon: float | None = None, delta: float | None = None, epochs: int | None = None,
-              noise_generator: torch.Generator | None = None) -> DPSetup:
-    """Wrap for DP-SGD with Poisson sampling; sigma is solved from the target epsilon if not given.
+def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, *, sample_rate: float, expected_batch_size: float,
+              steps: int, accountant: str, max_grad_norm: float, grad_sample_mode: str,
+              noise_multiplier: float | None = None, target_epsilon: float | None = None,
+              delta: float | None = None, noise_generator: torch.Generator | None = None,
+              secure_mode: bool = False) -> DPSetup:
+    """Opacus' DP optimizer and accountant for Poisson batches of rate q = ``sample_rate`` whose
+    expected size (in units) is ``expected_batch_size``; sigma is solved for the target epsilon over
+    ``steps`` if not given.
 
     sigma comes from Opacus' ``get_noise_multiplier`` (what ``make_private_with_epsilon`` calls), so
-    it can be recorded and reused on resume instead of being solved again for the remaining epochs.
-    ``bookkeeping`` wraps the model without hooks (Opacus' ``no_op``) and swaps in Opacus' optimizer
-    for precomputed clipped sums, with the same sampler, noise, expected batch size and accountant hook.
-    A ``DPDDP`` model (torchrun) gets Opacus' distributed optimizers (noise on rank 0, gradients summed
-    over ranks, expected batch per rank); the returned loader still draws the global Poisson batch,
-    of which each rank takes its share.
+    it can be recorded and reused on resume instead of being solved again for the remaining steps.
+    The batches themselves come from ``privacy.units.UnitSampler``. ``bookkeeping`` leaves the model
+    unwrapped and uses Opacus' optimizer for precomputed clipped sums; the other modes wrap it in
+    Opacus' GradSampleModule. A ``DPDDP`` model (torchrun) gets Opacus' distributed optimizers (noise
+    on rank 0, gradients summed over ranks, expected batch per rank).
     """
     distributed = isinstance(model, DPDDP)
-    engine = PrivacyEngine(accountant=accountant)
-    original_loader = loader
-    sample_rate = 1.0 / len(loader)
     if noise_multiplier is None:
         with warnings.catch_warnings():  # the bisection probes tiny sigmas whose RDP order is out of range
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
             noise_multiplier = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                                    sample_rate=sample_rate, epochs=epochs,
-                                                    accountant=accountant)
-    model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, poisson_sampling=True,
-        grad_sample_mode="no_op" if grad_sample_mode == "bookkeeping" else grad_sample_mode,
-        noise_generator=noise_generator)
-    if distributed:
-        loader = DPDataLoader.from_data_loader(original_loader, generator=original_loader.generator)
-    backward = _mean_backward
+                                                    sample_rate=sample_rate, steps=steps, accountant=accountant)
     if grad_sample_mode == "bookkeeping":
         kind = DistributedDPOptimizerFastGradientClipping if distributed else DPOptimizerFastGradientClipping
-        optimizer = kind(
-            optimizer.original_optimizer, noise_multiplier=optimizer.noise_multiplier, max_grad_norm=max_grad_norm,
-            expected_batch_size=optimizer.expected_batch_size, loss_reduction=optimizer.loss_reduction,
-            generator=optimizer.generator, secure_mode=optimizer.secure_mode)
-        optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
         backward = BookKeeping(model, max_grad_norm).backward
-    return DPSetup(model, optimizer, loader, engine, float(noise_multiplier), sample_rate, backward)
+    else:
+        kind = get_optimizer_class(clipping="flat", distributed=distributed, grad_sample_mode=grad_sample_mode)
+        model = prepare_module(model, grad_sample_mode=grad_sample_mode, batch_first=True, loss_reduction="mean")
+        backward = _mean_backward
+    world = dist.get_world_size() if distributed else 1
+    optimizer = kind(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                     expected_batch_size=expected_batch_size / world, loss_reduction="mean",
+                     generator=noise_generator, secure_mode=secure_mode)
+    books = create_accountant(accountant)
+    optimizer.attach_step_hook(books.get_optimizer_hook_fn(sample_rate=sample_rate))
+    return DPSetup(model, optimizer, books, float(noise_multiplier), backward)
 
 
 class TrainingStopped(Exception):
@@ -144,7 +148,7 @@ class TrainingStopped(Exception):
 
 @dataclass
 class EpochProgress:
-    """Where an epoch stands: its logical batches (dataset indices), how many are done, loss so far."""
+    """Where an epoch stands: its logical batches (unit indices), how many are done, loss so far."""
 
     batches: list[list[int]]
     done: int = 0
@@ -163,11 +167,11 @@ class EpochProgress:
 class EmptySafeCollate:
     """``default_collate``, except that an empty batch gives empty tensors of the right shape.
 
-    Under torchrun a rank's share of a non-private batch is empty when the batch has fewer images
-    than there are ranks (the last batch of an epoch); the rank must still take part in the step.
+    An empty Poisson batch still takes a (noise-only) step, and under torchrun a rank's share of a
+    batch is empty when the batch has fewer units than there are ranks; the rank must still take part.
     """
 
-    def __init__(self, dataset):
+    def __init__(self, dataset: Dataset):
         x, y = dataset[0]
         self.empty = (x.new_empty(0, *x.shape), y.new_empty(0, *y.shape))
 
@@ -175,63 +179,65 @@ class EmptySafeCollate:
         return default_collate(batch) if batch else self.empty
 
 
-def draw_epoch(loader: DataLoader) -> list[list[int]]:
-    """All logical batches of one epoch, drawn up front from the loader's sampler (Poisson under DP).
-
-    Drawing them at the start of the epoch makes the epoch a pure function of the sampler's state
-    then, so a run resumed mid-epoch redraws the same batches and skips those already taken.
-    """
-    return [list(batch) for batch in loader.batch_sampler]
-
-
-def train_one_epoch(model, criterion, optimizer, loader: DataLoader, progress: EpochProgress, device,
-                    physical_batch_size: int, backward, image_ids, desc: str, *, loader_seed: int = 0,
-                    fixed_shape: bool = False, ranks: Ranks = Ranks(),
+def train_one_epoch(model, criterion, optimizer, dataset: Dataset, units: list[np.ndarray], progress: EpochProgress,
+                    device, physical_batch_size: int, backward, image_ids, desc: str, *, num_workers: int = 0,
+                    loader_seed: int = 0, fixed_shape: bool = False, ranks: Ranks = Ranks(),
                     step_allowed=lambda: True, after_step=lambda: None, epsilon_fn=None) -> EpochProgress:
     """Take the logical steps of ``progress.batches`` not yet done, each split into physical chunks.
 
-    ``criterion`` gives per-image losses. DP-SGD (``backward`` from :func:`privatize`): the optimizer
-    clips and accumulates every chunk and adds noise once, at the last chunk of the logical batch
-    (what Opacus' BatchMemoryManager does); an empty Poisson batch still takes a (noise-only) step.
-    Non-private (``backward`` None): gradients of the chunks are accumulated, weighted by size.
-    ``fixed_shape`` pads every chunk to ``physical_batch_size`` with blank images whose labels are
-    all unlabelled (NaN): their loss and gradient are exactly zero, so a compiled model sees one
-    shape under Poisson sampling without changing the update. Under torchrun each rank loads its share
-    of every logical batch; the loss reported is that of the whole batch.
-    ``step_allowed()`` is asked before each logical step (the privacy budget guard) and
-    ``after_step()`` called after it (periodic checkpoints). A non-finite loss, or weights made
-    non-finite by a step, stop training before anything of that step is saved. ``loader_seed`` seeds
-    the DataLoader's own draw (worker seeds), which would otherwise consume the global RNG and make
-    a resumed epoch differ from an uninterrupted one.
+    A logical batch lists units (``units[u]``: the dataset rows of unit u); its images are loaded
+    together and cut by :func:`plan_chunks` into chunks of at most ``physical_batch_size`` images
+    that keep a unit whole unless it alone exceeds a chunk. ``criterion`` gives per-image losses.
+    DP-SGD (``backward`` from :func:`privatize`): the optimizer accumulates every chunk's clipped
+    sum and adds noise once, at the last chunk of the logical batch (what Opacus'
+    BatchMemoryManager does); an empty Poisson batch still takes a (noise-only) step. Non-private
+    (``backward`` None): gradients of the chunks are accumulated, weighted by size.
+    ``fixed_shape`` pads every chunk to ``physical_batch_size`` with blank images, each its own unit,
+    whose labels are all unlabelled (NaN): their loss and gradient are exactly zero, so a compiled
+    model sees one shape under Poisson sampling without changing the update. Under torchrun each
+    rank loads its share of the units of every logical batch; the loss reported is that of the
+    whole batch. ``step_allowed()`` is asked before each logical step (the privacy budget guard)
+    and ``after_step()`` called after it (periodic checkpoints). A non-finite loss, or weights made
+    non-finite by a step, stop training before anything of that step is saved. ``loader_seed``
+    seeds the DataLoader's own draw (worker seeds), which would otherwise consume the global RNG
+    and make a resumed epoch differ from an uninterrupted one.
     """
     model.train()
     dp = backward is not None
     todo = progress.batches[progress.done:]
-    epoch = DataLoader(loader.dataset, batch_sampler=[ranks.share(b) for b in todo], collate_fn=loader.collate_fn,
-                       num_workers=loader.num_workers, generator=torch.Generator().manual_seed(loader_seed))
+    shares = [ranks.share(batch) for batch in todo]
+    rows = [[int(i) for u in share for i in units[u]] for share in shares]
+    epoch = DataLoader(dataset, batch_sampler=rows, collate_fn=EmptySafeCollate(dataset), num_workers=num_workers,
+                       generator=torch.Generator().manual_seed(loader_seed))
     bar = tqdm(total=len(progress.batches), initial=progress.done, desc=desc, leave=False, dynamic_ncols=True,
                disable=not ranks.main)
-    for indices, (x, y) in zip(todo, epoch):
+    for batch, share, step_rows, (x, y) in zip(todo, shares, rows, epoch):
         if not step_allowed():
             break
-        chunks = list(zip(x.split(physical_batch_size), y.split(physical_batch_size)))
+        batch_images = sum(len(units[u]) for u in batch)  # over all ranks
+        chunks = plan_chunks([len(units[u]) for u in share], physical_batch_size)
         step_loss = torch.zeros(2, dtype=torch.float64)  # loss sum, images
-        for i, (xc, yc) in enumerate(chunks):
-            last = i == len(chunks) - 1
+        for k, chunk in enumerate(chunks):
+            last = k == len(chunks) - 1
+            xc, yc = x[chunk.start:chunk.stop], y[chunk.start:chunk.stop]
+            in_chunk = torch.tensor(chunk.units, dtype=torch.long)
             n = len(xc)
             if fixed_shape and n < physical_batch_size:
-                xc = torch.cat([xc, xc.new_zeros(physical_batch_size - n, *xc.shape[1:])])
-                yc = torch.cat([yc, yc.new_full((physical_batch_size - n, *yc.shape[1:]), float("nan"))])
+                pad = physical_batch_size - n
+                xc = torch.cat([xc, xc.new_zeros(pad, *xc.shape[1:])])
+                yc = torch.cat([yc, yc.new_full((pad, *yc.shape[1:]), float("nan"))])
+                first = int(in_chunk.max()) + 1 if n else 0
+                in_chunk = torch.cat([in_chunk, torch.arange(first, first + pad)])
             xc, yc = xc.to(device), yc.to(device)
             per_image = criterion(model(xc), yc)
             loss_sum = per_image.detach().sum()
             if dp:
-                backward(per_image)
+                backward(per_image, in_chunk, chunk.continues)
             else:  # the mean over the logical batch, accumulated chunk by chunk; DDP averages over ranks
                 with model.no_sync() if ranks.distributed and not last else nullcontext():
-                    (per_image.sum() * (ranks.world / max(len(indices), 1))).backward()
+                    (per_image.sum() * (ranks.world / max(batch_images, 1))).backward()
             if not torch.isfinite(loss_sum):
-                raise TrainingStopped(_stopped_at("loss", progress, desc, indices, image_ids))
+                raise TrainingStopped(_stopped_at("loss", progress, desc, step_rows, image_ids))
             step_loss += torch.tensor([loss_sum.item(), n], dtype=torch.float64)
             if dp:  # clip and accumulate every chunk; noise and the update come with the last one
                 optimizer.signal_skip_step(do_skip=not last)
@@ -239,7 +245,7 @@ def train_one_epoch(model, criterion, optimizer, loader: DataLoader, progress: E
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            raise TrainingStopped(_stopped_at("gradient", progress, desc, indices, image_ids))
+            raise TrainingStopped(_stopped_at("gradient", progress, desc, step_rows, image_ids))
         if ranks.distributed:
             dist.all_reduce(step_loss)
         progress.loss_sum += float(step_loss[0])  # an empty Poisson batch adds no loss
@@ -255,10 +261,10 @@ def train_one_epoch(model, criterion, optimizer, loader: DataLoader, progress: E
     return progress
 
 
-def _stopped_at(what: str, progress: EpochProgress, desc: str, indices: list[int], image_ids) -> str:
-    shown = [image_ids[j] for j in indices[:8]]
+def _stopped_at(what: str, progress: EpochProgress, desc: str, rows: list[int], image_ids) -> str:
+    shown = [image_ids[j] for j in rows[:8]]
     return (f"non-finite {what} at logical step {progress.done + 1} of {len(progress.batches)} in {desc}, batch "
-            f"with images {shown}{' ...' if len(indices) > 8 else ''}; this step was not saved")
+            f"with images {shown}{' ...' if len(rows) > 8 else ''}; this step was not saved")
 
 
 def steps_within_budget(accountant: str, history: list, noise_multiplier: float, sample_rate: float,
@@ -271,7 +277,7 @@ def steps_within_budget(accountant: str, history: list, noise_multiplier: float,
     case: sigma was solved for it), else a bisection.
     """
     def spent(k: int) -> float:
-        acc = (RDPAccountant if accountant == "rdp" else PRVAccountant)()
+        acc = create_accountant(accountant)
         acc.history = list(history) + ([(noise_multiplier, sample_rate, k)] if k else [])
         return acc.get_epsilon(delta) if acc.history else 0.0
 
@@ -325,6 +331,36 @@ def _set_rng_state(state: dict, sampler: torch.Generator, noise: torch.Generator
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def privacy_summary(cfg: Config, history: list, epsilon: float, final: bool, budget_note: dict) -> dict:
+    """summary.json's ``dp`` object: the privacy statement of a DP run and what it rests on.
+
+    ``final``: training has ended, so the PLD cross-check (add/remove and replace-one adjacency,
+    dp_accounting) of the whole history is computed once.
+    """
+    keys = ("unit", "units", "adjacency", "epsilon_spent", "target_epsilon", "delta", "noise_multiplier",
+            "max_grad_norm", "sample_rate", "expected_units_per_step", "accountant", "pld_epsilon", "noise",
+            "secure_mode", "covers", "budget_increase")
+    if not cfg.dp.enabled:
+        return {"enabled": False, **dict.fromkeys(keys), "statement": "non-private training: no privacy guarantee"}
+    d = cfg.derived
+    unit, n_units, delta = cfg.dp.unit, d["n_train_units"], cfg.dp.delta
+    steps = sum(int(entry[2]) for entry in history)
+    noise = ("reproducible: seeded from experiment.seed, so the guarantee does not hold against anyone who knows "
+             "the seed" if cfg.dp.reproducible_noise else "secret")
+    covers = (f"the {n_units} training {unit}s; validation patients choose the best checkpoint and the prediction "
+              f"thresholds and are not protected; test patients are not used in training")
+    statement = (f"({epsilon:.4g}, {delta:g})-DP for each training {unit} (adjacency: add or remove all images of one "
+                 f"{unit}; {cfg.dp.accountant.upper()} accountant over {steps} steps of Poisson sampling at rate "
+                 f"{d['sample_rate']:.4g} among {n_units} {unit}s); noise {noise.split(':')[0]}; covers {covers}")
+    return {"enabled": True, "unit": unit, "units": n_units, "adjacency": f"add or remove one {unit}",
+            "epsilon_spent": epsilon, "target_epsilon": cfg.dp.epsilon, "delta": delta,
+            "noise_multiplier": d["noise_multiplier"], "max_grad_norm": cfg.dp.max_grad_norm,
+            "sample_rate": d["sample_rate"], "expected_units_per_step": d["expected_units_per_step"],
+            "accountant": cfg.dp.accountant, "pld_epsilon": pld_epsilons(history, delta) if final else None,
+            "noise": noise, "secure_mode": cfg.dp.secure_mode, "covers": covers, "statement": statement,
+            "budget_increase": budget_note or None}
+
+
 def _write_summary(exp_dir: Path, summary: dict) -> None:
     atomic_write_text(exp_dir / "summary.json", json_text(summary))
 
@@ -374,15 +410,15 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
     if reference is not None:
         train_frame = reference_training_split(table.frame, reference, seed)
     n_train = len(train_frame)
+    unit = cfg.dp.unit  # what a DP run protects; non-private training shuffles images
+    n_patients = int(train_frame["patient_id"].nunique())
+    n_units = n_patients if unit == "patient" else n_train
+    units = unit_rows(train_frame["patient_id"], unit if dp else "image")
 
     model = build_model(cfg.model.name, len(labels), cfg.model.activation, cfg.data.image_size)
     if cfg.model.pretrained_checkpoint and ckpt is None:
         fresh = load_pretrained(model, cfg.model.pretrained_checkpoint)
         print(f"initialised from {cfg.model.pretrained_checkpoint}; newly initialised: {fresh or 'none'}")
-    if dp:
-        errors = ModuleValidator.validate(model, strict=False)
-        if errors:
-            raise RuntimeError(f"model {cfg.model.name} is not compatible with Opacus: {errors}")
     model.to(device)
     pos_weight = positive_weights(train_frame, labels)
     criterion = MaskedBCEWithLogitsLoss(pos_weight).to(device)  # validation: mean over images
@@ -390,37 +426,51 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
     optimizer = build_optimizer(cfg.training.optimizer, model.parameters(), cfg.training.lr,
                                 cfg.training.weight_decay)
 
-    sampler_gen = torch.Generator().manual_seed(run_seed + 1)
-    noise_gen = torch.Generator(device=device).manual_seed(run_seed + 2) if dp else None
     train_set = CXRDataset(train_frame, table.root, labels, preprocessing(cfg.data), table.cache,
                            cfg.data.augment_flip)
-    loader = DataLoader(train_set, batch_size=cfg.training.logical_batch_size, shuffle=not dp,
-                        generator=sampler_gen, num_workers=cfg.data.num_workers,
-                        collate_fn=EmptySafeCollate(train_set) if ranks.distributed else None)
+    if dp:
+        check_allowed(model, PER_IMAGE_MODELS)
+        check_batch_independence(model, tuple(train_set[0][0].shape), device)
+    # DP noise and sampling: secret OS entropy (rank 0's, shared by every rank), unless reproducible
+    secret = dp and not cfg.dp.reproducible_noise
+    seeds = parallel.from_main(ranks, (secret_seed(), secret_seed()) if secret and ranks.main else None)
+    sampler_seed, noise_seed = seeds if secret else (run_seed + 1, run_seed + 2)
+    sampler_gen = torch.Generator().manual_seed(sampler_seed)
+    noise_gen = torch.Generator(device=device).manual_seed(noise_seed) if dp else None
+    batch_size = cfg.training.logical_batch_size
+    if dp and batch_size > n_units:
+        raise InputError(f"training.logical_batch_size = {batch_size} expected {unit}s per step, but the training "
+                         f"split has {n_units} {unit}s (the sample rate B/N must be at most 1)")
+    sampler = UnitSampler(len(units), batch_size, sampler_gen, poisson=dp)
     valid_loader = evaluation_loader(valid_frame, table, cfg.data, cfg.training.physical_batch_size)
 
     cfg = cfg.model_copy(deep=True)
     cfg.derived = {"n_train": n_train, "n_valid": len(valid_frame), "n_test": len(frames["test"]),
+                   "n_train_patients": n_patients, "privacy_unit": unit, "n_train_units": n_units,
                    "dataset_folder": str(table.root),
                    "preprocessing_cache": str(table.cache.images.parent) if table.cache else None,
-                   "pos_weight": dict(zip(labels, map(float, pos_weight))), "steps_per_epoch": len(loader)}
-    engine, delta, backward = None, None, None
+                   "pos_weight": dict(zip(labels, map(float, pos_weight))), "steps_per_epoch": sampler.steps_per_epoch}
+    accountant, delta, backward = None, None, None
+    planned = cfg.training.epochs * sampler.steps_per_epoch
     if dp:
-        delta = cfg.dp.delta if cfg.dp.delta is not None else default_delta(n_train)
-        check_delta(delta, n_train)
+        delta = cfg.dp.delta if cfg.dp.delta is not None else default_delta(n_units)
+        check_delta(delta, n_units, unit, cfg.dp.allow_large_delta)
         cfg.dp.delta = delta
-        setup = privatize(DPDDP(model) if ranks.distributed else model, optimizer, loader, accountant=cfg.dp.accountant,
+        setup = privatize(DPDDP(model) if ranks.distributed else model, optimizer, sample_rate=sampler.sample_rate,
+                          expected_batch_size=batch_size, steps=planned, accountant=cfg.dp.accountant,
                           max_grad_norm=cfg.dp.max_grad_norm, grad_sample_mode=cfg.dp.grad_sample_mode,
                           noise_multiplier=ckpt["noise_multiplier"] if ckpt else cfg.dp.noise_multiplier,
-                          target_epsilon=cfg.dp.epsilon, delta=delta, epochs=cfg.training.epochs,
-                          noise_generator=noise_gen)
-        model, optimizer, loader, engine, backward = (setup.model, setup.optimizer, setup.loader, setup.engine,
-                                                      setup.backward)
-        cfg.derived.update(noise_multiplier=setup.noise_multiplier, sample_rate=setup.sample_rate,
-                           expected_logical_batch=setup.sample_rate * n_train)
+                          target_epsilon=cfg.dp.epsilon, delta=delta, noise_generator=noise_gen,
+                          secure_mode=cfg.dp.secure_mode)
+        model, optimizer, accountant, backward = setup.model, setup.optimizer, setup.accountant, setup.backward
+        cfg.derived.update(noise_multiplier=setup.noise_multiplier, sample_rate=sampler.sample_rate,
+                           expected_units_per_step=batch_size)
+        if ranks.main and not secret:
+            print("dp.reproducible_noise: noise and sampling are seeded from experiment.seed; the privacy guarantee "
+                  "does not hold against anyone who knows the seed (for tests and debugging only)")
     elif ranks.distributed:
         model = DDP(model)
-    core = model._module if dp else model  # the plain nn.Module, for evaluation and state dicts
+    core = model._module if dp and cfg.dp.grad_sample_mode != "bookkeeping" else model  # plain nn.Module
     core = core.module if ranks.distributed else core
     forward = model
     if cfg.training.compile:  # training forward pass only; a fresh cache, not a graph of an earlier run's model
@@ -444,20 +494,20 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
         core.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if dp:
-            engine.accountant.history = [tuple(entry) for entry in ckpt["accountant_history"]]
+            accountant.history = [tuple(entry) for entry in ckpt["accountant_history"]]
         start_epoch, steps = ckpt["epoch"], ckpt["steps"]
         best, best_epoch = ckpt["best_valid_auroc_mean"], ckpt["best_epoch"]
         budget_note = ckpt.get("budget", {})
         if ckpt["step_in_epoch"]:  # redraw the interrupted epoch's batches, then continue after those taken
             sampler_gen.set_state(ckpt["epoch_sampler_state"])
-            progress = EpochProgress(draw_epoch(loader), ckpt["step_in_epoch"], *ckpt["epoch_loss"])
+            progress = EpochProgress(sampler.draw_epoch(), ckpt["step_in_epoch"], *ckpt["epoch_loss"])
         _set_rng_state(ckpt["rng"], sampler_gen, noise_gen)
         if ranks.main:
             print(f"resuming {exp_dir.name} after {steps} steps "
                   f"(epoch {start_epoch + 1}, step {ckpt['step_in_epoch']})")
 
     def epsilon() -> float:
-        return engine.get_epsilon(delta)
+        return accountant.get_epsilon(delta)
 
     # The privacy budget guard: how many more steps fit within the target epsilon.
     guarded = dp and cfg.dp.epsilon is not None and not allow_budget_increase
@@ -466,9 +516,8 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
         if ranks.main:
             print(f"--allow-budget-increase: training may spend more than the target epsilon {cfg.dp.epsilon:g}; "
                   f"the epsilon spent is recorded in summary.json")
-    planned = cfg.training.epochs * len(loader)
     budget_steps = steps + steps_within_budget(
-        cfg.dp.accountant, engine.accountant.history, cfg.derived["noise_multiplier"], cfg.derived["sample_rate"],
+        cfg.dp.accountant, accountant.history, cfg.derived["noise_multiplier"], cfg.derived["sample_rate"],
         cfg.dp.epsilon, delta, planned - steps) if guarded else math.inf
     if planned > budget_steps:
         if ranks.main:
@@ -490,12 +539,12 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
                 "epoch_sampler_state": epoch_start, "epoch_loss": [progress.loss_sum, progress.seen],
                 "best_valid_auroc_mean": best, "best_epoch": best_epoch,
                 "noise_multiplier": cfg.derived.get("noise_multiplier"), "budget": budget_note,
-                "accountant_history": [list(entry) for entry in engine.accountant.history] if dp else [],
+                "accountant_history": [list(entry) for entry in accountant.history] if dp else [],
                 "rng": _rng_state(sampler_gen, noise_gen)}
 
     for epoch in range(start_epoch, epochs):
         epoch_start = sampler_gen.get_state() if progress is None else ckpt["epoch_sampler_state"]
-        progress = progress or EpochProgress(draw_epoch(loader))
+        progress = progress or EpochProgress(sampler.draw_epoch())
 
         def step_allowed() -> bool:
             return steps < budget_steps
@@ -507,9 +556,10 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
                 save_checkpoint(state(epoch, progress, epoch_start), last_path)
 
         try:
-            progress = train_one_epoch(forward, per_image_loss, optimizer, loader, progress, device,
+            progress = train_one_epoch(forward, per_image_loss, optimizer, train_set, units, progress, device,
                                        cfg.training.physical_batch_size, backward, image_ids, f"epoch {epoch + 1}/{epochs}",
-                                       loader_seed=run_seed * 10_000 + epoch, step_allowed=step_allowed,
+                                       num_workers=cfg.data.num_workers, loader_seed=run_seed * 10_000 + epoch,
+                                       step_allowed=step_allowed,
                                        after_step=after_step, epsilon_fn=epsilon if dp else None,
                                        fixed_shape=cfg.training.compile, ranks=ranks)
         except TrainingStopped as exc:
@@ -551,11 +601,8 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
             "steps": steps, "best_valid_auroc_mean": best, "best_epoch": best_epoch,
             "last_valid_auroc_mean": auroc_mean, "last_valid_loss": valid_loss, "last_train_loss": progress.loss,
             "stopped": stopped,
-            "dp": {"enabled": dp, "epsilon_spent": eps, "target_epsilon": cfg.dp.epsilon if dp else None,
-                   "delta": delta, "noise_multiplier": cfg.derived.get("noise_multiplier"),
-                   "max_grad_norm": cfg.dp.max_grad_norm if dp else None,
-                   "sample_rate": cfg.derived.get("sample_rate"),
-                   "accountant": cfg.dp.accountant if dp else None, "budget_increase": budget_note or None}}
+            "dp": privacy_summary(cfg, accountant.history if dp else [], eps,
+                                  final=bool(stopped) or epoch + 1 == epochs, budget_note=budget_note)}
         _write_summary(exp_dir, summary)
         privacy = f", epsilon {eps:.3f}" if dp else ""
         tqdm.write(f"epoch {epoch + 1}/{epochs}: train loss {progress.loss:.4f}, valid loss {valid_loss:.4f}, "
@@ -572,8 +619,9 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
         summary = json.loads((exp_dir / "summary.json").read_text())
     dp_info = summary["dp"]
     if dp:
-        print(f"DP-SGD: epsilon spent {dp_info['epsilon_spent']:.4f} at delta {dp_info['delta']:g} "
-              f"(noise multiplier {dp_info['noise_multiplier']:.4f}, sample rate {dp_info['sample_rate']:.5f})")
+        print(f"DP-SGD: {dp_info['statement']}")
+        print(f"noise multiplier {dp_info['noise_multiplier']:.4f}, sample rate {dp_info['sample_rate']:.5f}; "
+              f"replace-one adjacency (PLD): epsilon {dp_info['pld_epsilon']['replace_one']:.4f}")
     else:
         print("non-private training (no privacy guarantee)")
     if summary["best_valid_auroc_mean"] is None:

@@ -117,12 +117,16 @@ class Training(_Section):
 
 class DP(_Section):
     enabled: bool = True
+    unit: Literal["patient", "image"] = "patient"  # what one (epsilon, delta) protects
     epsilon: Optional[float] = Field(8.0, gt=0)
     noise_multiplier: Optional[float] = Field(None, ge=0)
     delta: Optional[float] = Field(None, gt=0, lt=1)
+    allow_large_delta: bool = False  # accept delta * N > 0.1
     max_grad_norm: float = Field(1.5, gt=0)
     accountant: Literal["rdp", "prv"] = "rdp"
     grad_sample_mode: Literal["bookkeeping", "hooks", "functorch", "ew"] = "bookkeeping"
+    reproducible_noise: bool = False  # noise and sampling seeded from experiment.seed (tests, debugging only)
+    secure_mode: bool = True  # Opacus' noise robust to floating-point attacks (a sum of Gaussian draws)
 
     @model_validator(mode="after")
     def _one_noise_source(self):
@@ -130,6 +134,14 @@ class DP(_Section):
             raise ValueError("set exactly one of dp.epsilon (target) and dp.noise_multiplier, the other to null")
         if self.epsilon is not None and not math.isfinite(self.epsilon):
             raise ValueError("dp.epsilon must be finite; use dp.enabled: false for non-private training")
+        return self
+
+    @model_validator(mode="after")
+    def _patients_need_bookkeeping(self):
+        if self.enabled and self.unit == "patient" and self.grad_sample_mode != "bookkeeping":
+            raise ValueError(f"dp.unit: patient clips each patient's summed gradient, which only "
+                             f"dp.grad_sample_mode: bookkeeping computes; Opacus' '{self.grad_sample_mode}' clips "
+                             f"each image alone (use it with dp.unit: image)")
         return self
 
 

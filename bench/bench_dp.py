@@ -3,8 +3,11 @@
     python bench/bench_dp.py [--large] [--repeats 5] [--out bench/RESULTS.md]
 
 ResNet9 (GroupNorm, Mish), 8 labels, one logical step = one physical batch (224 px, batch 32; with
---large 512 px, batch 8). Methods: DP-CXR's ``bookkeeping`` (the default) and Opacus' ``hooks``,
-``ew``, ``functorch`` as training wires them (``privatize``), and Opacus' ``ghost`` clipping.
+--large 512 px, batch 8). Methods: DP-CXR's ``bookkeeping`` and Opacus' ``hooks``, ``ew``,
+``functorch`` as training wires them (``privatize``; images as privacy units, plain noise), and
+Opacus' ``ghost`` clipping. ``bookkeeping-patients`` clips patients of 1, 2, 3, 1, 2, 3... images
+(ghost norms over the pairs of a patient's images) and ``bookkeeping-secure`` adds Opacus' secure
+noise (a sum of Gaussian draws): together what a default DP-CXR run does.
 A method ending in ``+compile`` (``non-private+compile``, ``bookkeeping+compile``) runs its forward
 pass through ``torch.compile`` (``training.compile``); its compile time, spent in the warm-up, is
 printed. One compiled method per run: Dynamo's cache is per code object, so a second compiled ResNet9
@@ -47,7 +50,8 @@ from Train_Valid_DP import MaskedBCEWithLogitsLoss, privatize  # noqa: E402
 LABELS = 8
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus' ghost: the image needs no grad
-METHODS = ("non-private", "bookkeeping", "hooks", "ew", "functorch", "ghost")
+METHODS = ("non-private", "bookkeeping", "bookkeeping-patients", "bookkeeping-secure", "hooks", "ew", "functorch",
+           "ghost")
 
 
 class Step:
@@ -62,17 +66,22 @@ class Step:
         optimizer = torch.optim.NAdam(model.parameters(), lr=2e-4)
         criterion = MaskedBCEWithLogitsLoss(torch.ones(LABELS, device=device), reduction="none")
         self.backward = lambda per_image: per_image.mean().backward()
-        loader = DataLoader(TensorDataset(self.x.cpu(), self.y.cpu()), batch_size=batch)
-        if method == "ghost":  # Opacus' own loss wrapper does the two backward passes
+        if method == "ghost":
+            loader = DataLoader(TensorDataset(self.x.cpu(), self.y.cpu()), batch_size=batch)  # Opacus' own loss wrapper does the two backward passes
             criterion.reduction = "mean"
             model, optimizer, criterion, _ = PrivacyEngine(accountant="rdp").make_private(
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.5,
                 poisson_sampling=False, grad_sample_mode=method, criterion=criterion)
             self.backward = lambda loss: loss.backward()
         elif method != "non-private":
-            setup = privatize(model, optimizer, loader, accountant="rdp", max_grad_norm=1.5, grad_sample_mode=method,
-                              noise_multiplier=1.0)
-            model, optimizer, self.backward = setup.model, setup.optimizer, setup.backward
+            engine, _, variant = method.partition("-")
+            setup = privatize(model, optimizer, sample_rate=0.01, expected_batch_size=batch, steps=1, accountant="rdp",
+                              max_grad_norm=1.5, grad_sample_mode=engine, noise_multiplier=1.0,
+                              secure_mode=variant == "secure")
+            sizes = [1 + i % 3 for i in range(batch)]  # patients of 1, 2, 3 images, cut at the batch
+            units = torch.arange(batch).repeat_interleave(torch.tensor(sizes))[:batch] if variant == "patients" else None
+            model, optimizer = setup.model, setup.optimizer
+            self.backward = lambda per_image: setup.backward(per_image, units, False)
         self.model = torch.compile(model) if compiled else model
         self.optimizer, self.criterion = optimizer, criterion
 

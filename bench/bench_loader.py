@@ -70,9 +70,8 @@ def step_rate(dataset, dp: bool, repeats: int) -> float:
     optimizer = build_optimizer("nadam", model.parameters(), 2e-4, 0.0)
     criterion = MaskedBCEWithLogitsLoss(torch.ones(1))
     if dp:
-        loader = DataLoader(dataset, batch_size=BATCH)
-        setup = privatize(model, optimizer, loader, accountant="rdp", max_grad_norm=1.5, grad_sample_mode="hooks",
-                          noise_multiplier=1.0)
+        setup = privatize(model, optimizer, sample_rate=0.01, expected_batch_size=BATCH, steps=1, accountant="rdp",
+                          max_grad_norm=1.5, grad_sample_mode="hooks", noise_multiplier=1.0)
         model, optimizer = setup.model, setup.optimizer
     x = torch.stack([dataset[i][0] for i in range(BATCH)])
     y = torch.stack([dataset[i][1] for i in range(BATCH)])

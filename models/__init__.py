@@ -121,6 +121,11 @@ class ViT(nn.Module):
         return self.fc(self.norm(self.blocks(h))[:, 0])
 
 
+# Composite modules whose forward code treats every image of a batch on its own (reviewed; the DP
+# set-up also probes it): with the layers they contain, what DP-SGD may train (privacy.per_sample).
+PER_IMAGE_MODELS = (ResNet, _OutOfPlaceBasicBlock, _OutOfPlaceBottleneck, ViT, _EncoderBlock, _Attention)
+
+
 class MaskedBCEWithLogitsLoss(nn.Module):
     """BCE with logits that ignores unlabelled entries (NaN targets).
 

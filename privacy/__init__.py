@@ -1,18 +1,57 @@
-"""Privacy machinery beyond what Opacus ships: the choice of delta (here), an exact one-pass per-sample
-clipping (``bookkeeping``), and the privacy audit (``canaries`` for training, ``audit`` for the attacks)."""
+"""Privacy machinery beyond what Opacus ships: delta, secret randomness and a second accountant (here),
+privacy units and their sampling (``units``), what a DP model may contain (``per_sample``), an exact
+one-pass per-unit clipping (``bookkeeping``), and the privacy audit (``canaries``, ``audit``)."""
 from __future__ import annotations
 
 import math
+import secrets
+
+import dp_accounting
+from dp_accounting import dp_event, pld
 
 from config import InputError
 
+# delta * N at most this by default (delta much smaller than 1/N, "How to DP-fy ML", Ponomareva et al.
+# 2023), and refused above LARGE_DELTA_N unless dp.allow_large_delta
+DEFAULT_DELTA_N, LARGE_DELTA_N = 0.01, 0.1
 
-def default_delta(n_train: int) -> float:
-    """The largest power of ten strictly below 1/N."""
-    return 10.0 ** -(math.floor(math.log10(n_train)) + 1)
+
+def default_delta(n_units: int) -> float:
+    """The largest power of ten with delta * N <= 0.01."""
+    return 10.0 ** math.floor(math.log10(DEFAULT_DELTA_N / n_units) + 1e-9)
 
 
-def check_delta(delta: float, n_train: int) -> None:
-    if delta >= 1.0 / n_train:
-        raise InputError(f"dp.delta = {delta:g} must be below 1/N_train = 1/{n_train} = {1.0 / n_train:.3g}: "
-                         f"a larger delta allows releasing a whole training record; try {default_delta(n_train):g}")
+def check_delta(delta: float, n_units: int, unit: str, allow_large: bool = False) -> None:
+    """delta must stay below 1/N (else releasing one whole unit fits the guarantee) and, unless
+    allowed, delta * N <= 0.1."""
+    suggestion = f"the default (dp.delta: null) is {default_delta(n_units):g}"
+    if delta * n_units >= 1:
+        raise InputError(f"dp.delta = {delta:g} must be below 1/N = 1/{n_units} {unit}s = {1.0 / n_units:.3g}: "
+                         f"a larger delta allows releasing a whole {unit}'s data; {suggestion}")
+    if delta * n_units > LARGE_DELTA_N and not allow_large:
+        raise InputError(f"dp.delta = {delta:g} gives delta * N = {delta * n_units:.3g} for N = {n_units} {unit}s: "
+                         f"each {unit} may fail the guarantee with probability delta, so one of them would with "
+                         f"probability up to {delta * n_units:.2g}; {suggestion} (dp.allow_large_delta: true to "
+                         f"keep it anyway)")
+
+
+def secret_seed() -> int:
+    """63 bits of OS entropy: seeds DP noise and sampling that nobody can replay from the config."""
+    return secrets.randbits(63)
+
+
+def pld_epsilons(history: list, delta: float) -> dict[str, float]:
+    """epsilon of a history of (sigma, q, steps) Poisson-subsampled Gaussian steps by the PLD accountant
+    of Google's dp_accounting, for add-or-remove-one and replace-one adjacency.
+
+    Opacus' accountants are for add/remove; when N is public, replacing one unit's data is the
+    natural neighbour, and it costs more (up to twice the sensitivity).
+    """
+    out = {}
+    for name, relation in (("add_remove_one", dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE),
+                           ("replace_one", dp_accounting.NeighboringRelation.REPLACE_ONE)):
+        accountant = pld.PLDAccountant(relation, value_discretization_interval=1e-3)
+        for sigma, q, steps in history:
+            accountant.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), int(steps))
+        out[name] = float(accountant.get_epsilon(delta))
+    return out

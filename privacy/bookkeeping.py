@@ -1,24 +1,29 @@
-"""Per-sample clipped gradient sum from one backward pass (book-keeping with mixed ghost norms).
+"""Clipped per-unit gradient sum from one backward pass (book-keeping with mixed ghost norms).
 
-DP-SGD needs, for a batch of per-example losses l_i, the clipped sum
+DP-SGD needs, for per-example losses l_i grouped into privacy units u (a patient's images, or each
+image alone; ``privacy.units``), the clipped sum
 
-    S = sum_i c_i * grad l_i,     c_i = min(1, C / (||grad l_i|| + 1e-6)),
+    S = sum_u c_u g_u,     g_u = sum_{i in u} grad l_i,     c_u = min(1, C / (||g_u|| + 1e-6)),
 
 (Opacus' flat clipping, same constant). For a layer y = W a (convolution or linear, a unfolded to
-T positions of d inputs, y with p outputs) the per-example weight gradient is G_i^T A_i, with
+T positions of d inputs, y with p outputs) example i's weight gradient is G_i^T A_i, with
 G_i = dl_i/dy_i (T x p) and A_i (T x d). Book-keeping (Bu et al., ICML 2023) obtains every G_i from
 a single backward pass that stops at the layer outputs -- the ordinary weight gradients, which
 per-sample methods make redundant, are never computed -- and then per layer either
 
-* materialises G_i^T A_i for every example (cost T*d*p per example, memory B*d*p), or
-* computes only its norm, ||G_i^T A_i||^2 = <A_i A_i^T, G_i G_i^T> ("ghost norm", cost T^2*(d+p),
-  memory 2*B*T^2), keeps (A, G), and forms S = (diag(c) G)^T A with one batched weight-gradient
-  product once the c_i are known.
+* materialises G_i^T A_i for every example and sums them per unit (cost T*d*p per example), or
+* computes only the units' norms, ||sum_{i in u} G_i^T A_i||^2 = sum_{i,j in u} <A_i A_j^T, G_i G_j^T>
+  ("ghost norm", cost T^2*(d+p) per ordered pair of examples of one unit), keeps (A, G), and forms
+  S = (diag(c_u(i)) G)^T A with one batched weight-gradient product once the c_u are known.
 
-The choice is per layer ("mixed" ghost clipping): ghost when the two T x T Gram matrices are much
-smaller than the per-example gradient (GHOST_RATIO * T^2 <= d*p), i.e. deep layers with few
-positions and many weights. Normalisation layers (GroupNorm, LayerNorm) and embeddings always
-materialise: their per-example gradients are small. Noise, sampling and accounting stay Opacus'.
+The choice is per layer and batch ("mixed" ghost clipping): ghost when the Gram products are much
+cheaper than the per-example gradients, GHOST_RATIO * T^2 * pairs <= d*p * examples (with one image
+per unit, pairs = examples: deep layers with few positions and many weights). Normalisation layers
+and embeddings always materialise: their per-example gradients are small.
+
+A unit with more images than one physical batch holds comes in pieces (``continues``): each piece's
+summed gradient is added to a carried buffer of the model's size, and the unit's last piece clips
+the whole sum. Noise, scaling and accounting stay Opacus'.
 """
 from __future__ import annotations
 
@@ -29,13 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import InputError
+from privacy.per_sample import PARAMETRISED
 
 # Ghost norms when the Gram matrices (2*T^2 per example) are at least this much smaller than the
 # per-example gradient (d*p): measured on ResNet9 at 224 px, 2 CPU threads, materialising is faster
 # for layer3's first convolution (T=196, d*p=295k) and ghost norms for the larger ones.
 GHOST_RATIO = 8
-
-SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
 
 
 class _Tap(torch.autograd.Function):
@@ -56,6 +60,38 @@ class _Tap(torch.autograd.Function):
         return grad, grad.new_zeros(()), None
 
 
+class _Units:
+    """How the examples of one physical batch form units: ``index[i]`` is example i's unit.
+
+    ``summing``: the batch is a piece of one carried unit; only its summed gradient is needed.
+    """
+
+    def __init__(self, index: torch.Tensor, summing: bool, dtype: torch.dtype):
+        self.index, self.summing = index, summing
+        self.size = len(index)
+        self.count = int(index.max()) + 1 if self.size else 0
+        self.singletons = torch.equal(index, torch.arange(self.size, device=index.device))
+        self.sq_norms = torch.zeros(self.count, dtype=dtype, device=index.device)
+        same = index[:, None] == index[None, :]
+        self.pairs = None if self.singletons else same.nonzero(as_tuple=True)  # (i, j) of one unit, both orders
+        self.n_pairs = self.size if self.singletons else len(self.pairs[0])
+
+    def reduce(self, per_example: torch.Tensor) -> torch.Tensor:
+        """Per-example tensors summed per unit."""
+        if self.singletons:
+            return per_example
+        return per_example.new_zeros(self.count, *per_example.shape[1:]).index_add_(0, self.index, per_example)
+
+    def add_ghost_norms(self, a: torch.Tensor, g: torch.Tensor) -> None:
+        """Add ||sum_{i in u} g_i^T a_i||^2 per unit, from a (B, T, d) and g (B, T, p)."""
+        if self.singletons:
+            self.sq_norms += (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).flatten(1).sum(1)
+            return
+        i, j = self.pairs
+        terms = (torch.bmm(a[i], a[j].transpose(1, 2)) * torch.bmm(g[i], g[j].transpose(1, 2))).flatten(1).sum(1)
+        self.sq_norms.index_add_(0, self.index[i], terms)
+
+
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
     if not isinstance(conv.padding, str):
         return tuple(conv.padding)
@@ -68,8 +104,13 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
     return tuple(t // 2 for t in total)
 
 
+def _sum_over(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """``x.sum(dims)``, where no dims means no sum (``Tensor.sum(())`` would reduce the batch too)."""
+    return x.sum(dims) if dims else x
+
+
 class _Layer:
-    """One parametrised module: decides ghost vs materialised and turns output gradients into S."""
+    """One parametrised module: turns its output gradients into per-unit norms and the clipped sum."""
 
     def __init__(self, name: str, module: nn.Module):
         self.name, self.module = name, module
@@ -77,34 +118,40 @@ class _Layer:
         self.calls = 0  # forward passes recorded since the last backward (1 at most)
         self.fired = False  # the output gradient arrived
         self.activation = None
-        self.ghost_mode = False
         # numeric padding for unfold/weight-gradient products; refuses unsupported 'same' at set-up
         self.padding = _conv_padding(module) if isinstance(module, nn.Conv2d) else None
-        self.per_sample: dict[str, torch.Tensor] = {}
+        self.per_unit: dict[str, torch.Tensor] = {}
         self.ghost: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.ghost_mode = False  # whether the last backward used ghost norms (for tests and benchmarks)
 
-    def use_ghost(self, activation: torch.Tensor, output: torch.Tensor) -> bool:
-        """Ghost norm for an ungrouped convolution or a token-wise linear layer with few positions T."""
+    def positions(self, output: torch.Tensor) -> int | None:
+        """T for an ungrouped convolution or a token-wise linear layer (ghost candidates), else None."""
         m = self.module
         if "weight" not in self.params:
-            return False
+            return None
         if isinstance(m, nn.Conv2d) and m.groups == 1:
-            positions = output.shape[2] * output.shape[3]
-        elif isinstance(m, nn.Linear) and activation.dim() > 2:
-            positions = math.prod(output.shape[1:-1])
-        else:
-            return False
-        return GHOST_RATIO * positions * positions <= m.weight.numel()
+            return output.shape[2] * output.shape[3]
+        if isinstance(m, nn.Linear) and output.dim() > 2:
+            return math.prod(output.shape[1:-1])
+        return None
 
-    def backward(self, grad: torch.Tensor, sq_norms: torch.Tensor) -> None:
-        """Add this layer's squared per-example norms to ``sq_norms``; keep what S will need."""
+    def backward(self, grad: torch.Tensor, units: _Units) -> None:
+        """Add this layer's squared per-unit norms to ``units.sq_norms``; keep what S will need."""
         a, self.activation = self.activation, None
         self.fired = True
+        if a.shape[0] != units.size or grad.shape[0] != units.size:
+            raise InputError(f"dp.grad_sample_mode bookkeeping: layer {self.name} sees tensors of shapes "
+                             f"{tuple(a.shape)} and {tuple(grad.shape)} in a batch of {units.size}: the batch must "
+                             f"be dimension 0 of every layer's input and output")
         m = self.module
+        t = self.positions(grad)
+        # a carried piece needs only sums: the batched weight-gradient product gives them directly
+        ghost = t is not None and (units.summing or GHOST_RATIO * t * t * units.n_pairs <= m.weight.numel() * units.size)
+        self.ghost_mode = ghost
         if isinstance(m, nn.Conv2d):
-            self._conv(a, grad, sq_norms)
+            self._conv(a, grad, units, ghost)
         elif isinstance(m, nn.Linear):
-            self._linear(a, grad, sq_norms)
+            self._linear(a, grad, units, ghost)
         elif isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
             if isinstance(m, nn.GroupNorm):
                 normalised = F.group_norm(a, m.num_groups, eps=m.eps)
@@ -112,58 +159,57 @@ class _Layer:
             else:
                 normalised = F.layer_norm(a, m.normalized_shape, eps=m.eps)
                 dims = tuple(range(1, a.dim() - len(m.normalized_shape)))
-            self._store("weight", (grad * normalised).sum(dims), sq_norms)
-            self._store("bias", grad.sum(dims), sq_norms)
+            self._store("weight", _sum_over(grad * normalised, dims), units)
+            self._store("bias", _sum_over(grad, dims), units)
         else:  # Embedding: scatter each example's output gradients onto the rows it looked up
             b = a.shape[0]
             rows = a.reshape(b, -1)
             per = grad.new_zeros(b, m.num_embeddings, m.embedding_dim)
             per.scatter_add_(1, rows.unsqueeze(-1).expand(-1, -1, m.embedding_dim), grad.reshape(b, -1, m.embedding_dim))
-            self._store("weight", per, sq_norms)
+            self._store("weight", per, units)
 
-    def _store(self, key: str, per_sample: torch.Tensor, sq_norms: torch.Tensor) -> None:
+    def _store(self, key: str, per_example: torch.Tensor, units: _Units) -> None:
         if key in self.params:
-            self.per_sample[key] = per_sample
-            sq_norms += per_sample.flatten(1).pow(2).sum(1)
+            per_unit = units.reduce(per_example)
+            self.per_unit[key] = per_unit
+            if not units.summing:
+                units.sq_norms += per_unit.flatten(1).pow(2).sum(1)
 
-    def _conv(self, a, g, sq_norms):
+    def _conv(self, a, g, units, ghost):
         m = self.module
         b = a.shape[0]
-        padding = self.padding
-        if self.ghost_mode:
-            unfolded = F.unfold(a, m.kernel_size, m.dilation, padding, m.stride)  # B, d, T
-            flat = g.flatten(2)  # B, p, T
-            gram_a = torch.bmm(unfolded.transpose(1, 2), unfolded)
-            gram_g = torch.bmm(flat.transpose(1, 2), flat)
-            sq_norms += (gram_a * gram_g).flatten(1).sum(1)
+        if ghost:
+            if not units.summing:
+                unfolded = F.unfold(a, m.kernel_size, m.dilation, self.padding, m.stride)  # B, d, T
+                units.add_ghost_norms(unfolded.transpose(1, 2), g.flatten(2).transpose(1, 2))
             self.ghost = (a, g)
         elif "weight" in self.params:
             # all examples at once as one grouped convolution: example i is group i
             merged = torch.nn.grad.conv2d_weight(
                 a.reshape(1, -1, *a.shape[2:]), (b * m.out_channels, m.in_channels // m.groups, *m.kernel_size),
-                g.reshape(1, -1, *g.shape[2:]), m.stride, padding, m.dilation, b * m.groups)
-            self._store("weight", merged.view(b, *m.weight.shape), sq_norms)
-        bias = g.sum((2, 3))
-        self._store("bias", bias, sq_norms)
+                g.reshape(1, -1, *g.shape[2:]), m.stride, self.padding, m.dilation, b * m.groups)
+            self._store("weight", merged.view(b, *m.weight.shape), units)
+        self._store("bias", g.sum((2, 3)), units)
 
-    def _linear(self, a, g, sq_norms):
+    def _linear(self, a, g, units, ghost):
         b = a.shape[0]
         a3, g3 = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])  # B, T, d and B, T, p
-        if self.ghost_mode:
-            sq_norms += (torch.bmm(a3, a3.transpose(1, 2)) * torch.bmm(g3, g3.transpose(1, 2))).flatten(1).sum(1)
+        if ghost:
+            if not units.summing:
+                units.add_ghost_norms(a3, g3)
             self.ghost = (a3, g3)
         else:
-            self._store("weight", torch.bmm(g3.transpose(1, 2), a3), sq_norms)
-        self._store("bias", g3.sum(1), sq_norms)
+            self._store("weight", torch.bmm(g3.transpose(1, 2), a3), units)
+        self._store("bias", g3.sum(1), units)
 
-    def clipped_sum(self, coef: torch.Tensor) -> None:
-        """Set ``p.grad`` = sum_i coef_i * (per-example gradient i); zero for a layer not used."""
+    def clipped_sum(self, unit_coef: torch.Tensor, example_coef: torch.Tensor) -> None:
+        """Set ``p.grad`` = sum_u coef_u * (unit u's gradient); zero for a layer not used."""
         for key, p in self.params.items():
-            if key in self.per_sample:
-                p.grad = torch.tensordot(coef.to(p.dtype), self.per_sample[key], dims=1).view_as(p)
+            if key in self.per_unit:
+                p.grad = torch.tensordot(unit_coef.to(p.dtype), self.per_unit[key], dims=1).view_as(p)
             elif key == "weight" and self.ghost is not None:
                 a, g = self.ghost
-                scaled = g * coef.to(g.dtype).view(-1, *[1] * (g.dim() - 1))
+                scaled = g * example_coef.to(g.dtype).view(-1, *[1] * (g.dim() - 1))
                 m = self.module
                 if isinstance(m, nn.Conv2d):
                     p.grad = torch.nn.grad.conv2d_weight(a, m.weight.shape, scaled, m.stride, self.padding,
@@ -175,11 +221,11 @@ class _Layer:
 
 
 class BookKeeping:
-    """Computes the clipped per-example gradient sum of a model into ``p.grad`` in one backward pass.
+    """Computes the clipped per-unit gradient sum of a model into ``p.grad`` in one backward pass.
 
     Usage: ``clipper = BookKeeping(model, max_grad_norm)``, then per physical batch
-    ``losses = criterion_none(model(x), y); clipper.backward(losses)``; ``p.grad`` then holds
-    sum_i c_i grad l_i, what Opacus' ``DPOptimizerFastGradientClipping`` noises, scales and applies.
+    ``losses = criterion_none(model(x), y); clipper.backward(losses, units)``; ``p.grad`` then holds
+    sum_u c_u g_u, what Opacus' ``DPOptimizerFastGradientClipping`` noises, scales and applies.
     Only training-mode forwards with gradients enabled are recorded.
     """
 
@@ -189,10 +235,10 @@ class BookKeeping:
         for name, module in model.named_modules():
             if not any(p.requires_grad for p in module.parameters(recurse=False)):
                 continue
-            if not isinstance(module, SUPPORTED):
+            if type(module) not in PARAMETRISED:  # exact types: a subclass may compute something else
                 raise InputError(f"dp.grad_sample_mode bookkeeping: layer {name or 'model'} "
                                  f"({type(module).__name__}) is not supported (supported: "
-                                 f"{', '.join(t.__name__ for t in SUPPORTED)}); use hooks, ew or functorch")
+                                 f"{', '.join(t.__name__ for t in PARAMETRISED)}); use hooks, ew or functorch")
             if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
                 raise InputError(f"dp.grad_sample_mode bookkeeping: layer {name} pads with "
                                  f"'{module.padding_mode}'; only zero padding is supported")
@@ -200,7 +246,9 @@ class BookKeeping:
             self.layers.append(layer)
             module.register_forward_hook(self._forward_hook(layer))
         self._anchor = None
-        self._sq_norms = None
+        self._batch = None  # the batch size of the forward being recorded
+        self._units = None
+        self._carry: list[torch.Tensor] | None = None  # summed gradient of a unit that continues
 
     def _forward_hook(self, layer: _Layer):
         def hook(module, inputs, output):
@@ -208,36 +256,79 @@ class BookKeeping:
                 return None
             if self._anchor is None:
                 self._anchor = torch.zeros((), device=output.device, requires_grad=True)
+                self._batch = inputs[0].shape[0]
+            if inputs[0].shape[0] != self._batch or output.shape[0] != self._batch:
+                raise InputError(f"dp.grad_sample_mode bookkeeping: layer {layer.name} maps an input of shape "
+                                 f"{tuple(inputs[0].shape)} to {tuple(output.shape)} in a batch of {self._batch}: "
+                                 f"the batch must be dimension 0 of every layer's input and output")
             layer.calls += 1
             if layer.calls > 1:
                 raise InputError(f"dp.grad_sample_mode bookkeeping: layer {layer.name} is used twice in one "
                                  f"forward pass (shared weights), which is not supported; use hooks")
             layer.activation = inputs[0].detach()
-            layer.ghost_mode = layer.use_ghost(inputs[0], output)
-            return _Tap.apply(output, self._anchor, lambda g: layer.backward(g, self._sq_norms))
+            return _Tap.apply(output, self._anchor, lambda g: layer.backward(g, self._units))
         return hook
 
-    def backward(self, per_example_losses: torch.Tensor) -> torch.Tensor:
-        """Set ``p.grad`` to the clipped sum; return the per-example gradient norms (before clipping)."""
-        anchor, self._anchor = self._anchor, None
-        self._sq_norms = per_example_losses.new_zeros(per_example_losses.shape[0])
+    def _params(self) -> list[torch.Tensor]:
+        return [p for layer in self.layers for p in layer.params.values()]
+
+    def backward(self, per_example_losses: torch.Tensor, units: torch.Tensor | None = None,
+                 continues: bool = False) -> torch.Tensor:
+        """Set ``p.grad`` to the clipped sum over the batch's units; return the units' gradient norms
+        (before clipping).
+
+        ``units[i]`` is example i's unit (0, 1, ...; None: each example its own). ``continues``:
+        the batch is a piece of one unit whose remaining images come in the next batch(es); its
+        gradient is carried, ``p.grad`` is zero, and the unit is clipped with its last piece.
+        """
+        anchor, batch, self._anchor, self._batch = self._anchor, self._batch, None, None
+        size = per_example_losses.shape[0]
+        index = torch.arange(size) if units is None else torch.as_tensor(units, dtype=torch.long)
+        carried = continues or self._carry is not None
+        self._units = _Units(index.to(per_example_losses.device), carried, per_example_losses.dtype)
         try:
-            if len(per_example_losses):
+            if carried and self._units.count > 1:
+                raise RuntimeError("bookkeeping: a batch that continues a unit must hold that unit alone")
+            if size:
                 if anchor is None:
                     raise RuntimeError("bookkeeping: no layer of the model was recorded in this forward pass "
                                        "(was the model run in eval mode, without gradients, or through a "
                                        "compiled graph made for another model?)")
+                if size != batch or len(index) != size:
+                    raise InputError(f"dp.grad_sample_mode bookkeeping: {size} per-example losses and {len(index)} "
+                                     f"unit indices for a forward pass of {batch} examples")
                 torch.autograd.grad(per_example_losses.sum(), anchor)
                 silent = [layer.name for layer in self.layers if layer.calls and not layer.fired]
                 if silent:  # a zero norm would clip nothing: refuse rather than under-clip
                     raise RuntimeError(f"bookkeeping: layers {', '.join(silent)} ran forward but got no gradient; "
                                        f"every recorded layer must reach the loss")
-            norms = self._sq_norms.sqrt()
+            if carried:
+                return self._carry_piece(continues)
+            norms = self._units.sq_norms.sqrt()
             coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' flat clipping
             for layer in self.layers:
-                layer.clipped_sum(coef)
+                layer.clipped_sum(coef, coef[self._units.index])
         finally:
             for layer in self.layers:
-                layer.calls, layer.fired, layer.activation, layer.per_sample, layer.ghost = 0, False, None, {}, None
-            self._sq_norms = None
+                layer.calls, layer.fired, layer.activation, layer.per_unit, layer.ghost = 0, False, None, {}, None
+            self._units = None
         return norms
+
+    def _carry_piece(self, continues: bool) -> torch.Tensor:
+        """Add the piece's sum to the carried unit; on its last piece, clip the unit into ``p.grad``."""
+        ones = torch.ones(self._units.size, dtype=self._units.sq_norms.dtype, device=self._units.index.device)
+        for layer in self.layers:
+            layer.clipped_sum(ones[:1], ones)
+        params = self._params()
+        pieces = [p.grad for p in params]
+        self._carry = pieces if self._carry is None else [c + g for c, g in zip(self._carry, pieces)]
+        if continues:
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            return torch.zeros(0, device=ones.device)
+        norm = torch.sqrt(sum(c.pow(2).sum() for c in self._carry))
+        coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p, c in zip(params, self._carry):
+            p.grad = (c * coef.to(c.dtype)).view_as(p)
+        self._carry = None
+        return norm.view(1)

@@ -39,11 +39,16 @@ def draw_canaries(train: pd.DataFrame, labels: list[str], m: int, seed: int) -> 
 
 
 def with_canaries(train: pd.DataFrame, canaries: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
-    """The training split as trained on: canaries whose coin is 0 left out, the others flipped."""
+    """The training split as trained on: canaries whose coin is 0 left out, the others flipped.
+
+    Each canary is a privacy unit of its own (patient id ``canary:<image_id>``), so that its coin
+    adds or removes one whole unit, the neighbouring datasets the one-run bound is about.
+    """
     by_id = canaries.set_index("image_id")
     out = train[~train["image_id"].isin(by_id.index[by_id["included"] == 0])].reset_index(drop=True)
     inside = out["image_id"].isin(by_id.index)
     out.loc[inside, labels] = by_id.loc[out.loc[inside, "image_id"], labels].to_numpy()
+    out.loc[inside, "patient_id"] = "canary:" + out.loc[inside, "image_id"].astype(str)
     return out
 
 

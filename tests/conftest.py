@@ -1,7 +1,14 @@
 """Shared fixtures: a tiny synthetic dataset (generated once per session) and tiny configs."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# MKL's multithreaded GEMM may sum in another order from one call to the next (seen on 2 cores for a
+# one-image chunk whose last layer is 1x1): conditional numerical reproducibility makes the bitwise
+# comparisons of resumed, distributed and interrupted runs meaningful. Set before torch loads MKL;
+# subprocesses (torchrun, killed runs) inherit it.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import pytest
 import yaml
@@ -26,6 +33,7 @@ def tiny_config(tmp_path, data_cache):
         raw["training"].update(epochs=2, logical_batch_size=16, physical_batch_size=8, device="cpu")
         raw["output"]["target_dir"] = str(tmp_path / "experiments")
         raw["experiment"]["name"] = "tiny"
+        raw["dp"]["reproducible_noise"] = True  # runs are compared bitwise; tests of secret noise turn it off
         for section, values in sections.items():
             raw[section].update(values)
         path = tmp_path / "config.yaml"

@@ -50,7 +50,9 @@ def test_missing_config_file(tmp_path, capsys):
 def test_delta_must_be_below_one_over_n(tiny_config, capsys):
     code, err = run_cli(capsys, "train", "--config", str(tiny_config()), "--set", "dp.delta=0.2")
     assert code == 2
-    assert "dp.delta = 0.2 must be below 1/N_train = 1/" in err
+    assert "dp.delta = 0.2 must be below 1/N = 1/" in err and " patients" in err
+    code, err = run_cli(capsys, "train", "--config", str(tiny_config()), "--set", "dp.delta=0.005")
+    assert code == 2 and "dp.allow_large_delta" in err
 
 
 def test_overrides_are_parsed_as_yaml(tiny_config):
@@ -67,5 +69,10 @@ def test_override_syntax_error():
 
 def test_compile_is_refused_with_opacus_hooks(tiny_config, capsys):
     code, err = run_cli(capsys, "train", "--config", str(tiny_config()), "--set", "training.compile=true",
-                        "dp.grad_sample_mode=hooks")
+                        "dp.grad_sample_mode=hooks", "dp.unit=image")
     assert code == 2 and "training.compile" in err and "'hooks'" in err
+
+
+def test_patient_units_need_bookkeeping(tiny_config, capsys):
+    code, err = run_cli(capsys, "train", "--config", str(tiny_config()), "--set", "dp.grad_sample_mode=ew")
+    assert code == 2 and "dp.unit: patient" in err and "dp.unit: image" in err

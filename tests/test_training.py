@@ -39,7 +39,9 @@ def test_run_writes_every_artifact(tiny_config, dp):
     if dp:
         assert resolved["dp"]["delta"] == summary["dp"]["delta"] < 1 / derived["n_train"]
         assert derived["noise_multiplier"] == summary["dp"]["noise_multiplier"] > 0
-        assert derived["sample_rate"] == pytest.approx(1 / derived["steps_per_epoch"])
+        units = derived["n_train_units"]
+        assert derived["privacy_unit"] == "patient" and units == derived["n_train_patients"] < derived["n_train"]
+        assert derived["sample_rate"] == 16 / units and derived["steps_per_epoch"] == round(units / 16)
     for name in ("last.pt", "best.pt"):
         ckpt = torch.load(exp / "checkpoints" / name, weights_only=True)
         assert ckpt["labels"] == TINY_LABELS
