@@ -13,7 +13,7 @@ per-sample methods make redundant, are never computed -- and then per layer eith
 
 * materialises G_i^T A_i for every example and sums them per unit (cost T*d*p per example), or
 * computes only the units' norms, ||sum_{i in u} G_i^T A_i||^2 = sum_{i,j in u} <A_i A_j^T, G_i G_j^T>
-  ("ghost norm", cost T^2*(d+p) per ordered pair of examples of one unit), keeps (A, G), and forms
+  ("ghost norm", cost T^2*(d+p) per pair i <= j of examples of one unit), keeps (A, G), and forms
   S = (diag(c_u(i)) G)^T A with one batched weight-gradient product once the c_u are known.
 
 The choice is per layer and batch ("mixed" ghost clipping): ghost when the Gram products are much
@@ -72,8 +72,8 @@ class _Units:
         self.count = int(index.max()) + 1 if self.size else 0
         self.singletons = torch.equal(index, torch.arange(self.size, device=index.device))
         self.sq_norms = torch.zeros(self.count, dtype=dtype, device=index.device)
-        same = index[:, None] == index[None, :]
-        self.pairs = None if self.singletons else same.nonzero(as_tuple=True)  # (i, j) of one unit, both orders
+        # pairs i <= j of one unit: the (i, j) and (j, i) terms of a squared norm are equal
+        self.pairs = None if self.singletons else torch.triu(index[:, None] == index[None, :]).nonzero(as_tuple=True)
         self.n_pairs = self.size if self.singletons else len(self.pairs[0])
 
     def reduce(self, per_example: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ class _Units:
             return
         i, j = self.pairs
         terms = (torch.bmm(a[i], a[j].transpose(1, 2)) * torch.bmm(g[i], g[j].transpose(1, 2))).flatten(1).sum(1)
-        self.sq_norms.index_add_(0, self.index[i], terms)
+        self.sq_norms.index_add_(0, self.index[i], torch.where(i == j, terms, 2 * terms))
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
