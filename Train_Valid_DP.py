@@ -192,9 +192,9 @@ def train_one_epoch(model, criterion, optimizer, dataset: Dataset, units: list[n
     sum and adds noise once, at the last chunk of the logical batch (what Opacus'
     BatchMemoryManager does); an empty Poisson batch still takes a (noise-only) step. Non-private
     (``backward`` None): gradients of the chunks are accumulated, weighted by size.
-    ``fixed_shape`` pads every chunk to ``physical_batch_size`` with blank images, each its own unit,
-    whose labels are all unlabelled (NaN): their loss and gradient are exactly zero, so a compiled
-    model sees one shape under Poisson sampling without changing the update. Under torchrun each
+    ``fixed_shape`` pads every chunk to ``physical_batch_size`` with blank images, counted in the
+    chunk's last unit, whose labels are all unlabelled (NaN): their loss and gradient are exactly
+    zero, so a compiled model sees one shape under Poisson sampling without changing the update. Under torchrun each
     rank loads its share of the units of every logical batch; the loss reported is that of the
     whole batch. ``step_allowed()`` is asked before each logical step (the privacy budget guard)
     and ``after_step()`` called after it (periodic checkpoints). A non-finite loss, or weights made
@@ -226,8 +226,7 @@ def train_one_epoch(model, criterion, optimizer, dataset: Dataset, units: list[n
                 pad = physical_batch_size - n
                 xc = torch.cat([xc, xc.new_zeros(pad, *xc.shape[1:])])
                 yc = torch.cat([yc, yc.new_full((pad, *yc.shape[1:]), float("nan"))])
-                first = int(in_chunk.max()) + 1 if n else 0
-                in_chunk = torch.cat([in_chunk, torch.arange(first, first + pad)])
+                in_chunk = torch.cat([in_chunk, in_chunk[-1:].expand(pad) if n else torch.zeros(pad, dtype=torch.long)])
             xc, yc = xc.to(device), yc.to(device)
             per_image = criterion(model(xc), yc)
             loss_sum = per_image.detach().sum()

@@ -180,8 +180,9 @@ def test_fixed_shape_batches_do_not_change_training(compiled):
         torch.manual_seed(0)
         model = _Small()
         x, y = torch.randn(30, 1, 9, 9), (torch.rand(30, 2) > 0.5).float()
-        patients = pd.Series([i // 2 for i in range(30)])  # 2 images each: chunks of 4 hold whole patients
-        sampler = UnitSampler(15, 5, torch.Generator().manual_seed(1), poisson=True)
+        # patients of 1-5 images: chunks of 4 pack the small ones and cut the patients of 5
+        patients = pd.Series(np.repeat(np.arange(10), [5, 1, 2, 3, 4, 1, 5, 2, 3, 4]))
+        sampler = UnitSampler(10, 5, torch.Generator().manual_seed(1), poisson=True)
         setup = privatize(model, torch.optim.SGD(model.parameters(), lr=0.5), sample_rate=sampler.sample_rate,
                           expected_batch_size=5, steps=3, accountant="rdp", max_grad_norm=0.5,
                           grad_sample_mode="bookkeeping", noise_multiplier=1.0,
