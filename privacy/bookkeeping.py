@@ -99,8 +99,8 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
         return (0, 0)
     total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
     if any(t % 2 for t in total):
-        raise InputError(f"dp.grad_sample_mode bookkeeping: Conv2d padding='same' with an even kernel pads "
-                         f"asymmetrically, which is not supported; use hooks")
+        raise InputError("dp.grad_sample_mode bookkeeping: Conv2d padding='same' with an even kernel pads "
+                         "asymmetrically, which is not supported; use hooks")
     return tuple(t // 2 for t in total)
 
 

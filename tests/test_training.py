@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -83,26 +84,57 @@ def _assert_same_run(exp_a, exp_b):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_interrupted_run_resumes_to_the_same_epsilon_and_weights(tiny_config, monkeypatch):
-    path = tiny_config()
-    assert main(["train", "--config", str(path), "--name", "straight"]) == 0
-
+def _killed_in_second_epoch(path, name, monkeypatch):
     real = Train_Valid_DP.train_one_epoch
     calls = []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            raise KeyboardInterrupt  # killed during the second epoch
+            raise KeyboardInterrupt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(Train_Valid_DP, "train_one_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        main(["train", "--config", str(path), "--name", "broken"])
-    assert json.loads((_exp(path, "broken") / "summary.json").read_text())["epochs_completed"] == 1
+        main(["train", "--config", str(path), "--name", name])
     monkeypatch.setattr(Train_Valid_DP, "train_one_epoch", real)
+    assert json.loads((_exp(path, name) / "summary.json").read_text())["epochs_completed"] == 1
+
+
+def test_interrupted_run_resumes_to_the_same_epsilon_and_weights(tiny_config, monkeypatch):
+    path = tiny_config()
+    assert main(["train", "--config", str(path), "--name", "straight"]) == 0
+    _killed_in_second_epoch(path, "broken", monkeypatch)
     assert main(["train", "--config", str(path), "--name", "broken", "--resume"]) == 0
     _assert_same_run(_exp(path, "straight"), _exp(path, "broken"))
+
+
+def test_noise_and_sampling_are_secret_unless_reproducible(tiny_config, monkeypatch, capsys):
+    """Same config and seed: secret noise gives other weights every run; only the private last.pt holds
+    the generators' state, and an interrupted run resumes that secret stream exactly (two copies
+    resumed alike end equal). The reproducible mode repeats itself and says what that costs."""
+    path = tiny_config(dp={"reproducible_noise": False})
+    for name in ("a", "b"):
+        assert main(["train", "--config", str(path), "--name", name, "--set", "training.epochs=1"]) == 0
+    assert not all(torch.equal(u, v) for u, v in zip(_weights(_exp(path, "a")).values(),
+                                                     _weights(_exp(path, "b")).values()))
+    assert json.loads((_exp(path, "a") / "summary.json").read_text())["dp"]["noise"] == "secret"
+    assert "rng" not in torch.load(_exp(path, "a") / "checkpoints" / "best.pt", weights_only=True)
+    assert "reproducible" not in capsys.readouterr().out
+
+    _killed_in_second_epoch(path, "cut", monkeypatch)
+    shutil.copytree(_exp(path, "cut"), _exp(path, "cut-copy"))
+    for name in ("cut", "cut-copy"):
+        assert main(["train", "--config", str(path), "--name", name, "--resume"]) == 0
+    _assert_same_run(_exp(path, "cut"), _exp(path, "cut-copy"))
+
+    path = tiny_config(dp={"reproducible_noise": True})
+    for name in ("r1", "r2"):
+        assert main(["train", "--config", str(path), "--name", name, "--set", "training.epochs=1"]) == 0
+    _assert_same_run(_exp(path, "r1"), _exp(path, "r2"))
+    assert "does not hold against anyone who knows the seed" in capsys.readouterr().out
+    assert json.loads((_exp(path, "r1") / "summary.json").read_text())["dp"]["noise"].startswith(
+        "reproducible: seeded from experiment.seed")
 
 
 def test_one_epoch_plus_resume_equals_two_epochs(tiny_config):
