@@ -310,7 +310,8 @@ def audit_experiment(exp_dir: Path, reference_dirs: list[Path] = (), checkpoint:
             canaries["image_id"], "path"].to_numpy()), table, cfg.data, cfg.training.physical_batch_size)
         canary_logits, canary_targets = predict_logits(best.model, canary_loader, best.device, desc="canaries")
         canary_score = -per_image_loss(canary_logits, canary_targets).double().numpy()
-        delta = dp["delta"] if dp["enabled"] else cfg.dp.delta or default_delta(cfg.derived.get("n_train_units", cfg.derived["n_train"]))
+        units = cfg.derived.get("n_train_units", cfg.derived["n_train"])  # folders from before privacy units: images
+        delta = dp["delta"] if dp["enabled"] else cfg.dp.delta or default_delta(units)
         audit["canaries"] = canary_bound(canary_score, canaries["included"].to_numpy(), delta)
         audit["canaries"]["exceeds_accounted_epsilon"] = bool(
             dp["enabled"] and audit["canaries"]["epsilon_lower_bound"] > dp["epsilon_spent"])

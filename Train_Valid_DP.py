@@ -194,9 +194,9 @@ def train_one_epoch(model, criterion, optimizer, dataset: Dataset, units: list[n
     (``backward`` None): gradients of the chunks are accumulated, weighted by size.
     ``fixed_shape`` pads every chunk to ``physical_batch_size`` with blank images, counted in the
     chunk's last unit, whose labels are all unlabelled (NaN): their loss and gradient are exactly
-    zero, so a compiled model sees one shape under Poisson sampling without changing the update. Under torchrun each
-    rank loads its share of the units of every logical batch; the loss reported is that of the
-    whole batch. ``step_allowed()`` is asked before each logical step (the privacy budget guard)
+    zero, so a compiled model sees one shape under Poisson sampling without changing the update.
+    Under torchrun each rank loads its share of the units of every logical batch; the loss reported
+    is that of the whole batch. ``step_allowed()`` is asked before each logical step (the privacy budget guard)
     and ``after_step()`` called after it (periodic checkpoints). A non-finite loss, or weights made
     non-finite by a step, stop training before anything of that step is saved. ``loader_seed``
     seeds the DataLoader's own draw (worker seeds), which would otherwise consume the global RNG

@@ -66,8 +66,8 @@ class Step:
         optimizer = torch.optim.NAdam(model.parameters(), lr=2e-4)
         criterion = MaskedBCEWithLogitsLoss(torch.ones(LABELS, device=device), reduction="none")
         self.backward = lambda per_image: per_image.mean().backward()
-        if method == "ghost":
-            loader = DataLoader(TensorDataset(self.x.cpu(), self.y.cpu()), batch_size=batch)  # Opacus' own loss wrapper does the two backward passes
+        if method == "ghost":  # Opacus' own loss wrapper does the two backward passes
+            loader = DataLoader(TensorDataset(self.x.cpu(), self.y.cpu()), batch_size=batch)
             criterion.reduction = "mean"
             model, optimizer, criterion, _ = PrivacyEngine(accountant="rdp").make_private(
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.5,
