@@ -2,7 +2,9 @@
 
 Per label: AUROC (threshold-free), and accuracy, sensitivity, specificity, precision and F1 at the
 Youden threshold (argmax of TPR - FPR). The threshold is chosen on the validation split, never on
-the split being scored; scoring the validation split itself takes its thresholds from training.
+training data (a DP model's scores of training images would make every threshold a function of one
+training image); scoring the validation split itself therefore uses thresholds chosen on the scored
+images, which is optimistic and reported as such.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from artifacts import atomic_write_text, json_text, load_checkpoint
 from evaluation.bootstrap import bootstrap_intervals, resample_counts
 from evaluation.compare import paired_auroc_comparison
 from evaluation.fairness import fairness_report, fairness_table
-from evaluation.report import audit_sections, comparison_report, page, prediction_sections
+from evaluation.report import audit_sections, comparison_report, page, prediction_sections, threshold_source
 from models import MaskedBCEWithLogitsLoss, build_model, resolve_device
 from privacy import default_delta
 from privacy.audit import (attack_report, attack_table, canary_bound, lira_offline, membership_candidates,
@@ -167,7 +169,7 @@ def load_trained(exp_dir: Path, checkpoint: str = "best") -> Trained:
 
 
 def score_split(exp_dir: Path, split: str) -> Scored:
-    """Score ``split`` with ``checkpoints/best.pt``; Youden thresholds come from valid (train for valid)."""
+    """Score ``split`` with ``checkpoints/best.pt``; Youden thresholds come from the validation split."""
     exp_dir = Path(exp_dir)
     best = load_trained(exp_dir)
     cfg, model, labels, device = best.cfg, best.model, best.labels, best.device
@@ -178,12 +180,11 @@ def score_split(exp_dir: Path, split: str) -> Scored:
         loader = evaluation_loader(frame, table, cfg.data, batch)
         return frame[labels].to_numpy(), predict_scores(model, loader, device, desc=f"{exp_dir.name} {name}")
 
-    threshold_split = "train" if split == "valid" else "valid"
-    ref_truth, ref_scores = run(table.split(threshold_split), threshold_split)
-    thresholds = {label: youden_threshold(ref_truth[:, i], ref_scores[:, i]) for i, label in enumerate(labels)}
     frame = table.split(split)
     truth, scores = run(frame, split)
-    return Scored(cfg, frame, labels, truth, scores, thresholds, threshold_split, best.epoch)
+    ref_truth, ref_scores = (truth, scores) if split == "valid" else run(table.split("valid"), "valid")
+    thresholds = {label: youden_threshold(ref_truth[:, i], ref_scores[:, i]) for i, label in enumerate(labels)}
+    return Scored(cfg, frame, labels, truth, scores, thresholds, "valid", best.epoch)
 
 
 def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
@@ -197,7 +198,8 @@ def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
     for i, label in enumerate(labels):
         out[label] = pd.Series(truth[:, i]).astype("Int64")  # empty where unlabelled
         out[f"{label}_score"] = scores[:, i]
-    metrics = {"split": split, "threshold_split": scored.threshold_split, "checkpoint_epoch": scored.epoch,
+    metrics = {"split": split, "threshold_split": scored.threshold_split,
+               "thresholds_optimistic": split == scored.threshold_split, "checkpoint_epoch": scored.epoch,
                **split_metrics(truth, scores, labels, scored.thresholds)}
     evaluation = scored.cfg.evaluation
     # One set of resample counts for the metrics and every subgroup: all intervals are paired.
@@ -412,7 +414,7 @@ def format_metrics(metrics: dict) -> str:
     if with_ci:
         b = metrics["bootstrap"]
         rows.append(f"(95% percentile intervals, {b['resamples']} image-level bootstrap resamples, seed {b['seed']}; "
-                    f"thresholds fixed from the {metrics['threshold_split']} split)")
+                    f"{threshold_source(metrics)})")
     return "\n".join(rows)
 
 

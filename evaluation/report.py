@@ -90,6 +90,13 @@ def _subgroup_bars(fairness: dict, attribute: str, labels: list[str]):
     return fig
 
 
+def threshold_source(metrics: dict) -> str:
+    """Where the decision thresholds of a split's metrics came from, in words."""
+    if metrics.get("thresholds_optimistic"):
+        return f"thresholds by Youden's J on the {metrics['split']} split itself (optimistic)"
+    return f"thresholds by Youden's J on the {metrics['threshold_split']} split"
+
+
 def prediction_sections(labels: list[str], truth: np.ndarray, scores: np.ndarray, metrics: dict,
                         fairness: dict) -> list[tuple[str, str]]:
     rows = [{"label": label, "AUROC": m["auroc"], "95% CI": _interval(m.get("ci95", {}).get("auroc")),
@@ -108,8 +115,8 @@ def prediction_sections(labels: list[str], truth: np.ndarray, scores: np.ndarray
     under = [{"attribute": a, "group": g, "abnormal images": e["abnormal"], "underdiagnosis rate": e["rate"]}
              for a, groups in fairness["underdiagnosis"].items() if a != "sex_age" for g, e in groups.items()]
     n = metrics["labels"][labels[0]]["n"]
-    note = (f"<p class='note'>{n} images of the {metrics['split']} split. Thresholds: Youden's J on the "
-            f"{metrics['threshold_split']} split. Intervals: 95% percentile bootstrap.</p>")
+    note = (f"<p class='note'>{n} images of the {metrics['split']} split; {threshold_source(metrics)}. "
+            f"Intervals: 95% percentile bootstrap.</p>")
     return [
         ("Metrics", note + _table(pd.DataFrame(rows))),
         ("ROC curves", _figure(_roc_grid(truth, {"model": scores}, labels))),

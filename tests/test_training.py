@@ -173,13 +173,16 @@ def test_predict_metrics_are_reproducible_from_the_csv(tiny_config):
     valid = pd.read_csv(exp / "predictions" / "valid.csv")
     assert list(test.columns[:4]) == ["image_id", "patient_id", "sex", "age"]
     assert set(test["sex"]) <= {"F", "M"}
-    assert metrics["threshold_split"] == "valid"
+    assert metrics["threshold_split"] == "valid" and not metrics["thresholds_optimistic"]
+    valid_metrics = json.loads((exp / "results" / "valid_metrics.json").read_text())
+    assert valid_metrics["threshold_split"] == "valid" and valid_metrics["thresholds_optimistic"]  # never training data
     aurocs = []
     for label in TINY_LABELS:
         m, truth, score = metrics["labels"][label], test[label].to_numpy(), test[f"{label}_score"].to_numpy()
         # the threshold is Youden's J on the validation split, not on the scored one
         fpr, tpr, thr = roc_curve(valid[label], valid[f"{label}_score"])
         assert m["threshold"] == pytest.approx(min(thr[np.argmax(tpr - fpr)], 1.0))
+        assert valid_metrics["labels"][label]["threshold"] == m["threshold"]
         pred = score >= m["threshold"]
         assert m["auroc"] == pytest.approx(roc_auc_score(truth, score))
         assert m["accuracy"] == pytest.approx((pred == truth).mean())
