@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -61,6 +62,7 @@ from Prediction_DP import auroc_per_label, mean_auroc, predict_scores
 from privacy import check_delta, default_delta, pld_epsilons, secret_seed
 from privacy.bookkeeping import BookKeeping
 from privacy.canaries import check_record, draw_canaries, reference_training_split, with_canaries
+from privacy.ledger import Booking, Ledger, ledger_root
 from privacy.per_sample import check_allowed, check_batch_independence
 from privacy.units import UnitSampler, plan_chunks, unit_rows
 
@@ -70,7 +72,8 @@ CHECKPOINT_FORMAT = 3  # 3: logical batches of privacy units, secret generator s
 RESUMABLE_KEYS = {"training.epochs", "training.device", "training.checkpoint_every_steps", "training.compile",
                   "training.distributed_timeout_s",
                   "dp.grad_sample_mode", "data.num_workers",
-                  "output.target_dir", "experiment.name", "evaluation.bootstrap", "evaluation.seed",
+                  "output.target_dir", "output.ledger", "dp.total_budget", "experiment.name",
+                  "evaluation.bootstrap", "evaluation.seed",
                   "evaluation.age_bins", "evaluation.min_subgroup_size"}
 
 
@@ -360,6 +363,21 @@ def privacy_summary(cfg: Config, history: list, epsilon: float, final: bool, bud
             "budget_increase": budget_note or None}
 
 
+def _booking(cfg: Config, exp_dir: Path, table, unit: str, delta: float | None, ranks: Ranks) -> Booking | None:
+    """Rank 0's entry for this run in the privacy ledger of the dataset's patients; the ledger's folder
+    is made explicit in the config, so that reference runs and sweeps share it."""
+    if not ranks.main:
+        return None
+    root = ledger_root(cfg.output.target_dir, cfg.output.ledger).resolve()
+    cfg.output.ledger = str(root)
+    ledger = Ledger.for_table(root, table.frame, {"dataset": cfg.data.dataset, "site": cfg.data.site,
+                                                  "root": str(table.root)})
+    cfg.derived["patients_fingerprint"] = ledger.key
+    delta = delta if delta is not None else default_delta(ledger.dataset["patients"])
+    return Booking(ledger, cfg.derived["run_id"], str(exp_dir.resolve()), cfg.dp.enabled, unit, cfg.dp.accountant,
+                   delta)
+
+
 def _write_summary(exp_dir: Path, summary: dict) -> None:
     atomic_write_text(exp_dir / "summary.json", json_text(summary))
 
@@ -475,11 +493,17 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
     if cfg.training.compile:  # training forward pass only; a fresh cache, not a graph of an earlier run's model
         torch._dynamo.reset()
         forward = torch.compile(model)
-    if ckpt is not None:
-        before = read_yaml(exp_dir / "config.yaml").get("derived", {}).get("n_train")
-        if before is not None and before != n_train:
-            raise InputError(f"--resume: the training split now has {n_train} images, the run started with {before} "
-                             f"(data or preprocessing cache changed); start a new experiment")
+    saved = read_yaml(exp_dir / "config.yaml").get("derived", {}) if ranks.main and ckpt is not None else {}
+    if saved.get("n_train", n_train) != n_train:
+        raise InputError(f"--resume: the training split now has {n_train} images, the run started with "
+                         f"{saved['n_train']} (data or preprocessing cache changed); start a new experiment")
+    cfg.derived["run_id"] = parallel.from_main(ranks, saved.get("run_id") or uuid.uuid4().hex[:12])
+    booking = _booking(cfg, exp_dir, table, unit, delta, ranks)
+    if booking is not None and cfg.dp.total_budget is not None:  # before anything is written
+        done = [tuple(entry) for entry in ckpt["accountant_history"]] if ckpt is not None and dp else []
+        left = planned - (ckpt["steps"] if ckpt is not None else 0)
+        booking.check(done + ([(cfg.derived["noise_multiplier"], sampler.sample_rate, left)] if dp and left else []),
+                      cfg.dp.total_budget)
     if ranks.main:
         exp_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(exp_dir / "config.yaml", config_yaml(cfg))
@@ -553,6 +577,7 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
             steps += 1
             if ranks.main and every and steps % every == 0 and not progress.complete:
                 save_checkpoint(state(epoch, progress, epoch_start), last_path)
+                booking.record(accountant.history if dp else [])
 
         try:
             progress = train_one_epoch(forward, per_image_loss, optimizer, train_set, units, progress, device,
@@ -593,6 +618,7 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
                              "model_name": cfg.model.name, "epoch": epoch + 1,
                              "valid_auroc_mean": auroc_mean}, best_path)
         save_checkpoint(state(epoch, progress, epoch_start), last_path)
+        booking.record(accountant.history if dp else [])
         if budget_note:
             budget_note["epsilon_spent"] = eps
         summary = {

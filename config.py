@@ -125,6 +125,7 @@ class DP(_Section):
     max_grad_norm: float = Field(1.5, gt=0)
     accountant: Literal["rdp", "prv"] = "rdp"
     grad_sample_mode: Literal["bookkeeping", "hooks", "functorch", "ew"] = "bookkeeping"
+    total_budget: Optional[float] = Field(None, gt=0)  # refuse a run that takes the ledger's total past this
     reproducible_noise: bool = False  # noise and sampling seeded from experiment.seed (tests, debugging only)
     secure_mode: bool = True  # Opacus' noise robust to floating-point attacks (a sum of Gaussian draws)
 
@@ -160,6 +161,7 @@ class Evaluation(_Section):
 
 class Output(_Section):
     target_dir: str = "experiments"
+    ledger: Optional[str] = None  # the privacy ledger's folder; null = <target_dir>/privacy_ledger
 
 
 class Audit(_Section):

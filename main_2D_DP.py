@@ -8,6 +8,7 @@
     python main_2D_DP.py sweep --epsilons inf,8,4,1 [--audit [--audit-canaries M]] [--name NAME] [--config FILE]
                                [--set KEY=VALUE ...]
     python main_2D_DP.py audit EXPERIMENT_DIR [--reference-models K] [--checkpoint best|last]
+    python main_2D_DP.py ledger [--config FILE] [--delta D] [--accountant rdp|prv] [--set KEY=VALUE ...]
     python main_2D_DP.py data describe [--config FILE] [--set KEY=VALUE ...]
     python main_2D_DP.py prepare [--config FILE] [--set KEY=VALUE ...]
 
@@ -33,6 +34,7 @@ from data.dataset import cache_location, describe, load_table, preprocessing
 from evaluation.report import sweep_report
 from evaluation.sweep import audit_columns, correlations, log_sweep_hparams, sweep_row
 from models import resolve_device
+from privacy.ledger import Ledger, describe as describe_ledger, ledger_root
 from Prediction_DP import (audit_experiment, compare_experiments, format_audit, format_comparison, format_metrics,
                            load_experiment_config, predict_experiment)
 from Train_Valid_DP import TrainingStopped, check_resume_compatible, train
@@ -137,13 +139,15 @@ def run_sweep(epsilons: list[float], name: str, config: Path | None, overrides: 
     base = load_config(config or DEFAULT_CONFIG, overrides)
     sweep_dir = Path(base.output.target_dir) / name
     raw = base.model_dump(exclude={"derived"})
+    ledger = ledger_root(base.output.target_dir, base.output.ledger)  # the base's, not one per sweep folder
     rows = []
     for epsilon in epsilons:
         run = f"eps_{epsilon:g}"
         privacy = {"enabled": False} if math.isinf(epsilon) else {"enabled": True, "epsilon": epsilon,
                                                                     "noise_multiplier": None}
         cfg = validate(merge(raw, {"dp": privacy, "experiment": {"name": run},
-                                   "output": {"target_dir": str(sweep_dir)}}), source=f"sweep {name}/{run}")
+                                   "output": {"target_dir": str(sweep_dir), "ledger": str(ledger)}}),
+                       source=f"sweep {name}/{run}")
         exp_dir = sweep_dir / run
         done = train_to_end(cfg, exp_dir, run)
         results = exp_dir / "results"
@@ -155,16 +159,23 @@ def run_sweep(epsilons: list[float], name: str, config: Path | None, overrides: 
         row = sweep_row(epsilon, json.loads((exp_dir / "summary.json").read_text()), found["metrics"], found["fairness"])
         rows.append({**row, **(audit_columns(json.loads((results / "audit.json").read_text())) if audit else {})})
     table = pd.DataFrame(rows)
+    derived = [load_experiment_config(sweep_dir / f"eps_{e:g}").derived for e in epsilons]
+    books = Ledger(ledger, derived[0]["patients_fingerprint"])
+    spent, note = books.total([e for e in books.entries() if e["run_id"] in {d["run_id"] for d in derived}],
+                              base.dp.accountant)
     result = {"epsilons": epsilons, "experiments": [f"eps_{e:g}" for e in epsilons],
-              "table": table.to_dict(orient="records"), "pearson_epsilon_vs_fairness": correlations(table)}
+              "table": table.to_dict(orient="records"), "pearson_epsilon_vs_fairness": correlations(table),
+              "privacy_total": {"epsilon": spent, "note": note, "ledger": str(books.folder)}}
     atomic_write_text(sweep_dir / "sweep.csv", table.to_csv(index=False))
     atomic_write_text(sweep_dir / "sweep.json", json_text(result))
     atomic_write_text(sweep_dir / "report.html", sweep_report(f"Privacy budget sweep {name}", table,
-                                                             result["pearson_epsilon_vs_fairness"]))
+                                                             result["pearson_epsilon_vs_fairness"],
+                                                             result["privacy_total"]))
     log_sweep_hparams(sweep_dir / "tensorboard", table)
     shown = ["epsilon", "epsilon_spent", "noise_multiplier", "auroc_mean", "auroc_mean_ci95_low", "auroc_mean_ci95_high"]
     shown += [c for c in ("attack_auroc", "epsilon_lower_bound") if c in table]
     print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
+    print(f"all {len(epsilons)} runs composed: epsilon {spent:.4g} per patient ({note})")
     print(f"wrote {sweep_dir / 'sweep.csv'}, sweep.json and report.html")
     return sweep_dir
 
@@ -198,6 +209,27 @@ def _finished(exp_dir: Path) -> bool:
         return False
     done = json.loads(summary.read_text())
     return done["epochs_completed"] >= done["epochs_planned"] and (exp_dir / "checkpoints" / "best.pt").is_file()
+
+
+def run_ledger(config: Path | None, overrides: list[str], delta: float | None, accountant: str | None) -> list[dict]:
+    """Print, per dataset in the privacy ledger, every run on its patients and their composition."""
+    cfg = load_config(config or DEFAULT_CONFIG, overrides)
+    root = ledger_root(cfg.output.target_dir, cfg.output.ledger)
+    datasets = describe_ledger(root, accountant or cfg.dp.accountant, delta)
+    for d in datasets:
+        about = d["dataset"]
+        print(f"{about['dataset']} (site {about['site']}, {about['patients']} patients, {about['images']} images, "
+              f"{about['root']}): ledger {d['folder']}")
+        runs = pd.DataFrame([{"experiment": r["experiment"], "private": r["private"], "unit": r["unit"],
+                              "steps": r["steps"], "epsilon": r["epsilon"], "delta": r["delta"],
+                              "updated": r["updated"]} for r in d["runs"]])
+        if len(runs):
+            print(runs.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
+        print(f"  all runs composed ({d['accountant'].upper()}): epsilon {d['total_epsilon']:.4g} per patient "
+              f"({d['note']})\n")
+    if not datasets:
+        print(f"{root}: no dataset recorded yet")
+    return datasets
 
 
 def run_describe(config: Path | None, overrides: list[str]) -> Path:
@@ -282,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train K reference runs (each a full training) for the calibrated attack (offline LiRA)")
     au.add_argument("--checkpoint", choices=["best", "last"], default="best",
                     help="model audited: best (what predict uses, default) or last (the end of training)")
+    le = sub.add_parser("ledger", help="the privacy spent on each dataset's patients: every run, composed")
+    le.add_argument("--config", type=Path, default=None)
+    le.add_argument("--delta", type=float, default=None, help="delta of the composition (default: the runs' largest)")
+    le.add_argument("--accountant", choices=["rdp", "prv"], default=None, help="default: the config's dp.accountant")
+    le.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides")
     da = sub.add_parser("data", help="inspect the configured dataset")
     da.add_argument("action", choices=["describe"])
     da.add_argument("--config", type=Path, default=None)
@@ -308,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             run_predict(args.experiment, args.split)
         elif args.command == "prepare":
             run_prepare(args.config, args.overrides)
+        elif args.command == "ledger":
+            run_ledger(args.config, args.overrides, args.delta, args.accountant)
         elif args.command == "data":
             run_describe(args.config, args.overrides)
         elif args.command == "sweep":

@@ -255,7 +255,7 @@ def _epsilon_axis(ax, epsilons) -> None:
     ax.set_xlabel("target epsilon (log scale)")
 
 
-def sweep_report(title: str, table: pd.DataFrame, correlations: dict) -> str:
+def sweep_report(title: str, table: pd.DataFrame, correlations: dict, privacy_total: dict) -> str:
     private = table[np.isfinite(table["epsilon"].astype(float))].sort_values("epsilon")
     reference = table[~np.isfinite(table["epsilon"].astype(float))]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -276,8 +276,12 @@ def sweep_report(title: str, table: pd.DataFrame, correlations: dict) -> str:
     ax2.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
     corr = pd.DataFrame([{"metric": k, "Pearson r": v["r"], "p-value": v["p_value"], "private runs": v["n"]}
                          for k, v in correlations.items()])
+    total = (f"<p class='note'>All runs of this sweep trained on the same patients; composed, each patient's "
+             f"epsilon is {privacy_total['epsilon']:.4g} ({html.escape(privacy_total['note'])}). The privacy ledger "
+             f"{html.escape(privacy_total['ledger'])} adds every other run on them "
+             f"(<code>python main_2D_DP.py ledger</code>).</p>")
     sections = [
-        ("Runs", _table(table)),
+        ("Runs", total + _table(table)),
         ("Privacy-utility curve", _figure(fig)),
         ("Fairness vs epsilon", _figure(fig2)),
         ("Pearson's r between epsilon and fairness (private runs)", _table(corr)),

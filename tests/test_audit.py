@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -203,6 +204,10 @@ def test_dp_run_stays_near_chance_with_reference_runs_reused(tiny_config, monkey
     for k in range(2):
         ref = yaml.safe_load((exp / "audit" / "references" / f"ref-{k}" / "config.yaml").read_text())
         assert ref["audit"] == {"canaries": 0, "reference": k} and ref["dp"]["epsilon"] == 1.0
+    # the reference runs trained on the same patients: they are in the experiment's ledger
+    [ledger] = (path.parent / "experiments" / "privacy_ledger").iterdir()
+    runs = [json.loads(p.read_text())["experiment"] for p in ledger.glob("*.json") if p.name != "dataset.json"]
+    assert sorted(Path(r).name for r in runs) == ["ref-0", "ref-1", "tiny"]
     # the report keeps the prediction sections and gains the audit's
     assert_report(exp / "report.html", ["Metrics", "ROC curves", "Membership inference"], min_figures=5)
 

@@ -50,6 +50,11 @@ def test_sweep_trains_each_budget_resumes_and_skips(tiny_config, monkeypatch, ca
     assert {"sex_demographic_parity_difference", "age_equalized_odds_difference", "sex_spd_F-M"} <= set(table.columns)
     result = json.loads((sweep / "sweep.json").read_text())
     assert result["pearson_epsilon_vs_fairness"]["sex_auroc_gap"]["n"] == 2
+    # the runs are in the ledger of the base target_dir, not of the sweep folder; with the
+    # non-private run among them, their total is unbounded (null in JSON)
+    assert result["privacy_total"]["epsilon"] is None and "non-private" in result["privacy_total"]["note"]
+    assert result["privacy_total"]["ledger"].startswith(str(path.parent / "experiments" / "privacy_ledger"))
+    assert not (sweep / "privacy_ledger").exists()
     assert_report(sweep / "report.html", ["Runs", "Privacy-utility curve", "Fairness vs epsilon", "Pearson"],
                   min_figures=2)
     hparam_runs = [p for p in (sweep / "tensorboard").iterdir() if p.is_dir()]
