@@ -41,7 +41,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from opacus.accountants import IAccountant, create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import (DPOptimizerFastGradientClipping, DistributedDPOptimizerFastGradientClipping,
@@ -59,11 +58,12 @@ from data.dataset import SPLITS, CXRDataset, evaluation_loader, load_table, posi
 from models import PER_IMAGE_MODELS, MaskedBCEWithLogitsLoss, build_model, load_pretrained, resolve_device
 from parallel import Ranks
 from Prediction_DP import auroc_per_label, mean_auroc, predict_scores
-from privacy import check_delta, default_delta, pld_epsilons, secret_seed
+from privacy import check_delta, default_delta, noise_multiplier_for, pld_epsilons, secret_seed
 from privacy.bookkeeping import BookKeeping
 from privacy.canaries import check_record, draw_canaries, reference_training_split, with_canaries
 from privacy.ledger import Booking, Ledger, ledger_root
 from privacy.per_sample import check_allowed, check_batch_independence
+from privacy.pos_weight import label_count_noise, noised_positive_weights
 from privacy.units import UnitSampler, plan_chunks, unit_rows
 
 CHECKPOINT_FORMAT = 3  # 3: logical batches of privacy units, secret generator states
@@ -111,13 +111,14 @@ def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, *, sample_rate
               steps: int, accountant: str, max_grad_norm: float, grad_sample_mode: str,
               noise_multiplier: float | None = None, target_epsilon: float | None = None,
               delta: float | None = None, noise_generator: torch.Generator | None = None,
-              secure_mode: bool = False) -> DPSetup:
+              secure_mode: bool = False, history: list = ()) -> DPSetup:
     """Opacus' DP optimizer and accountant for Poisson batches of rate q = ``sample_rate`` whose
     expected size (in units) is ``expected_batch_size``; sigma is solved for the target epsilon over
-    ``steps`` if not given.
+    ``steps`` if not given. ``history``: mechanisms already run on the same data (the accountant
+    starts with them, and sigma is solved for the target of all together).
 
-    sigma comes from Opacus' ``get_noise_multiplier`` (what ``make_private_with_epsilon`` calls), so
-    it can be recorded and reused on resume instead of being solved again for the remaining steps.
+    sigma comes from the bisection of Opacus' ``get_noise_multiplier``, so it can be recorded and
+    reused on resume instead of being solved again for the remaining steps.
     The batches themselves come from ``privacy.units.UnitSampler``. ``bookkeeping`` leaves the model
     unwrapped and uses Opacus' optimizer for precomputed clipped sums; the other modes wrap it in
     Opacus' GradSampleModule. A ``DPDDP`` model (torchrun) gets Opacus' distributed optimizers (noise
@@ -125,10 +126,7 @@ def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, *, sample_rate
     """
     distributed = isinstance(model, DPDDP)
     if noise_multiplier is None:
-        with warnings.catch_warnings():  # the bisection probes tiny sigmas whose RDP order is out of range
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            noise_multiplier = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                                    sample_rate=sample_rate, steps=steps, accountant=accountant)
+        noise_multiplier = noise_multiplier_for(target_epsilon, delta, sample_rate, steps, accountant, history)
     if grad_sample_mode == "bookkeeping":
         kind = DistributedDPOptimizerFastGradientClipping if distributed else DPOptimizerFastGradientClipping
         backward = BookKeeping(model, max_grad_norm).backward
@@ -141,6 +139,7 @@ def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, *, sample_rate
                      expected_batch_size=expected_batch_size / world, loss_reduction="mean",
                      generator=noise_generator, secure_mode=secure_mode)
     books = create_accountant(accountant)
+    books.history = list(history)
     optimizer.attach_step_hook(books.get_optimizer_hook_fn(sample_rate=sample_rate))
     return DPSetup(model, optimizer, books, float(noise_multiplier), backward)
 
@@ -333,7 +332,7 @@ def _set_rng_state(state: dict, sampler: torch.Generator, noise: torch.Generator
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def privacy_summary(cfg: Config, history: list, epsilon: float, final: bool, budget_note: dict) -> dict:
+def privacy_summary(cfg: Config, history: list, epsilon: float, steps: int, final: bool, budget_note: dict) -> dict:
     """summary.json's ``dp`` object: the privacy statement of a DP run and what it rests on.
 
     ``final``: training has ended, so the PLD cross-check (add/remove and replace-one adjacency,
@@ -346,14 +345,16 @@ def privacy_summary(cfg: Config, history: list, epsilon: float, final: bool, bud
         return {"enabled": False, **dict.fromkeys(keys), "statement": "non-private training: no privacy guarantee"}
     d = cfg.derived
     unit, n_units, delta = cfg.dp.unit, d["n_train_units"], cfg.dp.delta
-    steps = sum(int(entry[2]) for entry in history)
     noise = ("reproducible: seeded from experiment.seed, so the guarantee does not hold against anyone who knows "
              "the seed" if cfg.dp.reproducible_noise else "secret")
     covers = (f"the {n_units} training {unit}s; validation patients choose the best checkpoint and the prediction "
               f"thresholds and are not protected; test patients are not used in training")
+    counts = (f" and one Gaussian release of label counts (noise multiplier {history[0][0]:.4g})"
+              if cfg.training.pos_weight == "counts" else "")
     statement = (f"({epsilon:.4g}, {delta:g})-DP for each training {unit} (adjacency: add or remove all images of one "
-                 f"{unit}; {cfg.dp.accountant.upper()} accountant over {steps} steps of Poisson sampling at rate "
-                 f"{d['sample_rate']:.4g} among {n_units} {unit}s); noise {noise.split(':')[0]}; covers {covers}")
+                 f"{unit}; {cfg.dp.accountant.upper()} accountant over {steps} DP-SGD steps of Poisson sampling at rate "
+                 f"{d['sample_rate']:.4g} among {n_units} {unit}s{counts}); noise {noise.split(':')[0]}; "
+                 f"covers {covers}")
     return {"enabled": True, "unit": unit, "units": n_units, "adjacency": f"add or remove one {unit}",
             "epsilon_spent": epsilon, "target_epsilon": cfg.dp.epsilon, "delta": delta,
             "noise_multiplier": d["noise_multiplier"], "max_grad_norm": cfg.dp.max_grad_norm,
@@ -361,6 +362,40 @@ def privacy_summary(cfg: Config, history: list, epsilon: float, final: bool, bud
             "accountant": cfg.dp.accountant, "pld_epsilon": pld_epsilons(history, delta) if final else None,
             "noise": noise, "secure_mode": cfg.dp.secure_mode, "covers": covers, "statement": statement,
             "budget_increase": budget_note or None}
+
+
+def _positive_weights(cfg: Config, frame, labels: list[str], units: list[np.ndarray], sample_rate: float,
+                      steps: int, generator: torch.Generator, ckpt: dict | None) -> tuple[torch.Tensor, list]:
+    """``training.pos_weight`` and what computing it spent (accountant entries; none on resume, where
+    the weights come from the checkpoint and their cost is in its history)."""
+    choice = cfg.training.pos_weight
+    if isinstance(choice, list):
+        return torch.tensor(choice), []
+    if choice == "none":
+        return torch.ones(len(labels)), []
+    exact = positive_weights(frame, labels)  # also refuses a label without positive training images
+    if not cfg.dp.enabled:
+        return exact, []
+    if ckpt is not None:
+        return torch.tensor(ckpt["pos_weight"]), []
+    budget = cfg.dp.epsilon
+    if budget is None:  # a fixed sigma: the budget is what DP-SGD's planned steps spend
+        books = create_accountant(cfg.dp.accountant)
+        books.history = [(cfg.dp.noise_multiplier, sample_rate, steps)]
+        budget = books.get_epsilon(cfg.dp.delta)
+    sigma = label_count_noise(budget, cfg.dp.delta, cfg.dp.label_count_share)
+    weights, entry = noised_positive_weights(frame, labels, units, sigma, generator, cfg.dp.secure_mode)
+    return weights, [entry]
+
+
+def _weights_source(cfg: Config, history: list | None) -> str:
+    choice = cfg.training.pos_weight
+    if choice == "counts" and cfg.dp.enabled:
+        return (f"training label counts per {cfg.dp.unit}, Gaussian noise multiplier {history[0][0]:.4g} "
+                f"({cfg.dp.label_count_share:g} of the budget), accounted")
+    if choice == "counts":
+        return "exact training label counts"
+    return "none (1 for every label)" if choice == "none" else "given in the config"
 
 
 def _booking(cfg: Config, exp_dir: Path, table, unit: str, delta: float | None, ranks: Ranks) -> Booking | None:
@@ -437,9 +472,6 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
         fresh = load_pretrained(model, cfg.model.pretrained_checkpoint)
         print(f"initialised from {cfg.model.pretrained_checkpoint}; newly initialised: {fresh or 'none'}")
     model.to(device)
-    pos_weight = positive_weights(train_frame, labels)
-    criterion = MaskedBCEWithLogitsLoss(pos_weight).to(device)  # validation: mean over images
-    per_image_loss = MaskedBCEWithLogitsLoss(pos_weight, reduction="none").to(device)
     optimizer = build_optimizer(cfg.training.optimizer, model.parameters(), cfg.training.lr,
                                 cfg.training.weight_decay)
 
@@ -448,10 +480,10 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
     if dp:
         check_allowed(model, PER_IMAGE_MODELS)
         check_batch_independence(model, tuple(train_set[0][0].shape), device)
-    # DP noise and sampling: secret OS entropy (rank 0's, shared by every rank), unless reproducible
+    # DP noise, sampling and label counts: secret OS entropy (rank 0's, shared by every rank), unless reproducible
     secret = dp and not cfg.dp.reproducible_noise
-    seeds = parallel.from_main(ranks, (secret_seed(), secret_seed()) if secret and ranks.main else None)
-    sampler_seed, noise_seed = seeds if secret else (run_seed + 1, run_seed + 2)
+    seeds = parallel.from_main(ranks, [secret_seed() for _ in range(3)] if secret and ranks.main else None)
+    sampler_seed, noise_seed, count_seed = seeds if secret else (run_seed + 1, run_seed + 2, run_seed + 3)
     sampler_gen = torch.Generator().manual_seed(sampler_seed)
     noise_gen = torch.Generator(device=device).manual_seed(noise_seed) if dp else None
     batch_size = cfg.training.logical_batch_size
@@ -459,26 +491,31 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
         raise InputError(f"training.logical_batch_size = {batch_size} expected {unit}s per step, but the training "
                          f"split has {n_units} {unit}s (the sample rate B/N must be at most 1)")
     sampler = UnitSampler(len(units), batch_size, sampler_gen, poisson=dp)
-    valid_loader = evaluation_loader(valid_frame, table, cfg.data, cfg.training.physical_batch_size)
-
-    cfg = cfg.model_copy(deep=True)
-    cfg.derived = {"n_train": n_train, "n_valid": len(valid_frame), "n_test": len(frames["test"]),
-                   "n_train_patients": n_patients, "privacy_unit": unit, "n_train_units": n_units,
-                   "dataset_folder": str(table.root),
-                   "preprocessing_cache": str(table.cache.images.parent) if table.cache else None,
-                   "pos_weight": dict(zip(labels, map(float, pos_weight))), "steps_per_epoch": sampler.steps_per_epoch}
-    accountant, delta, backward = None, None, None
     planned = cfg.training.epochs * sampler.steps_per_epoch
+    valid_loader = evaluation_loader(valid_frame, table, cfg.data, cfg.training.physical_batch_size)
+    cfg = cfg.model_copy(deep=True)
+    accountant, delta, backward = None, None, None
     if dp:
         delta = cfg.dp.delta if cfg.dp.delta is not None else default_delta(n_units)
         check_delta(delta, n_units, unit, cfg.dp.allow_large_delta)
         cfg.dp.delta = delta
+    pos_weight, spent_before = _positive_weights(cfg, train_frame, labels, units, sampler.sample_rate, planned,
+                                                 torch.Generator().manual_seed(count_seed), ckpt)
+    criterion = MaskedBCEWithLogitsLoss(pos_weight).to(device)  # validation: mean over images
+    per_image_loss = MaskedBCEWithLogitsLoss(pos_weight, reduction="none").to(device)
+    cfg.derived = {"n_train": n_train, "n_valid": len(valid_frame), "n_test": len(frames["test"]),
+                   "n_train_patients": n_patients, "privacy_unit": unit, "n_train_units": n_units,
+                   "dataset_folder": str(table.root),
+                   "preprocessing_cache": str(table.cache.images.parent) if table.cache else None,
+                   "pos_weight": dict(zip(labels, map(float, pos_weight))), "steps_per_epoch": sampler.steps_per_epoch,
+                   "pos_weight_source": _weights_source(cfg, spent_before or (ckpt or {}).get("accountant_history"))}
+    if dp:
         setup = privatize(DPDDP(model) if ranks.distributed else model, optimizer, sample_rate=sampler.sample_rate,
                           expected_batch_size=batch_size, steps=planned, accountant=cfg.dp.accountant,
                           max_grad_norm=cfg.dp.max_grad_norm, grad_sample_mode=cfg.dp.grad_sample_mode,
                           noise_multiplier=ckpt["noise_multiplier"] if ckpt else cfg.dp.noise_multiplier,
                           target_epsilon=cfg.dp.epsilon, delta=delta, noise_generator=noise_gen,
-                          secure_mode=cfg.dp.secure_mode)
+                          secure_mode=cfg.dp.secure_mode, history=spent_before)
         model, optimizer, accountant, backward = setup.model, setup.optimizer, setup.accountant, setup.backward
         cfg.derived.update(noise_multiplier=setup.noise_multiplier, sample_rate=sampler.sample_rate,
                            expected_units_per_step=batch_size)
@@ -500,10 +537,10 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
     cfg.derived["run_id"] = parallel.from_main(ranks, saved.get("run_id") or uuid.uuid4().hex[:12])
     booking = _booking(cfg, exp_dir, table, unit, delta, ranks)
     if booking is not None and cfg.dp.total_budget is not None:  # before anything is written
-        done = [tuple(entry) for entry in ckpt["accountant_history"]] if ckpt is not None and dp else []
+        done = [tuple(entry) for entry in ckpt["accountant_history"]] if ckpt is not None and dp else spent_before
         left = planned - (ckpt["steps"] if ckpt is not None else 0)
         booking.check(done + ([(cfg.derived["noise_multiplier"], sampler.sample_rate, left)] if dp and left else []),
-                      cfg.dp.total_budget)
+                      planned, cfg.dp.total_budget)
     if ranks.main:
         exp_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(exp_dir / "config.yaml", config_yaml(cfg))
@@ -562,6 +599,7 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
                 "epoch_sampler_state": epoch_start, "epoch_loss": [progress.loss_sum, progress.seen],
                 "best_valid_auroc_mean": best, "best_epoch": best_epoch,
                 "noise_multiplier": cfg.derived.get("noise_multiplier"), "budget": budget_note,
+                "pos_weight": pos_weight.tolist(),
                 "accountant_history": [list(entry) for entry in accountant.history] if dp else [],
                 "rng": _rng_state(sampler_gen, noise_gen)}
 
@@ -577,7 +615,7 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
             steps += 1
             if ranks.main and every and steps % every == 0 and not progress.complete:
                 save_checkpoint(state(epoch, progress, epoch_start), last_path)
-                booking.record(accountant.history if dp else [])
+                booking.record(accountant.history if dp else [], steps)
 
         try:
             progress = train_one_epoch(forward, per_image_loss, optimizer, train_set, units, progress, device,
@@ -618,7 +656,7 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
                              "model_name": cfg.model.name, "epoch": epoch + 1,
                              "valid_auroc_mean": auroc_mean}, best_path)
         save_checkpoint(state(epoch, progress, epoch_start), last_path)
-        booking.record(accountant.history if dp else [])
+        booking.record(accountant.history if dp else [], steps)
         if budget_note:
             budget_note["epsilon_spent"] = eps
         summary = {
@@ -626,7 +664,7 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
             "steps": steps, "best_valid_auroc_mean": best, "best_epoch": best_epoch,
             "last_valid_auroc_mean": auroc_mean, "last_valid_loss": valid_loss, "last_train_loss": progress.loss,
             "stopped": stopped,
-            "dp": privacy_summary(cfg, accountant.history if dp else [], eps,
+            "dp": privacy_summary(cfg, accountant.history if dp else [], eps, steps,
                                   final=bool(stopped) or epoch + 1 == epochs, budget_note=budget_note)}
         _write_summary(exp_dir, summary)
         privacy = f", epsilon {eps:.3f}" if dp else ""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -99,6 +99,9 @@ class Training(_Section):
     logical_batch_size: int = Field(128, ge=1)
     physical_batch_size: int = Field(32, ge=1)
     optimizer: Literal["nadam", "adam", "sgd"] = "nadam"
+    # BCE positive-class weight per label: counts (negatives/positives of the training labels: exact
+    # without DP, noised and accounted under DP), none (1), or one public value per label
+    pos_weight: Union[Literal["counts", "none"], list[float]] = "counts"
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -128,6 +131,7 @@ class DP(_Section):
     total_budget: Optional[float] = Field(None, gt=0)  # refuse a run that takes the ledger's total past this
     reproducible_noise: bool = False  # noise and sampling seeded from experiment.seed (tests, debugging only)
     secure_mode: bool = True  # Opacus' noise robust to floating-point attacks (a sum of Gaussian draws)
+    label_count_share: float = Field(0.05, gt=0, lt=1)  # of the budget (as zCDP rho), for the counts behind pos_weight
 
     @model_validator(mode="after")
     def _one_noise_source(self):
@@ -267,6 +271,10 @@ def validate(raw: dict, source: str = "config") -> Config:
         raise ConfigError(f"{source}: data.root: data.dataset '{cfg.data.dataset}' needs the dataset folder")
     if len(set(cfg.data.labels)) != len(cfg.data.labels):
         raise ConfigError(f"{source}: data.labels: duplicate labels in {cfg.data.labels}")
+    weights = cfg.training.pos_weight
+    if isinstance(weights, list) and (len(weights) != len(cfg.data.labels) or min(weights) <= 0):
+        raise ConfigError(f"{source}: training.pos_weight: expected counts, none or {len(cfg.data.labels)} positive "
+                          f"values (one per label of data.labels), got {weights}")
     return cfg
 
 

@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import math
 import secrets
+import warnings
 
 import dp_accounting
 from dp_accounting import dp_event, pld
+from opacus.accountants import create_accountant
 
 from config import InputError
+
+# Opacus' PRV accountant takes log(1 - q), -inf for the label counts' full-batch release (q = 1), which
+# it handles correctly (checked against dp_accounting's PLD); numpy's divide-by-zero warning is noise.
+warnings.filterwarnings("ignore", message="divide by zero encountered in log", category=RuntimeWarning,
+                        module=r"opacus\.accountants\.analysis\.prv")
 
 # delta * N at most this by default (delta much smaller than 1/N, "How to DP-fy ML", Ponomareva et al.
 # 2023), and refused above LARGE_DELTA_N unless dp.allow_large_delta
@@ -33,6 +40,42 @@ def check_delta(delta: float, n_units: int, unit: str, allow_large: bool = False
                          f"each {unit} may fail the guarantee with probability delta, so one of them would with "
                          f"probability up to {delta * n_units:.2g}; {suggestion} (dp.allow_large_delta: true to "
                          f"keep it anyway)")
+
+
+MAX_SIGMA = 2000.0
+
+
+def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+                         history: list = (), tolerance: float = 0.01) -> float:
+    """The smallest DP-SGD noise multiplier (to ``tolerance`` in epsilon) whose ``steps`` at
+    ``sample_rate``, after the mechanisms already in ``history``, spend at most ``target_epsilon``.
+
+    Opacus' ``get_noise_multiplier`` bisection, with the history in front of the steps.
+    """
+    books = create_accountant(accountant)
+
+    def spent(sigma: float) -> float:
+        books.history = [*history, (sigma, sample_rate, steps)]
+        with warnings.catch_warnings():  # the bisection probes tiny sigmas whose RDP order is out of range
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            return books.get_epsilon(delta)
+
+    low, high, at_high = 0.0, 10.0, spent(10.0)
+    while at_high > target_epsilon:
+        if high > MAX_SIGMA:
+            before = ""
+            if history:
+                books.history = list(history)
+                before = f"; the mechanisms before training (label counts) alone spend {books.get_epsilon(delta):.3g}"
+            raise InputError(f"dp.epsilon = {target_epsilon:g} at delta {delta:g} cannot be reached with {steps} steps at "
+                             f"sample rate {sample_rate:.4g}, even with noise multiplier {MAX_SIGMA:g}{before}")
+        low, high = high, 2 * high
+        at_high = spent(high)
+    while target_epsilon - at_high > tolerance:
+        middle = (low + high) / 2
+        value = spent(middle)
+        low, high, at_high = (middle, high, at_high) if value > target_epsilon else (low, middle, value)
+    return high
 
 
 def secret_seed() -> int:

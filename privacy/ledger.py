@@ -103,7 +103,7 @@ class Booking:
     accountant: str
     delta: float  # a DP run's own; for a non-private run, the default delta of the dataset's patients
 
-    def entry(self, history: list) -> dict:
+    def entry(self, history: list, steps: int) -> dict:
         epsilon = None
         if self.private:
             books = create_accountant(self.accountant)
@@ -112,16 +112,18 @@ class Booking:
         return {"experiment": self.experiment, "private": self.private, "unit": self.unit,
                 "accountant": self.accountant, "delta": self.delta, "epsilon": epsilon,
                 "history": [list(step) for step in history] if self.private else None,
-                "steps": sum(int(step[2]) for step in history) if self.private else None}
+                "steps": steps}
 
-    def record(self, history: list) -> None:
-        self.ledger.record(self.run_id, self.entry(history))
+    def record(self, history: list, steps: int) -> None:
+        """Record the accountant ``history`` after ``steps`` training steps."""
+        self.ledger.record(self.run_id, self.entry(history, steps))
 
-    def check(self, planned_history: list, total_budget: float) -> None:
+    def check(self, planned_history: list, planned_steps: int, total_budget: float) -> None:
         """Refuse the run if, trained as planned, it takes the composition of every run on these
         patients past ``total_budget``."""
         others = self.ledger.entries(exclude=self.run_id)
-        total, reason = self.ledger.total(others + [self.entry(planned_history)], self.accountant, self.delta)
+        total, reason = self.ledger.total(others + [self.entry(planned_history, planned_steps)], self.accountant,
+                                          self.delta)
         if total > total_budget:
             spent, why = self.ledger.total(others, self.accountant, self.delta)
             raise InputError(f"dp.total_budget = {total_budget:g}: trained as planned, this run would bring the patients "

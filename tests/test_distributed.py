@@ -47,7 +47,7 @@ def test_two_processes_train_and_resume_what_one_process_trains(tiny_config):
     only rank 0 writes, once."""
     # SGD: Adam would hide a wrong gradient scale (its steps do not depend on it). A fixed sigma: with a
     # target epsilon, stopping after the first epoch would have been planned.
-    path = tiny_config(training={"optimizer": "sgd", "lr": 0.05}, dp={"epsilon": None, "noise_multiplier": 0.8})
+    path = tiny_config(training={"optimizer": "sgd", "lr": 0.05, "pos_weight": "none"}, dp={"epsilon": None, "noise_multiplier": 0.8})
     experiments = path.parent / "experiments"
     assert main(["train", "--config", str(path), "--name", "one"]) == 0
     first = torchrun("train", "--config", str(path), "--name", "two", "--set", "training.epochs=1")
@@ -58,7 +58,9 @@ def test_two_processes_train_and_resume_what_one_process_trains(tiny_config):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count(f"resuming two after {summary(experiments / 'one')['steps'] // 2} steps") == 1
     assert_same_model(experiments / "one", experiments / "two")
-    assert sorted(p.name for p in experiments.iterdir()) == ["one", "two"]
+    assert sorted(p.name for p in experiments.iterdir()) == ["one", "privacy_ledger", "two"]
+    [ledger] = (experiments / "privacy_ledger").iterdir()
+    assert len([p for p in ledger.glob("*.json") if p.name != "dataset.json"]) == 2  # one entry per run
     assert len(list((experiments / "two" / "tensorboard").iterdir())) == 2  # rank 0's, one per launch
 
 

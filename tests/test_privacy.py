@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
@@ -11,8 +13,10 @@ from opacus.accountants import RDPAccountant, create_accountant
 from torch import nn
 
 from config import InputError, load_config
-from data.dataset import load_table
+from data.dataset import load_table, positive_weights
 from privacy import check_delta, default_delta
+from privacy.pos_weight import label_count_noise, noised_positive_weights, unit_label_sums
+from privacy.units import unit_rows
 from Train_Valid_DP import MaskedBCEWithLogitsLoss
 from main_2D_DP import main
 
@@ -64,19 +68,28 @@ def test_reported_epsilon_counts_the_units(tiny_config, unit, accountant):
     n = train["patient_id"].nunique() if unit == "patient" else len(train)
     assert dp["unit"] == unit and dp["units"] == n and dp["sample_rate"] == 16 / n
     assert summary["steps"] == round(n / 16) and dp["expected_units_per_step"] == 16
-    history = [(dp["noise_multiplier"], dp["sample_rate"], summary["steps"])]
+    # the noised label counts behind pos_weight (one full-batch Gaussian release), then DP-SGD's steps
+    counts_noise = label_count_noise(3.0, dp["delta"], cfg.dp.label_count_share)
+    assert f"multiplier {counts_noise:.4g}" in cfg.derived["pos_weight_source"]
+    history = [(counts_noise, 1.0, 1), (dp["noise_multiplier"], dp["sample_rate"], summary["steps"])]
     fresh = create_accountant(accountant)
     fresh.history = history
     assert dp["epsilon_spent"] == pytest.approx(fresh.get_epsilon(dp["delta"]), rel=1e-9)
+    fresh.history = history[1:]
+    assert fresh.get_epsilon(dp["delta"]) < dp["epsilon_spent"]  # the counts' cost is in epsilon
     assert dp["epsilon_spent"] <= 3.0 + 1e-6 and dp["accountant"] == accountant
     assert dp["delta"] == default_delta(n) and dp["delta"] * n <= 0.01
     orders = list(range(2, 65))
     opacus_rdp = RDPAccountant()
     opacus_rdp.history = history
     independent = RdpAccountant(orders=orders)
+    independent.compose(GaussianDpEvent(counts_noise))
     independent.compose(PoissonSampledDpEvent(16 / n, GaussianDpEvent(dp["noise_multiplier"])), summary["steps"])
     assert opacus_rdp.get_privacy_spent(delta=dp["delta"], alphas=orders)[0] == pytest.approx(
         independent.get_epsilon(dp["delta"]), rel=1e-9)
+    # pos_weight came from the noised counts, not the exact ones
+    exact = positive_weights(train, cfg.data.labels).tolist()
+    assert list(cfg.derived["pos_weight"].values()) != pytest.approx(exact, rel=1e-3)
     # the statement names the unit, the adjacency, who is covered; replace-one costs more
     assert f"for each training {unit}" in dp["statement"] and f"add or remove all images of one {unit}" in dp["statement"]
     assert "validation patients" in dp["covers"] and "not protected" in dp["covers"]
@@ -95,3 +108,26 @@ def test_masked_loss_is_plain_bce_without_masks_and_ignores_nan():
     changed[0, 1], changed[3, 2] = 100.0, -100.0  # logits of unlabelled entries do not matter
     assert torch.allclose(masked(changed, holes), masked(logits, holes))
     assert torch.isfinite(masked(logits, holes))
+
+
+def test_label_counts_move_by_at_most_sqrt_2l_per_patient():
+    """Each patient adds at most sqrt(2L) (L2) to the sums behind pos_weight, however many images it
+    has; with images as units the sums are the study's counts; the noise is that of the sensitivity."""
+    rng = np.random.default_rng(0)
+    labels = ["a", "b", "c"]
+    patients = np.repeat(np.arange(30), rng.integers(1, 6, size=30))
+    values = (rng.random((len(patients), 3)) < 0.3).astype(float)
+    values[rng.random(values.shape) < 0.2] = np.nan
+    frame = pd.DataFrame(values, columns=labels).assign(patient_id=patients.astype(str))
+    units = unit_rows(frame["patient_id"], "patient")
+    full = unit_label_sums(frame, labels, units)
+    for k in range(len(units)):
+        moved = np.linalg.norm(full - unit_label_sums(frame, labels, units[:k] + units[k + 1:]))
+        assert moved <= np.sqrt(2 * len(labels)) + 1e-12
+    images = unit_label_sums(frame, labels, unit_rows(frame["patient_id"], "image"))
+    assert list(images) == list(np.nansum(values, 0)) + list(np.isfinite(values).sum(0))
+    draws = torch.stack([noised_positive_weights(frame, labels, units, 2.0, torch.Generator().manual_seed(i), True)[0]
+                         for i in range(200)])
+    exact = torch.tensor((full[3:] - full[:3]) / full[:3], dtype=torch.float32)
+    assert (draws.median(0).values - exact).abs().max() < 0.25 * exact.max()  # noisy, but centred on the counts
+    assert noised_positive_weights(frame, labels, units, 2.0, torch.Generator(), False)[1] == (2.0, 1.0, 1)
