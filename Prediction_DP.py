@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from config import Config, InputError, read_yaml, validate
 from data.dataset import evaluation_loader, load_table
-from artifacts import atomic_write_text, json_text, load_checkpoint
+from artifacts import Layout, atomic_write_text, json_text, load_checkpoint
 from evaluation.bootstrap import bootstrap_intervals, resample_counts
 from evaluation.compare import paired_auroc_comparison
 from evaluation.fairness import fairness_report, fairness_table
@@ -119,10 +119,12 @@ def add_intervals(metrics: dict, intervals: dict) -> None:
 
 
 def load_experiment_config(exp_dir: Path) -> Config:
-    exp_dir = Path(exp_dir)
-    if not (exp_dir / "config.yaml").is_file():
-        raise InputError(f"{exp_dir}: not an experiment folder (no config.yaml)")
-    return validate(read_yaml(exp_dir / "config.yaml"), source=str(exp_dir / "config.yaml"))
+    files = Layout(exp_dir)
+    if not files.config.is_file():
+        older = " (its config.yaml is at the top: written by a DP-CXR version before private/)" if (
+            files.root / "config.yaml").is_file() else ""
+        raise InputError(f"{exp_dir}: not an experiment folder (no private/config.yaml){older}")
+    return validate(read_yaml(files.config), source=str(files.config))
 
 
 @dataclass
@@ -151,10 +153,11 @@ class Trained:
 
 
 def load_trained(exp_dir: Path, checkpoint: str = "best") -> Trained:
-    """The model of ``checkpoints/<checkpoint>.pt`` (best or last), checked against the experiment's config."""
+    """The model of ``checkpoints/best.pt`` or ``private/last.pt``, checked against the experiment's config."""
     exp_dir = Path(exp_dir)
     cfg = load_experiment_config(exp_dir)
-    ckpt = load_checkpoint(exp_dir / "checkpoints" / f"{checkpoint}.pt")
+    path = Layout(exp_dir).checkpoint(checkpoint)
+    ckpt = load_checkpoint(path)
     labels = list(ckpt["labels"])
     if labels != cfg.data.labels:
         raise InputError(f"{exp_dir}: {checkpoint}.pt was trained on labels {labels}, config.yaml says {cfg.data.labels}")
@@ -163,7 +166,7 @@ def load_trained(exp_dir: Path, checkpoint: str = "best") -> Trained:
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError) as exc:
-        raise InputError(f"{exp_dir / 'checkpoints' / f'{checkpoint}.pt'}: weights do not fit model {cfg.model.name} "
+        raise InputError(f"{path}: weights do not fit model {cfg.model.name} "
                          f"with {len(labels)} labels ({str(exc).splitlines()[0]})") from None
     return Trained(cfg, model.to(device), labels, ckpt["epoch"], device)
 
@@ -212,50 +215,32 @@ def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
                                frame["age"].to_numpy(), evaluation.age_bins, weights, evaluation.min_subgroup_size)
     fairness["split"] = split
 
-    _write_results(exp_dir, {exp_dir / "predictions" / f"{split}.csv": out.to_csv(index=False),
-                             exp_dir / "results" / f"{split}_metrics.json": json_text(metrics),
-                             exp_dir / "results" / f"{split}_fairness.json": json_text(fairness),
-                             exp_dir / "results" / f"{split}_fairness.csv": fairness_table(fairness).to_csv(index=False)})
-    _write_report(exp_dir, split)
-    _log_scalars(exp_dir, split, metrics, fairness)
+    files = Layout(exp_dir)
+    _write_results(files.best, {
+        files.predictions / f"{split}.csv": out.to_csv(index=False),
+        files.results / f"{split}_metrics.json": json_text(metrics),
+        files.results / f"{split}_fairness.json": json_text(fairness),
+        files.results / f"{split}_fairness.csv": fairness_table(fairness).to_csv(index=False),
+        files.report(split): page(f"{exp_dir.name}: {split} split", prediction_sections(
+            labels, truth, scores, metrics, fairness))})
+    _log_scalars(files.tensorboard, split, metrics, fairness)
     return metrics
 
 
-def _write_results(exp_dir: Path, outputs: dict[Path, str], checkpoint: str = "best") -> None:
+def _write_results(checkpoint: Path, outputs: dict[Path, str]) -> None:
     for path, text in outputs.items():
         if path.exists():
-            print(f"replacing {path} (recomputed from {exp_dir / 'checkpoints' / f'{checkpoint}.pt'})")
+            print(f"replacing {path} (recomputed from {checkpoint})")
         atomic_write_text(path, text)
-
-
-def _write_report(exp_dir: Path, split: str) -> None:
-    """(Re)write the split's report from the result files: its predictions and, for the test split,
-    the privacy audit, whichever of them exist."""
-    sections = []
-    pred, results = exp_dir / "predictions", exp_dir / "results"
-    if (results / f"{split}_fairness.json").is_file():
-        metrics = json.loads((results / f"{split}_metrics.json").read_text())
-        fairness = json.loads((results / f"{split}_fairness.json").read_text())
-        labels = list(metrics["labels"])
-        frame = pd.read_csv(pred / f"{split}.csv")
-        sections += prediction_sections(labels, frame[labels].to_numpy(float),
-                                        frame[[f"{label}_score" for label in labels]].to_numpy(float), metrics, fairness)
-    if split == "test" and (results / "audit.json").is_file():
-        audit = json.loads((results / "audit.json").read_text())
-        canaries = pred / "audit_canaries.csv"
-        sections += audit_sections(audit, pd.read_csv(results / "audit_attacks.csv"),
-                                   pd.read_csv(pred / "audit_scores.csv"),
-                                   pd.read_csv(canaries) if canaries.is_file() else None)
-    report = exp_dir / ("report.html" if split == "test" else f"report_{split}.html")
-    atomic_write_text(report, page(f"{exp_dir.name}: {split} split", sections))
 
 
 def audit_experiment(exp_dir: Path, reference_dirs: list[Path] = (), checkpoint: str = "best") -> dict:
     """Membership inference against the model of ``checkpoint`` (best: the one predict uses; last: the
     end of training) and, when it was trained with canaries, the one-run lower bound on epsilon
-    (``privacy.audit``). Writes ``results/audit.json`` and ``audit_attacks.csv``, per-image scores in
-    ``predictions/audit_scores.csv`` (and ``audit_canaries.csv``) and the audit sections of
-    ``report.html``; returns the audit. Reference runs are scored with their best checkpoint.
+    (``privacy.audit``). Writes, all private (``private/audit/``: scores of training images),
+    ``audit.json``, ``audit_attacks.csv``, per-image scores ``audit_scores.csv`` (and
+    ``audit_canaries.csv``) and ``report.html``; returns the audit. Reference runs are scored with
+    their best checkpoint.
 
     The bound of a non-private run is computed at ``dp.delta`` if set, else at the delta a DP run on
     the same data would get."""
@@ -264,14 +249,15 @@ def audit_experiment(exp_dir: Path, reference_dirs: list[Path] = (), checkpoint:
     cfg, labels, seed = best.cfg, best.labels, best.cfg.experiment.seed
     if cfg.audit.reference is not None:
         raise InputError(f"{exp_dir} is reference run {cfg.audit.reference} of an audit; audit the experiment itself")
-    if not (exp_dir / "summary.json").is_file():
-        raise InputError(f"{exp_dir}: no summary.json; train the experiment to the end of an epoch first")
-    dp = json.loads((exp_dir / "summary.json").read_text())["dp"]
+    files = Layout(exp_dir)
+    if not files.summary.is_file():
+        raise InputError(f"{exp_dir}: no private/summary.json; train the experiment to the end of an epoch first")
+    dp = json.loads(files.summary.read_text())["dp"]
     table = load_table(cfg.data, seed)
     canaries = None
     if cfg.audit.canaries:
         canaries = draw_canaries(table.split("train"), labels, cfg.audit.canaries, seed)
-        check_record(exp_dir / "audit" / "canaries.csv", canaries, required=True)
+        check_record(files.audit / "canaries.csv", canaries, required=True)
     candidates = membership_candidates(table.frame, labels, set() if canaries is None else set(canaries["image_id"]))
     member = candidates["member"].to_numpy(bool)
     loader = evaluation_loader(candidates, table, cfg.data, cfg.training.physical_batch_size)
@@ -306,7 +292,7 @@ def audit_experiment(exp_dir: Path, reference_dirs: list[Path] = (), checkpoint:
                               "`audit --reference-models K`."),
              "canaries": None}
     out = candidates[["image_id", "patient_id", "sex", "age", "member"]].assign(training_loss=-scores["loss"], **scores)
-    outputs = {exp_dir / "predictions" / "audit_scores.csv": out.to_csv(index=False)}
+    outputs = {files.audit / "audit_scores.csv": out.to_csv(index=False)}
     if canaries is not None:
         canary_loader = evaluation_loader(canaries.assign(path=table.split("train").set_index("image_id").loc[
             canaries["image_id"], "path"].to_numpy()), table, cfg.data, cfg.training.physical_batch_size)
@@ -317,13 +303,15 @@ def audit_experiment(exp_dir: Path, reference_dirs: list[Path] = (), checkpoint:
         audit["canaries"] = canary_bound(canary_score, canaries["included"].to_numpy(), delta)
         audit["canaries"]["exceeds_accounted_epsilon"] = bool(
             dp["enabled"] and audit["canaries"]["epsilon_lower_bound"] > dp["epsilon_spent"])
-        outputs[exp_dir / "predictions" / "audit_canaries.csv"] = canaries[["image_id", "patient_id", "included"]].assign(
-            score=canary_score).to_csv(index=False)
-    outputs[exp_dir / "results" / "audit.json"] = json_text(audit)
-    outputs[exp_dir / "results" / "audit_attacks.csv"] = attack_table(audit).to_csv(index=False)
-    _write_results(exp_dir, outputs, checkpoint)
-    _write_report(exp_dir, "test")
-    with SummaryWriter(str(exp_dir / "tensorboard")) as writer:
+        canary_scores = canaries[["image_id", "patient_id", "included"]].assign(score=canary_score)
+        outputs[files.audit / "audit_canaries.csv"] = canary_scores.to_csv(index=False)
+    outputs[files.audit / "audit.json"] = json_text(audit)
+    attack_rows = attack_table(audit)
+    outputs[files.audit / "audit_attacks.csv"] = attack_rows.to_csv(index=False)
+    outputs[files.audit / "report.html"] = page(f"{exp_dir.name}: privacy audit (private)", audit_sections(
+        audit, attack_rows, out, canary_scores if canaries is not None else None))
+    _write_results(files.checkpoint(checkpoint), outputs)
+    with SummaryWriter(str(files.tensorboard)) as writer:
         for name, attack in attacks.items():
             writer.add_scalar(f"audit/{name}/attack_auroc", attack["overall"]["auroc"]["value"], best.epoch)
         if audit["canaries"]:
@@ -331,9 +319,9 @@ def audit_experiment(exp_dir: Path, reference_dirs: list[Path] = (), checkpoint:
     return audit
 
 
-def _log_scalars(exp_dir: Path, split: str, metrics: dict, fairness: dict) -> None:
+def _log_scalars(tensorboard: Path, split: str, metrics: dict, fairness: dict) -> None:
     """The headline numbers of a prediction, beside the training curves in TensorBoard."""
-    with SummaryWriter(str(exp_dir / "tensorboard")) as writer:
+    with SummaryWriter(str(tensorboard)) as writer:
         writer.add_scalar(f"{split}/auroc_mean", metrics["auroc_mean"], metrics["checkpoint_epoch"])
         for label, m in metrics["labels"].items():
             writer.add_scalar(f"{split}/auroc/{label}", m["auroc"], metrics["checkpoint_epoch"])
@@ -361,7 +349,7 @@ def compare_experiments(exp_a: Path, exp_b: Path, split: str = "test", out_dir: 
                          f"different labels for the same images); compare experiments on the same dataset")
     evaluation = a.cfg.evaluation
     if not evaluation.bootstrap:
-        raise InputError(f"{exp_a / 'config.yaml'}: evaluation.bootstrap is 0; compare needs resamples")
+        raise InputError(f"{Layout(exp_a).config}: evaluation.bootstrap is 0; compare needs resamples")
     weights = resample_counts(len(a.truth), evaluation.bootstrap, evaluation.seed)
     result = paired_auroc_comparison(a.truth, a.scores, b.scores, a.labels, weights)
     comparison = {"experiment_a": str(exp_a), "experiment_b": str(exp_b), "split": split, "n_images": len(ids_a),

@@ -19,7 +19,7 @@ Noise and sampling draw from secret OS entropy unless ``dp.reproducible_noise`` 
 Under torchrun (``parallel``) every rank trains on its share of the units of each logical batch
 and rank 0 alone validates and writes.
 
-Everything needed to continue exactly is in ``checkpoints/last.pt``, written at the end of every
+Everything needed to continue exactly is in ``private/last.pt``, written at the end of every
 epoch and every ``training.checkpoint_every_steps`` steps: weights, optimizer, the accountant's
 history, the position in the epoch, the best metric and every RNG state (global, sampler, noise),
 so a resumed run reports the same epsilon and, on CPU, the same weights as an uninterrupted one.
@@ -52,7 +52,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import parallel
-from artifacts import ExperimentLock, atomic_write_text, json_text, load_checkpoint, save_checkpoint
+from artifacts import ExperimentLock, Layout, atomic_write_text, json_text, load_checkpoint, save_checkpoint
 from config import Config, InputError, config_yaml, read_yaml
 from data.dataset import SPLITS, CXRDataset, evaluation_loader, load_table, positive_weights, preprocessing
 from models import PER_IMAGE_MODELS, MaskedBCEWithLogitsLoss, build_model, load_pretrained, resolve_device
@@ -333,7 +333,7 @@ def _set_rng_state(state: dict, sampler: torch.Generator, noise: torch.Generator
 
 
 def privacy_summary(cfg: Config, history: list, epsilon: float, steps: int, final: bool, budget_note: dict) -> dict:
-    """summary.json's ``dp`` object: the privacy statement of a DP run and what it rests on.
+    """``private/summary.json``'s ``dp`` object: the privacy statement of a DP run and what it rests on.
 
     ``final``: training has ended, so the PLD cross-check (add/remove and replace-one adjacency,
     dp_accounting) of the whole history is computed once.
@@ -414,12 +414,12 @@ def _booking(cfg: Config, exp_dir: Path, table, unit: str, delta: float | None, 
 
 
 def _write_summary(exp_dir: Path, summary: dict) -> None:
-    atomic_write_text(exp_dir / "summary.json", json_text(summary))
+    atomic_write_text(Layout(exp_dir).summary, json_text(summary))
 
 
 def train(cfg: Config, exp_dir: Path, resume: bool = False, allow_budget_increase: bool = False,
           ranks: Ranks = Ranks()) -> dict:
-    """Train ``cfg`` into ``exp_dir`` (new, or continued from ``checkpoints/last.pt``); return the summary.
+    """Train ``cfg`` into ``exp_dir`` (new, or continued from ``private/last.pt``); return the summary.
 
     One job at a time: the experiment folder is locked while training. Under torchrun every rank
     trains and reads the checkpoint it resumes from; rank 0 locks and writes (others return {}).
@@ -434,7 +434,8 @@ def train(cfg: Config, exp_dir: Path, resume: bool = False, allow_budget_increas
 
 
 def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool, ranks: Ranks) -> dict:
-    last_path, best_path = exp_dir / "checkpoints" / "last.pt", exp_dir / "checkpoints" / "best.pt"
+    files = Layout(exp_dir)
+    last_path, best_path = files.last, files.best
     ckpt = load_checkpoint(last_path) if resume and last_path.is_file() else None
     if resume and ckpt is None:
         if ranks.main:
@@ -530,7 +531,7 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
     if cfg.training.compile:  # training forward pass only; a fresh cache, not a graph of an earlier run's model
         torch._dynamo.reset()
         forward = torch.compile(model)
-    saved = read_yaml(exp_dir / "config.yaml").get("derived", {}) if ranks.main and ckpt is not None else {}
+    saved = read_yaml(files.config).get("derived", {}) if ranks.main and ckpt is not None else {}
     if saved.get("n_train", n_train) != n_train:
         raise InputError(f"--resume: the training split now has {n_train} images, the run started with "
                          f"{saved['n_train']} (data or preprocessing cache changed); start a new experiment")
@@ -543,9 +544,9 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
                       planned, cfg.dp.total_budget)
     if ranks.main:
         exp_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(exp_dir / "config.yaml", config_yaml(cfg))
+        atomic_write_text(files.config, config_yaml(cfg))
         if canaries is not None:
-            record = exp_dir / "audit" / "canaries.csv"
+            record = files.audit / "canaries.csv"
             atomic_write_text(record, check_record(record, canaries, required=False))
 
     start_epoch, steps, best, best_epoch = 0, 0, -math.inf, None
@@ -584,7 +585,7 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
             print(f"privacy budget: epsilon {cfg.dp.epsilon:g} allows {budget_steps} steps, {planned} are planned; "
                   f"training stops at step {budget_steps} (--allow-budget-increase to go beyond)")
 
-    writer = SummaryWriter(str(exp_dir / "tensorboard"), purge_step=steps + 1 if ckpt else None) if ranks.main else None
+    writer = SummaryWriter(str(files.tensorboard), purge_step=steps + 1 if ckpt else None) if ranks.main else None
     valid_truth = valid_frame[labels].to_numpy()
     epochs, started = cfg.training.epochs, time.time()
     every = cfg.training.checkpoint_every_steps
@@ -679,7 +680,7 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
         return {}
     writer.close()
     if not summary:  # resumed a finished run: nothing to do, report what is there
-        summary = json.loads((exp_dir / "summary.json").read_text())
+        summary = json.loads(files.summary.read_text())
     dp_info = summary["dp"]
     if dp:
         print(f"DP-SGD: {dp_info['statement']}")

@@ -22,6 +22,47 @@ import torch
 from config import InputError
 
 
+class Layout:
+    """Where the files of an experiment folder live, and which of them may leave the hospital.
+
+    Releasable -- derived only from the DP-trained weights and from evaluation data the researcher
+    chooses to publish: ``checkpoints/best.pt`` (weights picked by validation AUROC),
+    ``predictions/<split>.csv``, ``results/<split>_*`` and ``report.html`` / ``report_<split>.html``.
+    ``export`` bundles what a model release needs from them.
+
+    Private -- ``private/``, never to be shared: ``config.yaml`` and ``summary.json`` (exact dataset
+    sizes, sample rate, dataset paths, training loss), ``last.pt`` (the resume checkpoint, with the
+    secret state of the DP noise and sampling), ``tensorboard/`` (training curves, un-noised) and
+    ``audit/`` (canaries' coins and labels, reference runs, membership scores of training images and
+    the audit's results and report).
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.private = self.root / "private"
+        self.config = self.private / "config.yaml"
+        self.summary = self.private / "summary.json"
+        self.last = self.private / "last.pt"
+        self.tensorboard = self.private / "tensorboard"
+        self.audit = self.private / "audit"
+        self.best = self.root / "checkpoints" / "best.pt"
+        self.predictions = self.root / "predictions"
+        self.results = self.root / "results"
+
+    def checkpoint(self, which: str) -> Path:
+        """``best`` (releasable) or ``last`` (private)."""
+        return self.best if which == "best" else self.last
+
+    def report(self, split: str) -> Path:
+        return self.root / ("report.html" if split == "test" else f"report_{split}.html")
+
+
+def private_folder(target_dir: str | Path) -> Path:
+    """``<output.target_dir>/private``: what concerns all experiments there and may not be shared (the
+    privacy ledger, data descriptions)."""
+    return Path(target_dir).expanduser() / "private"
+
+
 class OutputError(Exception):
     """A result could not be written (disk full, permissions): the command line exits with code 1."""
 

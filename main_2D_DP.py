@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 import parallel
-from artifacts import OutputError, atomic_write_text, json_text
+from artifacts import Layout, OutputError, atomic_write_text, json_text, private_folder
 from config import InputError, load_config, merge, parse_overrides, validate
 from data.cache import check_bad_share, prepare
 from data.dataset import cache_location, describe, load_table, preprocessing
@@ -81,7 +81,7 @@ def _resolve_experiment(cfg, config: Path | None, resume: bool, overrides: list[
         raise InputError("--resume needs the experiment's name (--name NAME or experiment.name)")
     exp_dir = Path(cfg.output.target_dir) / (cfg.experiment.name or _experiment_name(cfg))
     if resume:
-        if not (exp_dir / "config.yaml").is_file():
+        if not Layout(exp_dir).config.is_file():
             raise InputError(f"--resume: no experiment at {exp_dir}")
         saved = load_experiment_config(exp_dir)
         if config is None:  # continue the saved settings; --set may still change what is resumable
@@ -96,9 +96,8 @@ def _resolve_experiment(cfg, config: Path | None, resume: bool, overrides: list[
 def run_predict(exp_dir: Path, split: str) -> None:
     metrics = predict_experiment(exp_dir, split)
     print(format_metrics(metrics))
-    report = "report.html" if split == "test" else f"report_{split}.html"
     print(f"wrote in {exp_dir}: predictions/{split}.csv, results/{split}_metrics.json, "
-          f"results/{split}_fairness.json and .csv, {report}")
+          f"results/{split}_fairness.json and .csv, {Layout(exp_dir).report(split).name}")
 
 
 def run_compare(exp_a: Path, exp_b: Path, split: str, out: Path | None) -> None:
@@ -120,9 +119,9 @@ def parse_epsilons(text: str) -> list[float]:
 
 def train_to_end(cfg, exp_dir: Path, what: str) -> bool:
     """Train ``exp_dir`` to its last epoch, resuming a started run; True when it was finished before."""
-    summary_path = exp_dir / "summary.json"
-    done = summary_path.is_file() and json.loads(summary_path.read_text())["epochs_completed"] >= cfg.training.epochs
-    started = done or (exp_dir / "checkpoints" / "last.pt").is_file()
+    files = Layout(exp_dir)
+    done = files.summary.is_file() and json.loads(files.summary.read_text())["epochs_completed"] >= cfg.training.epochs
+    started = done or files.last.is_file()
     if started:
         check_resume_compatible(load_experiment_config(exp_dir), cfg)
     if done:
@@ -150,14 +149,14 @@ def run_sweep(epsilons: list[float], name: str, config: Path | None, overrides: 
                        source=f"sweep {name}/{run}")
         exp_dir = sweep_dir / run
         done = train_to_end(cfg, exp_dir, run)
-        results = exp_dir / "results"
-        if not done or not (results / "test_metrics.json").is_file():
+        files = Layout(exp_dir)
+        if not done or not (files.results / "test_metrics.json").is_file():
             predict_experiment(exp_dir, "test")
-        if audit and (not done or not (results / "audit.json").is_file()):
+        if audit and (not done or not (files.audit / "audit.json").is_file()):
             audit_experiment(exp_dir)
-        found = {kind: json.loads((results / f"test_{kind}.json").read_text()) for kind in ("metrics", "fairness")}
-        row = sweep_row(epsilon, json.loads((exp_dir / "summary.json").read_text()), found["metrics"], found["fairness"])
-        rows.append({**row, **(audit_columns(json.loads((results / "audit.json").read_text())) if audit else {})})
+        found = {kind: json.loads((files.results / f"test_{kind}.json").read_text()) for kind in ("metrics", "fairness")}
+        row = sweep_row(epsilon, json.loads(files.summary.read_text()), found["metrics"], found["fairness"])
+        rows.append({**row, **(audit_columns(json.loads((files.audit / "audit.json").read_text())) if audit else {})})
     table = pd.DataFrame(rows)
     derived = [load_experiment_config(sweep_dir / f"eps_{e:g}").derived for e in epsilons]
     books = Ledger(ledger, derived[0]["patients_fingerprint"])
@@ -181,14 +180,14 @@ def run_sweep(epsilons: list[float], name: str, config: Path | None, overrides: 
 
 
 def run_audit(exp_dir: Path, reference_models: int, checkpoint: str = "best") -> dict:
-    """Train the reference runs asked for (kept, resumable, in ``audit/references``), then audit.
+    """Train the reference runs asked for (kept, resumable, in ``private/audit/references``), then audit.
 
     Without ``--reference-models``, finished reference runs of an earlier audit are used if there are any.
     """
     cfg = load_experiment_config(exp_dir)
     if reference_models < 0:
         raise InputError(f"--reference-models: expected a number of runs >= 0, got {reference_models}")
-    folder = Path(exp_dir) / "audit" / "references"
+    folder = Layout(exp_dir).audit / "references"
     raw = cfg.model_dump(exclude={"derived"})
     for k in range(reference_models):
         ref_cfg = validate(merge(raw, {"audit": {"canaries": 0, "reference": k}, "experiment": {"name": f"ref-{k}"},
@@ -199,16 +198,16 @@ def run_audit(exp_dir: Path, reference_models: int, checkpoint: str = "best") ->
         references = [folder / f"ref-{k}" for k in range(reference_models)]
     audit = audit_experiment(exp_dir, references, checkpoint)
     print(format_audit(audit))
-    print(f"wrote in {exp_dir}: results/audit.json and audit_attacks.csv, predictions/audit_scores.csv, report.html")
+    print(f"wrote in {Layout(exp_dir).audit} (private): audit.json, audit_attacks.csv, audit_scores.csv, report.html")
     return audit
 
 
 def _finished(exp_dir: Path) -> bool:
-    summary = exp_dir / "summary.json"
-    if not summary.is_file():
+    files = Layout(exp_dir)
+    if not files.summary.is_file():
         return False
-    done = json.loads(summary.read_text())
-    return done["epochs_completed"] >= done["epochs_planned"] and (exp_dir / "checkpoints" / "best.pt").is_file()
+    done = json.loads(files.summary.read_text())
+    return done["epochs_completed"] >= done["epochs_planned"] and files.best.is_file()
 
 
 def run_ledger(config: Path | None, overrides: list[str], delta: float | None, accountant: str | None) -> list[dict]:
@@ -244,7 +243,7 @@ def run_describe(config: Path | None, overrides: list[str]) -> Path:
             rows.append({"split": split, "what": "label", "value": label, "count": m["positives"],
                          "labelled": m["labelled"], "prevalence": m["prevalence"]})
     table = pd.DataFrame(rows).astype({"labelled": "Int64"})
-    out = Path(cfg.output.target_dir) / "data_description" / cfg.data.dataset
+    out = private_folder(cfg.output.target_dir) / "data_description" / cfg.data.dataset
     atomic_write_text(out / "description.json", json_text(description))
     atomic_write_text(out / "description.csv", table.to_csv(index=False))
     print(f"{description['images']} images of {description['patients']} patients in {description['root']}")
@@ -285,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a model into an experiment folder")
     tr.add_argument("--config", type=Path, default=None, help=f"YAML config (default {DEFAULT_CONFIG})")
     tr.add_argument("--name", help="experiment name (folder under output.target_dir)")
-    tr.add_argument("--resume", action="store_true", help="continue the named experiment from checkpoints/last.pt")
+    tr.add_argument("--resume", action="store_true", help="continue the named experiment from private/last.pt")
     tr.add_argument("--allow-budget-increase", action="store_true",
                     help="let training spend more than dp.epsilon (e.g. --resume with more epochs); recorded")
     tr.add_argument("--audit-canaries", type=int, default=None, metavar="M",

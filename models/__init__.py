@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from artifacts import load_checkpoint
+from artifacts import Layout, load_checkpoint
 from config import InputError
 
 
@@ -172,7 +172,7 @@ def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        path = path / "checkpoints" / "best.pt"
+        path = Layout(path).best
     if not path.is_file():
         raise InputError(f"model.pretrained_checkpoint: {path} not found. Weights are never downloaded: "
                          f"put a local .pt/.pth file (e.g. torchvision ImageNet weights) or an experiment folder there")

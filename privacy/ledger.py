@@ -7,7 +7,7 @@ total infinite. The ledger is kept per dataset, keyed by a fingerprint of the da
 (SHA-256 of their sorted ids, all splits: a later run may train on patients an earlier one tested
 on), not by its path: a copied or moved dataset is still the same patients.
 
-Layout: ``<output.ledger>/<fingerprint>/dataset.json`` (what the patients are: dataset, site, counts)
+Layout: ``<output.ledger>/<fingerprint>/dataset.json`` (default ledger: ``<output.target_dir>/private/privacy_ledger``) (what the patients are: dataset, site, counts)
 and one ``<run id>.json`` per training run, rewritten whenever the run checkpoints (the steps after
 the last checkpoint released nothing: a resumed run repeats them with the same secret randomness).
 The ledger holds exact counts and sample rates: it is private, like the experiments it lists.
@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 from opacus.accountants import create_accountant
 
-from artifacts import atomic_write_text, json_text
+from artifacts import atomic_write_text, json_text, private_folder
 from config import InputError
 
 
@@ -133,8 +133,8 @@ class Booking:
 
 
 def ledger_root(target_dir: str, ledger: str | None) -> Path:
-    """``output.ledger``, or ``<output.target_dir>/privacy_ledger`` when it is not set."""
-    return Path(ledger).expanduser() if ledger else Path(target_dir).expanduser() / "privacy_ledger"
+    """``output.ledger``, or ``<output.target_dir>/private/privacy_ledger`` when it is not set."""
+    return Path(ledger).expanduser() if ledger else private_folder(target_dir) / "privacy_ledger"
 
 
 def describe(root: Path, accountant: str, delta: float | None) -> list[dict]:

@@ -236,7 +236,7 @@ def test_data_describe_counts_what_training_would_see(tmp_path, chexpert, capsys
             f"output.target_dir={tmp_path / 'out'}"]
     assert main(["data", "describe", "--config", str(config), "--set", *sets]) == 0
     assert "100 images of 50 patients" in capsys.readouterr().out
-    description = json.loads((tmp_path / "out" / "data_description" / "chexpert" / "description.json").read_text())
+    description = json.loads((tmp_path / "out" / "private" / "data_description" / "chexpert" / "description.json").read_text())
     raw = pd.concat([pd.read_csv(chexpert / "train.csv"), pd.read_csv(chexpert / "valid.csv")])
     frontal = raw[raw["Frontal/Lateral"] == "Frontal"]
     assert description["source_label_values"]["Cardiomegaly"] == {

@@ -164,15 +164,15 @@ def test_overfit_non_private_run_leaks_and_the_bound_shows_it(tiny_config, capsy
                        evaluation={"bootstrap": 200})
     assert main(["train", "--config", str(path), "--audit-canaries", "20"]) == 0
     exp = path.parent / "experiments" / "tiny"
-    recorded = pd.read_csv(exp / "audit" / "canaries.csv")
+    recorded = pd.read_csv(exp / "private" / "audit" / "canaries.csv")
     assert len(recorded) == 20 and set(recorded["included"]) == {0, 1}
-    assert yaml.safe_load((exp / "config.yaml").read_text())["derived"]["n_train"] == (
+    assert yaml.safe_load((exp / "private" / "config.yaml").read_text())["derived"]["n_train"] == (
         len(load_table(load_config(path).data, 0).split("train")) - (recorded["included"] == 0).sum())
 
     capsys.readouterr()
     assert main(["audit", str(exp), "--checkpoint", "last"]) == 0
     assert "epsilon >=" in capsys.readouterr().out
-    audit = json.loads((exp / "results" / "audit.json").read_text())
+    audit = json.loads((exp / "private" / "audit" / "audit.json").read_text())
     loss = audit["attacks"]["loss"]["overall"]
     assert loss["auroc"]["value"] > 0.6 and loss["auroc"]["ci95"][0] < loss["auroc"]["value"] < loss["auroc"]["ci95"][1]
     assert set(audit["attacks"]["loss"]["subgroups"]) == {"sex", "age"}
@@ -180,12 +180,13 @@ def test_overfit_non_private_run_leaks_and_the_bound_shows_it(tiny_config, capsy
     assert bound["canaries"] == 20 and bound["delta"] == 1e-5 and bound["epsilon_lower_bound"] > 0.5
     assert audit["dp"]["epsilon_spent"] is None and not bound["exceeds_accounted_epsilon"]
 
-    scores = pd.read_csv(exp / "predictions" / "audit_scores.csv")
+    scores = pd.read_csv(exp / "private" / "audit" / "audit_scores.csv")
     assert not set(scores.loc[scores["member"] == 1, "patient_id"]) & set(scores.loc[scores["member"] == 0, "patient_id"])
     assert not set(scores["image_id"]) & set(recorded["image_id"])  # canaries are audited apart
-    assert len(pd.read_csv(exp / "results" / "audit_attacks.csv")) == 1 + 2 + 5  # all, sex, age groups
-    assert_report(exp / "report.html", ["Membership inference", "Membership attack ROC", "Membership exposure",
-                                        "One-run epsilon lower bound"], min_figures=3)
+    assert len(pd.read_csv(exp / "private" / "audit" / "audit_attacks.csv")) == 1 + 2 + 5  # all, sex, age groups
+    assert_report(exp / "private" / "audit" / "report.html", ["Membership inference", "Membership attack ROC",
+                                                              "Membership exposure", "One-run epsilon lower bound"],
+                  min_figures=3)
 
 
 def test_dp_run_stays_near_chance_with_reference_runs_reused(tiny_config, monkeypatch, capsys):
@@ -194,7 +195,7 @@ def test_dp_run_stays_near_chance_with_reference_runs_reused(tiny_config, monkey
     exp = path.parent / "experiments" / "tiny"
     assert main(["predict", str(exp)]) == 0
     assert main(["audit", str(exp), "--reference-models", "2"]) == 0
-    audit = json.loads((exp / "results" / "audit.json").read_text())
+    audit = json.loads((exp / "private" / "audit" / "audit.json").read_text())
     accounted = audit["dp"]["epsilon_spent"]
     assert 0 < accounted <= 1.0
     assert audit["canaries"]["epsilon_lower_bound"] <= accounted and not audit["canaries"]["exceeds_accounted_epsilon"]
@@ -202,24 +203,24 @@ def test_dp_run_stays_near_chance_with_reference_runs_reused(tiny_config, monkey
         ci = audit["attacks"][attack]["overall"]["auroc"]["ci95"]
         assert ci[0] <= 0.5 <= ci[1], (attack, ci)
     for k in range(2):
-        ref = yaml.safe_load((exp / "audit" / "references" / f"ref-{k}" / "config.yaml").read_text())
+        ref = yaml.safe_load((exp / "private" / "audit" / "references" / f"ref-{k}" / "private" / "config.yaml").read_text())
         assert ref["audit"] == {"canaries": 0, "reference": k} and ref["dp"]["epsilon"] == 1.0
     # the reference runs trained on the same patients: they are in the experiment's ledger
-    [ledger] = (path.parent / "experiments" / "privacy_ledger").iterdir()
+    [ledger] = (path.parent / "experiments" / "private" / "privacy_ledger").iterdir()
     runs = [json.loads(p.read_text())["experiment"] for p in ledger.glob("*.json") if p.name != "dataset.json"]
     assert sorted(Path(r).name for r in runs) == ["ref-0", "ref-1", "tiny"]
-    # the report keeps the prediction sections and gains the audit's
-    assert_report(exp / "report.html", ["Metrics", "ROC curves", "Membership inference"], min_figures=5)
-
-    assert main(["predict", str(exp)]) == 0  # predicting again keeps the audit in the report
-    assert_report(exp / "report.html", ["Metrics", "Membership inference", "One-run epsilon"], min_figures=6)
+    # the audit's report is private (scores of training images); the releasable report has none of it
+    assert_report(exp / "private" / "audit" / "report.html", ["Membership inference", "One-run epsilon"],
+                  min_figures=3)
+    assert main(["predict", str(exp)]) == 0
+    assert "Membership" not in (exp / "report.html").read_text()
 
     # a later audit uses the finished reference runs without training anything
     monkeypatch.setattr(main_2D_DP, "train", lambda *a, **k: pytest.fail("reference run retrained"))
     capsys.readouterr()
     assert main(["audit", str(exp)]) == 0
     assert "lira_offline" in capsys.readouterr().out
-    (exp / "audit" / "canaries.csv").unlink()
+    (exp / "private" / "audit" / "canaries.csv").unlink()
     assert main(["audit", str(exp)]) == 2
     assert "canaries.csv" in capsys.readouterr().err
 

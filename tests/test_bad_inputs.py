@@ -181,9 +181,9 @@ def _truncated(exp):
 
 
 def _older_schema(exp):  # before the uka reader the study layout was called master_list
-    raw = yaml.safe_load((exp / "config.yaml").read_text())
+    raw = yaml.safe_load((exp / "private" / "config.yaml").read_text())
     raw["data"]["dataset"] = "master_list"
-    (exp / "config.yaml").write_text(yaml.safe_dump(raw))
+    (exp / "private" / "config.yaml").write_text(yaml.safe_dump(raw))
 
 
 EXPERIMENT_CASES = {
@@ -192,7 +192,7 @@ EXPERIMENT_CASES = {
     "truncated checkpoint": (_truncated, ["best.pt: not a readable DP-CXR checkpoint"]),
     "experiment from an older schema": (_older_schema, ["config.yaml: invalid configuration", "data.dataset",
                                                         "'master_list'"]),
-    "missing experiment": (lambda exp: shutil.rmtree(exp), ["not an experiment folder (no config.yaml)"]),
+    "missing experiment": (lambda exp: shutil.rmtree(exp), ["not an experiment folder (no private/config.yaml)"]),
 }
 
 

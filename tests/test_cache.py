@@ -160,7 +160,7 @@ def test_training_reads_the_cache(tmp_path, mixed):
     config = _config_file(tmp_path, data)
     assert main(["prepare", "--config", config]) == 0
     assert main(["train", "--config", config, "--set", "dp.enabled=false"]) == 0
-    saved = yaml.safe_load((tmp_path / "out" / "cached" / "config.yaml").read_text())
+    saved = yaml.safe_load((tmp_path / "out" / "cached" / "private" / "config.yaml").read_text())
     assert saved["derived"]["preprocessing_cache"].startswith(str(tmp_path / "cache"))
     assert sum(saved["derived"][f"n_{s}"] for s in ("train", "valid", "test")) == 40
 

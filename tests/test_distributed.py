@@ -23,11 +23,11 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
 
 
 def summary(exp):
-    return json.loads((exp / "summary.json").read_text())
+    return json.loads((exp / "private" / "summary.json").read_text())
 
 
 def weights(exp):
-    return torch.load(exp / "checkpoints" / "last.pt", weights_only=True)["model"]
+    return torch.load(exp / "private" / "last.pt", weights_only=True)["model"]
 
 
 def assert_same_model(exp_a, exp_b):
@@ -58,10 +58,10 @@ def test_two_processes_train_and_resume_what_one_process_trains(tiny_config):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count(f"resuming two after {summary(experiments / 'one')['steps'] // 2} steps") == 1
     assert_same_model(experiments / "one", experiments / "two")
-    assert sorted(p.name for p in experiments.iterdir()) == ["one", "privacy_ledger", "two"]
-    [ledger] = (experiments / "privacy_ledger").iterdir()
+    assert sorted(p.name for p in experiments.iterdir()) == ["one", "private", "two"]
+    [ledger] = (experiments / "private" / "privacy_ledger").iterdir()
     assert len([p for p in ledger.glob("*.json") if p.name != "dataset.json"]) == 2  # one entry per run
-    assert len(list((experiments / "two" / "tensorboard").iterdir())) == 2  # rank 0's, one per launch
+    assert len(list((experiments / "two" / "private" / "tensorboard").iterdir())) == 2  # rank 0's, one per launch
 
 
 def test_two_processes_train_non_private_what_one_process_trains(tiny_config):
@@ -71,7 +71,7 @@ def test_two_processes_train_non_private_what_one_process_trains(tiny_config):
     assert main(["train", "--config", str(path), "--name", "one"]) == 0
     run = torchrun("train", "--config", str(path), "--name", "two")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert yaml.safe_load((experiments / "two" / "config.yaml").read_text())["derived"]["n_train"] % 41 == 1
+    assert yaml.safe_load((experiments / "two" / "private" / "config.yaml").read_text())["derived"]["n_train"] % 41 == 1
     assert_same_model(experiments / "one", experiments / "two")
 
 

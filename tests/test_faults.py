@@ -23,7 +23,7 @@ from test_training import _assert_same_run, _exp
 
 
 def _summary(exp):
-    return json.loads((exp / "summary.json").read_text())
+    return json.loads((exp / "private" / "summary.json").read_text())
 
 
 # Runs the command line with torch.save writing half of the 4th checkpoint and then SIGKILLing itself.
@@ -47,7 +47,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_run(tiny_
     path = tiny_config(dp={"epsilon": None, "noise_multiplier": 0.8}, training={"checkpoint_every_steps": 1})
     assert main(["train", "--config", str(path), "--name", "straight"]) == 0
     exp = _exp(path, "killed")
-    last = exp / "checkpoints" / "last.pt"
+    last = exp / "private" / "last.pt"
     args = ["train", "--config", str(path), "--name", "killed"]
     killed = subprocess.run([sys.executable, "-c", KILLED_IN_A_WRITE, str(REPO), *args], cwd=REPO,
                             capture_output=True)
@@ -126,7 +126,7 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_confi
     assert main(["train", "--config", str(path)]) == 1
     err = capsys.readouterr().err
     assert "cannot write" in err and "No space left on device" in err and "previous version is kept" in err
-    checkpoint = load_checkpoint(_exp(path) / "checkpoints" / "last.pt")
+    checkpoint = load_checkpoint(_exp(path) / "private" / "last.pt")
     assert checkpoint["epoch"] == 1 and checkpoint["step_in_epoch"] == 0
 
 
@@ -161,7 +161,7 @@ def test_weights_made_non_finite_by_a_step_are_never_saved(tiny_config, monkeypa
     monkeypatch.setattr(torch.optim.NAdam, "step", step)
     assert main(["train", "--config", str(path)]) == 1
     assert "non-finite gradient at logical step 3" in capsys.readouterr().err
-    saved = load_checkpoint(_exp(path) / "checkpoints" / "last.pt")
+    saved = load_checkpoint(_exp(path) / "private" / "last.pt")
     assert saved["steps"] == 2
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
 
@@ -180,10 +180,10 @@ def test_a_checkpoint_that_would_run_code_is_refused_unrun(tiny_config, tmp_path
     path = tiny_config(training={"epochs": 1})
     assert main(["train", "--config", str(path)]) == 0
     exp, marker = _exp(path), tmp_path / "pwned"
-    for name in ("best.pt", "last.pt"):
-        state = load_checkpoint(exp / "checkpoints" / name)
+    for checkpoint in (exp / "checkpoints" / "best.pt", exp / "private" / "last.pt"):
+        state = load_checkpoint(checkpoint)
         state["note"] = _Payload(str(marker))
-        torch.save(state, exp / "checkpoints" / name, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+        torch.save(state, checkpoint, pickle_protocol=pickle.HIGHEST_PROTOCOL)
     assert main(["predict", str(exp)]) == 2
     assert "best.pt: not a readable DP-CXR checkpoint" in capsys.readouterr().err
     assert main(["train", "--config", str(path), "--resume", "--set", "training.epochs=2"]) == 2
@@ -194,7 +194,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_unrun(tiny_config, tmp_path
 def test_truncated_and_old_checkpoints_are_input_errors(tiny_config, capsys):
     path = tiny_config(training={"epochs": 1})
     assert main(["train", "--config", str(path)]) == 0
-    last = _exp(path) / "checkpoints" / "last.pt"
+    last = _exp(path) / "private" / "last.pt"
     state = load_checkpoint(last)
     torch.save({**state, "format": 1}, last)
     assert main(["train", "--config", str(path), "--resume", "--set", "training.epochs=2"]) == 2

@@ -14,7 +14,7 @@ from privacy.ledger import Ledger, describe
 
 
 def _ledger(path):
-    [folder] = [p for p in (path.parent / "experiments" / "privacy_ledger").iterdir()]
+    [folder] = [p for p in (path.parent / "experiments" / "private" / "privacy_ledger").iterdir()]
     return Ledger(folder.parent, folder.name)
 
 
@@ -47,7 +47,7 @@ def test_runs_on_the_same_patients_compose_and_the_total_budget_holds(tiny_confi
                  "--set", "training.epochs=2"]) == 0
     entries = {r["experiment"].rsplit("/", 1)[1]: r for r in ledger.entries()}
     assert len(entries) == 2
-    summary = json.loads((path.parent / "experiments" / "a" / "summary.json").read_text())
+    summary = json.loads((path.parent / "experiments" / "a" / "private" / "summary.json").read_text())
     assert entries["a"]["steps"] == summary["steps"] and entries["a"]["epsilon"] == pytest.approx(
         summary["dp"]["epsilon_spent"])
 

@@ -48,7 +48,7 @@ def test_default_delta_is_far_below_one_over_n():
 
 
 def _summary(exp):
-    return json.loads((exp / "summary.json").read_text())
+    return json.loads((exp / "private" / "summary.json").read_text())
 
 
 @pytest.mark.parametrize("unit, accountant", [("patient", "rdp"), ("image", "prv")])
@@ -63,7 +63,7 @@ def test_reported_epsilon_counts_the_units(tiny_config, unit, accountant):
     exp = path.parent / "experiments" / "tiny"
     summary = _summary(exp)
     dp = summary["dp"]
-    cfg = load_config(exp / "config.yaml")
+    cfg = load_config(exp / "private" / "config.yaml")
     train = load_table(cfg.data, cfg.experiment.seed).split("train")
     n = train["patient_id"].nunique() if unit == "patient" else len(train)
     assert dp["unit"] == unit and dp["units"] == n and dp["sample_rate"] == 16 / n

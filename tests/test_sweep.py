@@ -53,21 +53,21 @@ def test_sweep_trains_each_budget_resumes_and_skips(tiny_config, monkeypatch, ca
     # the runs are in the ledger of the base target_dir, not of the sweep folder; with the
     # non-private run among them, their total is unbounded (null in JSON)
     assert result["privacy_total"]["epsilon"] is None and "non-private" in result["privacy_total"]["note"]
-    assert result["privacy_total"]["ledger"].startswith(str(path.parent / "experiments" / "privacy_ledger"))
+    assert result["privacy_total"]["ledger"].startswith(str(path.parent / "experiments" / "private" / "privacy_ledger"))
     assert not (sweep / "privacy_ledger").exists()
     assert_report(sweep / "report.html", ["Runs", "Privacy-utility curve", "Fairness vs epsilon", "Pearson"],
                   min_figures=2)
     hparam_runs = [p for p in (sweep / "tensorboard").iterdir() if p.is_dir()]
     assert sorted(p.name for p in hparam_runs) == ["eps_2", "eps_8", "eps_inf"]
     for run in ("eps_inf", "eps_8", "eps_2"):
-        assert json.loads((sweep / run / "summary.json").read_text())["epochs_completed"] == 2
+        assert json.loads((sweep / run / "private" / "summary.json").read_text())["epochs_completed"] == 2
 
     capsys.readouterr()  # finished runs are skipped; --audit audits them and adds its columns
     assert main(["sweep", "--epsilons", "inf,8,2", "--config", str(path), "--name", "budgets", "--audit"]) == 0
     assert capsys.readouterr().out.count("finished earlier, skipped") == 3
     table = pd.read_csv(sweep / "sweep.csv")
     for run in ("eps_inf", "eps_8", "eps_2"):
-        audit = json.loads((sweep / run / "results" / "audit.json").read_text())
+        audit = json.loads((sweep / run / "private" / "audit" / "audit.json").read_text())
         assert table.loc[table["epsilon"] == float(run[4:]), "attack_auroc"].item() == pytest.approx(
             audit["attacks"]["loss"]["overall"]["auroc"]["value"])
     assert table["epsilon_lower_bound"].isna().all()  # trained without canaries: no bound

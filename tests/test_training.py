@@ -26,11 +26,11 @@ def test_run_writes_every_artifact(tiny_config, dp):
     path = tiny_config(dp={"enabled": dp})
     assert main(["train", "--config", str(path)]) == 0
     exp = _exp(path)
-    resolved = yaml.safe_load((exp / "config.yaml").read_text())
+    resolved = yaml.safe_load((exp / "private" / "config.yaml").read_text())
     derived = resolved["derived"]
     assert derived["n_train"] > 0 and derived["n_valid"] > 0 and derived["n_test"] > 0
     assert set(derived["pos_weight"]) == set(TINY_LABELS)
-    summary = json.loads((exp / "summary.json").read_text())
+    summary = json.loads((exp / "private" / "summary.json").read_text())
     assert summary["epochs_completed"] == 2 and summary["steps"] == 2 * derived["steps_per_epoch"]
     assert 0 <= summary["best_valid_auroc_mean"] <= 1
     assert summary["dp"]["enabled"] is dp
@@ -43,10 +43,10 @@ def test_run_writes_every_artifact(tiny_config, dp):
         units = derived["n_train_units"]
         assert derived["privacy_unit"] == "patient" and units == derived["n_train_patients"] < derived["n_train"]
         assert derived["sample_rate"] == 16 / units and derived["steps_per_epoch"] == round(units / 16)
-    for name in ("last.pt", "best.pt"):
-        ckpt = torch.load(exp / "checkpoints" / name, weights_only=True)
+    for checkpoint in (exp / "private" / "last.pt", exp / "checkpoints" / "best.pt"):
+        ckpt = torch.load(checkpoint, weights_only=True)
         assert ckpt["labels"] == TINY_LABELS
-    tags = EventAccumulator(str(exp / "tensorboard")).Reload().Tags()["scalars"]
+    tags = EventAccumulator(str(exp / "private" / "tensorboard")).Reload().Tags()["scalars"]
     expected = {"train/loss", "valid/loss", "valid/auroc_mean", *(f"valid/auroc/{lab}" for lab in TINY_LABELS)}
     assert expected <= set(tags)
     assert ("privacy/epsilon" in tags) is dp
@@ -58,25 +58,25 @@ def test_run_writes_every_artifact(tiny_config, dp):
     assert len(pd.read_csv(exp / "results" / "test_fairness.csv")) > 0
     assert_report(exp / "report.html", ["Metrics", "ROC curves", "Subgroup AUROC by sex", "Subgroup AUROC by age",
                                         "Fairness", "Underdiagnosis"], min_figures=3)
-    tags = EventAccumulator(str(exp / "tensorboard")).Reload().Tags()["scalars"]
+    tags = EventAccumulator(str(exp / "private" / "tensorboard")).Reload().Tags()["scalars"]
     assert "test/auroc_mean" in tags and "test/fairness/sex/auroc_gap" in tags
 
 
 def test_existing_experiment_is_never_overwritten(tiny_config, capsys):
     path = tiny_config(training={"epochs": 1})
     assert main(["train", "--config", str(path)]) == 0
-    before = (_exp(path) / "checkpoints" / "last.pt").read_bytes()
+    before = (_exp(path) / "private" / "last.pt").read_bytes()
     assert main(["train", "--config", str(path)]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert (_exp(path) / "checkpoints" / "last.pt").read_bytes() == before
+    assert (_exp(path) / "private" / "last.pt").read_bytes() == before
 
 
 def _weights(exp):
-    return torch.load(exp / "checkpoints" / "last.pt", weights_only=True)["model"]
+    return torch.load(exp / "private" / "last.pt", weights_only=True)["model"]
 
 
 def _assert_same_run(exp_a, exp_b):
-    sa, sb = (json.loads((e / "summary.json").read_text()) for e in (exp_a, exp_b))
+    sa, sb = (json.loads((e / "private" / "summary.json").read_text()) for e in (exp_a, exp_b))
     assert sa["steps"] == sb["steps"] and sa["epochs_completed"] == sb["epochs_completed"]
     assert sa["dp"]["epsilon_spent"] == sb["dp"]["epsilon_spent"]
     assert sa["best_valid_auroc_mean"] == sb["best_valid_auroc_mean"]
@@ -98,7 +98,7 @@ def _killed_in_second_epoch(path, name, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         main(["train", "--config", str(path), "--name", name])
     monkeypatch.setattr(Train_Valid_DP, "train_one_epoch", real)
-    assert json.loads((_exp(path, name) / "summary.json").read_text())["epochs_completed"] == 1
+    assert json.loads((_exp(path, name) / "private" / "summary.json").read_text())["epochs_completed"] == 1
 
 
 def test_interrupted_run_resumes_to_the_same_epsilon_and_weights(tiny_config, monkeypatch):
@@ -118,7 +118,7 @@ def test_noise_and_sampling_are_secret_unless_reproducible(tiny_config, monkeypa
         assert main(["train", "--config", str(path), "--name", name, "--set", "training.epochs=1"]) == 0
     assert not all(torch.equal(u, v) for u, v in zip(_weights(_exp(path, "a")).values(),
                                                      _weights(_exp(path, "b")).values()))
-    assert json.loads((_exp(path, "a") / "summary.json").read_text())["dp"]["noise"] == "secret"
+    assert json.loads((_exp(path, "a") / "private" / "summary.json").read_text())["dp"]["noise"] == "secret"
     assert "rng" not in torch.load(_exp(path, "a") / "checkpoints" / "best.pt", weights_only=True)
     assert "reproducible" not in capsys.readouterr().out
 
@@ -133,7 +133,7 @@ def test_noise_and_sampling_are_secret_unless_reproducible(tiny_config, monkeypa
         assert main(["train", "--config", str(path), "--name", name, "--set", "training.epochs=1"]) == 0
     _assert_same_run(_exp(path, "r1"), _exp(path, "r2"))
     assert "does not hold against anyone who knows the seed" in capsys.readouterr().out
-    assert json.loads((_exp(path, "r1") / "summary.json").read_text())["dp"]["noise"].startswith(
+    assert json.loads((_exp(path, "r1") / "private" / "summary.json").read_text())["dp"]["noise"].startswith(
         "reproducible: seeded from experiment.seed")
 
 
@@ -155,7 +155,7 @@ def test_resume_refuses_changed_privacy_settings(tiny_config, capsys, change):
     assert main(["train", "--config", str(path)]) == 0
     assert main(["train", "--config", str(path), "--resume", "--set", change, "training.epochs=2"]) == 2
     assert "--resume cannot change" in capsys.readouterr().err
-    assert json.loads((_exp(path) / "summary.json").read_text())["epochs_completed"] == 1
+    assert json.loads((_exp(path) / "private" / "summary.json").read_text())["epochs_completed"] == 1
 
 
 def test_resume_without_experiment_is_an_input_error(tiny_config, capsys):
@@ -218,7 +218,7 @@ def test_two_stage_public_pretraining_then_private_dp(tiny_config, capsys):
     assert main(["train", "--config", str(path), "--name", "priv",
                  "--set", f"model.pretrained_checkpoint={pub}"]) == 0
     assert "newly initialised: none" in capsys.readouterr().out
-    resolved = yaml.safe_load((_exp(path, "priv") / "config.yaml").read_text())
+    resolved = yaml.safe_load((_exp(path, "priv") / "private" / "config.yaml").read_text())
     assert resolved["model"]["pretrained_checkpoint"] == str(pub) and resolved["data"]["site"] == "private"
 
 
@@ -226,8 +226,8 @@ def test_empty_poisson_batches_step_without_poisoning_the_loss(tiny_config):
     """With an expected batch of 2, about one logical batch in eight is empty."""
     path = tiny_config(training={"epochs": 1, "logical_batch_size": 2, "physical_batch_size": 2})
     assert main(["train", "--config", str(path)]) == 0
-    summary = json.loads((_exp(path) / "summary.json").read_text())
-    steps_per_epoch = yaml.safe_load((_exp(path) / "config.yaml").read_text())["derived"]["steps_per_epoch"]
+    summary = json.loads((_exp(path) / "private" / "summary.json").read_text())
+    steps_per_epoch = yaml.safe_load((_exp(path) / "private" / "config.yaml").read_text())["derived"]["steps_per_epoch"]
     assert summary["steps"] == steps_per_epoch
     assert np.isfinite(summary["last_train_loss"]) and np.isfinite(summary["last_valid_loss"])
     weights = _weights(_exp(path))
@@ -238,9 +238,9 @@ def test_predict_refuses_a_checkpoint_for_another_model(tiny_config, capsys):
     path = tiny_config(training={"epochs": 1}, dp={"enabled": False})
     assert main(["train", "--config", str(path)]) == 0
     exp = _exp(path)
-    config = yaml.safe_load((exp / "config.yaml").read_text())
+    config = yaml.safe_load((exp / "private" / "config.yaml").read_text())
     config["model"]["name"] = "resnet18"
-    (exp / "config.yaml").write_text(yaml.safe_dump(config))
+    (exp / "private" / "config.yaml").write_text(yaml.safe_dump(config))
     capsys.readouterr()
     assert main(["predict", str(exp)]) == 2
     assert "weights do not fit model resnet18" in capsys.readouterr().err
