@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from config import Config, InputError, read_yaml, validate
+from config import Config, InputError, merge, read_yaml, validate
 from data.dataset import evaluation_loader, load_table
 from artifacts import Layout, atomic_write_text, json_text, load_checkpoint
 from evaluation.bootstrap import bootstrap_intervals, resample_counts
@@ -32,6 +32,7 @@ from privacy import default_delta
 from privacy.audit import (attack_report, attack_table, canary_bound, lira_offline, membership_candidates,
                            signed_logit)
 from privacy.canaries import check_record, draw_canaries, reference_patients
+from privacy.release import read_bundle
 
 
 @torch.no_grad()
@@ -129,9 +130,10 @@ def load_experiment_config(exp_dir: Path) -> Config:
 
 @dataclass
 class Scored:
-    """One experiment's best model applied to one split, with thresholds from another split."""
+    """A model applied to one split, with its decision thresholds and where they came from."""
 
     cfg: Config
+    split: str
     frame: pd.DataFrame
     labels: list[str]
     truth: np.ndarray
@@ -187,14 +189,57 @@ def score_split(exp_dir: Path, split: str) -> Scored:
     truth, scores = run(frame, split)
     ref_truth, ref_scores = (truth, scores) if split == "valid" else run(table.split("valid"), "valid")
     thresholds = {label: youden_threshold(ref_truth[:, i], ref_scores[:, i]) for i, label in enumerate(labels)}
-    return Scored(cfg, frame, labels, truth, scores, thresholds, "valid", best.epoch)
+    return Scored(cfg, split, frame, labels, truth, scores, thresholds, "valid", best.epoch)
 
 
 def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
-    """Write ``predictions/<split>.csv`` and ``results/<split>_metrics.json``; return the metrics."""
+    """Write ``predictions/<split>.csv``, ``results/<split>_*`` and the split's report; return the metrics."""
     exp_dir = Path(exp_dir)
-    scored = score_split(exp_dir, split)
-    frame, labels, truth, scores = scored.frame, scored.labels, scored.truth, scored.scores
+    files = Layout(exp_dir)
+    metrics, fairness = write_predictions(files, score_split(exp_dir, split), files.best, exp_dir.name)
+    _log_scalars(files.tensorboard, split, metrics, fairness)
+    return metrics
+
+
+def load_bundle(bundle: Path, data: Config) -> Trained:
+    """A release bundle's model, with ``data`` (the dataset to score) set to the bundle's labels and
+    preprocessing."""
+    rebuild, weights = read_bundle(bundle)
+    prep = rebuild["preprocessing"]
+    raw = data.model_dump(exclude={"derived"})
+    cfg = validate(merge(raw, {"model": {"name": rebuild["model"]["name"], "activation": rebuild["model"]["activation"],
+                                         "pretrained_checkpoint": None},
+                               "data": {"labels": rebuild["labels"], **prep}}), source=f"{bundle} + data config")
+    device = resolve_device(cfg.training.device)
+    model = build_model(cfg.model.name, len(cfg.data.labels), cfg.model.activation, cfg.data.image_size)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise InputError(f"{bundle / 'model.safetensors'}: weights do not fit model {cfg.model.name} "
+                         f"({str(exc).splitlines()[0]})") from None
+    return Trained(cfg, model.to(device), list(cfg.data.labels), -1, device)
+
+
+def predict_bundle(bundle: Path, data: Config, split: str, out_dir: Path) -> dict:
+    """Score ``split`` of the dataset in ``data`` with a release bundle, at the bundle's thresholds;
+    write predictions, metrics, fairness and a report into ``out_dir``; return the metrics."""
+    bundle = Path(bundle)
+    trained = load_bundle(bundle, data)
+    table = load_table(trained.cfg.data, trained.cfg.experiment.seed)
+    frame = table.split(split)
+    loader = evaluation_loader(frame, table, trained.cfg.data, trained.cfg.training.physical_batch_size)
+    scores = predict_scores(trained.model, loader, trained.device, desc=f"{bundle.name} {split}")
+    rebuild, _ = read_bundle(bundle)
+    scored = Scored(trained.cfg, split, frame, trained.labels, frame[trained.labels].to_numpy(), scores,
+                    rebuild["thresholds"], "bundle", trained.epoch)
+    metrics, _ = write_predictions(Layout(out_dir), scored, bundle / "model.safetensors", f"{bundle.name} on {split}")
+    return metrics
+
+
+def write_predictions(files: Layout, scored: Scored, source: Path, title: str) -> tuple[dict, dict]:
+    """Per-image predictions, metrics and fairness with their intervals, and the report of a scored
+    split, into ``files``' predictions/, results/ and report; returns (metrics, fairness)."""
+    split, frame, labels, truth, scores = scored.split, scored.frame, scored.labels, scored.truth, scored.scores
     out = frame[["image_id", "patient_id"]].copy()
     out["sex"] = frame["sex"].where(frame["sex"].isin(["F", "M"]), "")
     out["age"] = frame["age"]
@@ -214,17 +259,14 @@ def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
     fairness = fairness_report(truth, scores, labels, scored.thresholds, frame["sex"].to_numpy(),
                                frame["age"].to_numpy(), evaluation.age_bins, weights, evaluation.min_subgroup_size)
     fairness["split"] = split
-
-    files = Layout(exp_dir)
-    _write_results(files.best, {
+    _write_results(source, {
         files.predictions / f"{split}.csv": out.to_csv(index=False),
         files.results / f"{split}_metrics.json": json_text(metrics),
         files.results / f"{split}_fairness.json": json_text(fairness),
         files.results / f"{split}_fairness.csv": fairness_table(fairness).to_csv(index=False),
-        files.report(split): page(f"{exp_dir.name}: {split} split", prediction_sections(
-            labels, truth, scores, metrics, fairness))})
-    _log_scalars(files.tensorboard, split, metrics, fairness)
-    return metrics
+        files.report(split): page(f"{title}: {split} split", prediction_sections(labels, truth, scores, metrics,
+                                                                                 fairness))})
+    return metrics, fairness
 
 
 def _write_results(checkpoint: Path, outputs: dict[Path, str]) -> None:

@@ -4,6 +4,8 @@
     python main_2D_DP.py train [--config FILE] [--name NAME] [--resume [--allow-budget-increase]]
                                [--audit-canaries M] [--set KEY=VALUE ...]
     python main_2D_DP.py predict EXPERIMENT_DIR [--split test|valid]
+    python main_2D_DP.py predict BUNDLE_DIR --config DATA_CONFIG [--split test|valid] [--out DIR] [--set ...]
+    python main_2D_DP.py export EXPERIMENT_DIR OUT_DIR [--non-private]
     python main_2D_DP.py compare EXP_A EXP_B [--split test|valid] [--out DIR]
     python main_2D_DP.py sweep --epsilons inf,8,4,1 [--audit [--audit-canaries M]] [--name NAME] [--config FILE]
                                [--set KEY=VALUE ...]
@@ -35,8 +37,9 @@ from evaluation.report import sweep_report
 from evaluation.sweep import audit_columns, correlations, log_sweep_hparams, sweep_row
 from models import resolve_device
 from privacy.ledger import Ledger, describe as describe_ledger, ledger_root
+from privacy.release import FILES as RELEASE_FILES, export_bundle, is_bundle
 from Prediction_DP import (audit_experiment, compare_experiments, format_audit, format_comparison, format_metrics,
-                           load_experiment_config, predict_experiment)
+                           load_experiment_config, predict_bundle, predict_experiment)
 from Train_Valid_DP import TrainingStopped, check_resume_compatible, train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "config.yaml"
@@ -93,11 +96,31 @@ def _resolve_experiment(cfg, config: Path | None, resume: bool, overrides: list[
     return cfg, exp_dir
 
 
-def run_predict(exp_dir: Path, split: str) -> None:
-    metrics = predict_experiment(exp_dir, split)
+def run_predict(source: Path, split: str, config: Path | None = None, overrides: list[str] = (),
+                out: Path | None = None) -> None:
+    """Score a split with an experiment's best.pt or, given a data config, with a release bundle."""
+    if is_bundle(source):
+        if config is None:
+            raise InputError(f"{source} is a release bundle, which holds no data settings: give --config naming the "
+                             f"dataset to score (its labels and preprocessing come from the bundle)")
+        out = out or source.parent / f"{source.name}_predictions"
+        metrics = predict_bundle(source, load_config(config, overrides), split, out)
+    else:
+        if config is not None or overrides or out is not None:
+            raise InputError("--config, --set and --out are for release bundles; an experiment scores its own dataset "
+                             "into its own folder")
+        metrics, out = predict_experiment(source, split), source
     print(format_metrics(metrics))
-    print(f"wrote in {exp_dir}: predictions/{split}.csv, results/{split}_metrics.json, "
-          f"results/{split}_fairness.json and .csv, {Layout(exp_dir).report(split).name}")
+    print(f"wrote in {out}: predictions/{split}.csv, results/{split}_metrics.json, "
+          f"results/{split}_fairness.json and .csv, {Layout(out).report(split).name}")
+
+
+def run_export(exp_dir: Path, out_dir: Path, non_private: bool) -> dict:
+    """Write the release bundle of an experiment: weights, model config and model card."""
+    card = export_bundle(exp_dir, out_dir, load_experiment_config(exp_dir), non_private)
+    print(card["privacy"]["statement"])
+    print(f"wrote the release bundle {out_dir}: {', '.join(RELEASE_FILES)}")
+    return card
 
 
 def run_compare(exp_a: Path, exp_b: Path, split: str, out: Path | None) -> None:
@@ -291,9 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="make M training images canaries for `audit`'s one-run epsilon bound (audit.canaries)")
     tr.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                     help="override config keys by dotted name, values parsed as YAML")
-    pr = sub.add_parser("predict", help="score a split with an experiment's best checkpoint")
-    pr.add_argument("experiment", type=Path)
+    pr = sub.add_parser("predict", help="score a split with an experiment's best checkpoint or a release bundle")
+    pr.add_argument("experiment", type=Path, help="experiment folder, or release bundle (then --config is needed)")
     pr.add_argument("--split", choices=["test", "valid"], default="test")
+    pr.add_argument("--config", type=Path, default=None, help="bundle only: the data config of the dataset to score")
+    pr.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides", help="bundle only")
+    pr.add_argument("--out", type=Path, default=None, help="bundle only (default <bundle>_predictions)")
+    ex = sub.add_parser("export", help="the release bundle: weights, model config and a model card")
+    ex.add_argument("experiment", type=Path)
+    ex.add_argument("out", type=Path)
+    ex.add_argument("--non-private", action="store_true",
+                    help="export a run trained without DP (its card says it has no privacy guarantee)")
     co = sub.add_parser("compare", help="paired AUROC comparison of two experiments on the same images")
     co.add_argument("experiment_a", type=Path)
     co.add_argument("experiment_b", type=Path)
@@ -341,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "audit":
             run_audit(args.experiment, args.reference_models, args.checkpoint)
         elif args.command == "predict":
-            run_predict(args.experiment, args.split)
+            run_predict(args.experiment, args.split, args.config, args.overrides, args.out)
+        elif args.command == "export":
+            run_export(args.experiment, args.out, args.non_private)
         elif args.command == "prepare":
             run_prepare(args.config, args.overrides)
         elif args.command == "ledger":

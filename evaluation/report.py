@@ -94,6 +94,8 @@ def threshold_source(metrics: dict) -> str:
     """Where the decision thresholds of a split's metrics came from, in words."""
     if metrics.get("thresholds_optimistic"):
         return f"thresholds by Youden's J on the {metrics['split']} split itself (optimistic)"
+    if metrics["threshold_split"] == "bundle":
+        return "thresholds of the release bundle (Youden's J on its experiment's validation split)"
     return f"thresholds by Youden's J on the {metrics['threshold_split']} split"
 
 

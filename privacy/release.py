@@ -1,0 +1,191 @@
+"""The release bundle: what of an experiment may leave the hospital, with the privacy statement.
+
+``export EXPERIMENT_DIR OUT_DIR`` writes
+
+* ``model.safetensors``: the weights of ``checkpoints/best.pt`` in a tensors-only format (loading
+  runs no code);
+* ``model.json``: what rebuilds the network and its input (architecture, labels, preprocessing) and
+  the decision thresholds of the experiment's test metrics;
+* ``model_card.json`` and ``model_card.md``: the privacy statement (unit, epsilon, delta, adjacency,
+  accountant, the number of units rounded, whether the noise was secret, what the guarantee covers and
+  what it does not, and the privacy ledger's total for the same patients), the training recipe, and
+  the test metrics with their intervals.
+
+Nothing else: no config (exact dataset sizes and paths), no summary (un-noised training loss), no
+resume checkpoint (secret noise state), no audit. Exact counts stay private: N is given to two significant digits (at least to
+the ten) and the sample rate to two (the accountant used the exact values).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from artifacts import Layout, atomic_write_text, json_text, load_checkpoint
+from config import Config, InputError
+from privacy.ledger import Ledger
+
+BUNDLE_FORMAT = 1
+FILES = ("model.safetensors", "model.json", "model_card.json", "model_card.md")
+
+
+def _rounded(value: float) -> float:
+    """Two significant digits: enough to read, too coarse to count patients with."""
+    return float(f"{value:.2g}")
+
+
+def _rounded_count(n: int) -> int:
+    """Two significant digits, and at least to the ten."""
+    return max(10, int(round(n, -max(1, len(str(int(n))) - 2))))
+
+
+def is_bundle(path: Path) -> bool:
+    return (Path(path) / "model.json").is_file() and (Path(path) / "model.safetensors").is_file()
+
+
+def model_card(cfg: Config, summary: dict, metrics: dict, parameters: int, epoch: int, ledger_total: dict) -> dict:
+    """The card of a trained experiment (``summary.json`` and the test split's metrics)."""
+    dp, d = summary["dp"], cfg.derived
+    private = dp["enabled"]
+    privacy = {"private": private}
+    if private:
+        unit = dp["unit"]
+        privacy.update(
+            unit=unit, epsilon=dp["epsilon_spent"], delta=dp["delta"],
+            adjacency=f"add or remove one {unit} (all of the {unit}'s training images)",
+            accountant=f"{dp['accountant'].upper()} (Opacus), Poisson sampling",
+            epsilon_pld={k: v for k, v in (dp["pld_epsilon"] or {}).items()},
+            units=f"about {_rounded_count(dp['units']):,} training {unit}s", sample_rate=_rounded(dp["sample_rate"]),
+            steps=summary["steps"], noise_multiplier=dp["noise_multiplier"], max_grad_norm=dp["max_grad_norm"],
+            noise=dp["noise"], secure_mode=dp["secure_mode"], covers=f"the training {unit}s",
+            does_not_cover=["validation patients: they chose the checkpoint and the decision thresholds",
+                            "test patients: their metrics below are published by the researcher's choice",
+                            "other models trained on the same patients: see ledger_total"],
+            loss_weights=d.get("pos_weight_source"), ledger_total=ledger_total)
+    else:
+        privacy["statement"] = "NOT PRIVATE: trained without differential privacy; no privacy guarantee"
+    if private:
+        reproducible = dp["noise"].startswith("reproducible")
+        privacy["statement"] = (
+            f"({dp['epsilon_spent']:.4g}, {dp['delta']:g})-DP for each training {dp['unit']} "
+            f"(add/remove adjacency, {dp['accountant'].upper()} accountant)"
+            + ("; WARNING: the noise was seeded from a configuration value (reproducible mode), so the guarantee "
+               "does not hold against anyone who knows that seed" if reproducible else "; the noise was secret"))
+    evaluation = None
+    if metrics:
+        evaluation = {"split": metrics["split"], "images": max(m["n"] for m in metrics["labels"].values()),
+                      "auroc_mean": metrics["auroc_mean"], "auroc_mean_ci95": metrics.get("auroc_mean_ci95"),
+                      "thresholds": f"Youden's J on the {metrics['threshold_split']} split",
+                      "labels": {label: {"auroc": m["auroc"], "auroc_ci95": m.get("ci95", {}).get("auroc"),
+                                         "sensitivity": m["sensitivity"], "specificity": m["specificity"]}
+                                 for label, m in metrics["labels"].items()}}
+    training = cfg.training
+    return {
+        "format": BUNDLE_FORMAT, "exported": time.strftime("%Y-%m-%d"), "experiment": summary["experiment"],
+        "model": {"architecture": cfg.model.name, "activation": cfg.model.activation, "parameters": parameters,
+                  "input": f"1 x {cfg.data.image_size} x {cfg.data.image_size} grayscale",
+                  "labels": list(cfg.data.labels)},
+        "training": {"dataset": cfg.data.dataset, "site": cfg.data.site, "epochs": summary["epochs_completed"],
+                     "checkpoint": f"best mean validation AUROC, epoch {epoch}", "optimizer": training.optimizer,
+                     "learning_rate": training.lr, "logical_batch_size": training.logical_batch_size,
+                     "pretrained_from": Path(cfg.model.pretrained_checkpoint).name if cfg.model.pretrained_checkpoint
+                     else None},
+        "privacy": privacy, "evaluation": evaluation}
+
+
+def card_markdown(card: dict) -> str:
+    """The card as a page a data-protection officer reads."""
+    privacy, model, training, evaluation = card["privacy"], card["model"], card["training"], card["evaluation"]
+    lines = [f"# Model card: {card['experiment']}", "", f"**Privacy statement.** {privacy['statement']}.", ""]
+    if privacy["private"]:
+        total = privacy["ledger_total"]
+        lines += ["## Privacy", "",
+                  f"- Unit of privacy: one {privacy['unit']}; neighbouring datasets: {privacy['adjacency']}.",
+                  f"- epsilon {privacy['epsilon']:.4g} at delta {privacy['delta']:g}, {privacy['accountant']}; "
+                  f"{privacy['steps']} steps at sample rate about {privacy['sample_rate']:g} among "
+                  f"{privacy['units']}; noise multiplier {privacy['noise_multiplier']:.4g}, clipping norm "
+                  f"{privacy['max_grad_norm']:g}.",
+                  f"- Noise: {privacy['noise']}; floating-point-attack-resistant sampling: "
+                  f"{'yes' if privacy['secure_mode'] else 'no'}.",
+                  f"- Loss weights: {privacy['loss_weights']}.",
+                  f"- Covers: {privacy['covers']}. Does not cover: " + "; ".join(privacy["does_not_cover"]) + ".",
+                  f"- All models trained on these patients so far, composed: epsilon {total['epsilon']:.4g} "
+                  f"({total['note']})." if total["epsilon"] is not None else
+                  f"- All models trained on these patients so far, composed: unbounded ({total['note']}).",
+                  "- Under replace-one adjacency (PLD): epsilon "
+                  + (f"{privacy['epsilon_pld']['replace_one']:.4g}." if privacy["epsilon_pld"] else "not computed."),
+                  ""]
+    lines += ["## Model", "", f"- {model['architecture']} ({model['activation']}), {model['parameters']:,} "
+              f"parameters, input {model['input']}.", f"- Labels: {', '.join(model['labels'])}.", "",
+              "## Training", "",
+              f"- Data: {training['dataset']}, site {training['site']}; epochs: {training['epochs']}, "
+              f"{training['optimizer']} at learning rate {training['learning_rate']:g}, logical batch "
+              f"{training['logical_batch_size']}; {training['checkpoint']}; initialised from "
+              f"{training['pretrained_from'] or 'random weights'}.", ""]
+    if evaluation:
+        def ci(interval):
+            return f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
+        lines += ["## Evaluation", "",
+                  f"{evaluation['images']} images of the {evaluation['split']} split; thresholds by "
+                  f"{evaluation['thresholds']}; 95% bootstrap intervals.", "",
+                  "| label | AUROC | sensitivity | specificity |", "|---|---|---|---|"]
+        lines += [f"| {label} | {m['auroc']:.3f}{ci(m['auroc_ci95'])} | {m['sensitivity']:.3f} | "
+                  f"{m['specificity']:.3f} |" for label, m in evaluation["labels"].items()]
+        lines += [f"| mean | {evaluation['auroc_mean']:.3f}{ci(evaluation['auroc_mean_ci95'])} | | |", ""]
+    return "\n".join(lines)
+
+
+def export_bundle(exp_dir: Path, out_dir: Path, cfg: Config, non_private: bool = False) -> dict:
+    """Write the release bundle of ``exp_dir`` into the new folder ``out_dir``; return the card."""
+    files, out_dir = Layout(exp_dir), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise InputError(f"{out_dir} exists and is not empty; export into a new folder")
+    if (files.root / ".lock").exists():
+        raise InputError(f"{exp_dir} is being trained ({files.root / '.lock'}); export once training has finished")
+    if not files.summary.is_file():
+        raise InputError(f"{exp_dir}: no private/summary.json; train the experiment first")
+    summary = json.loads(files.summary.read_text())
+    if not summary["dp"]["enabled"] and not non_private:
+        raise InputError(f"{exp_dir} was trained without differential privacy; export it only with --non-private, "
+                         f"and its card will say that it carries no privacy guarantee")
+    metrics_path = files.results / "test_metrics.json"
+    if not metrics_path.is_file():
+        raise InputError(f"{exp_dir}: no results/test_metrics.json; run `python main_2D_DP.py predict {exp_dir}` "
+                         f"first (the card carries the test metrics and the bundle the decision thresholds)")
+    metrics = json.loads(metrics_path.read_text())
+    best = load_checkpoint(files.best)
+    weights = {k: v.contiguous() for k, v in best["model"].items()}
+    total = {"epsilon": None, "note": "non-private run"}
+    if summary["dp"]["enabled"]:
+        ledger = Ledger(Path(cfg.output.ledger), cfg.derived["patients_fingerprint"])
+        epsilon, note = ledger.total(ledger.entries(), cfg.dp.accountant, summary["dp"]["delta"])
+        total = {"epsilon": epsilon, "note": note}
+    card = model_card(cfg, summary, metrics, sum(v.numel() for v in weights.values()), best["epoch"], total)
+    rebuild = {"format": BUNDLE_FORMAT, "model": {"name": cfg.model.name, "activation": cfg.model.activation},
+               "labels": list(cfg.data.labels),
+               "preprocessing": {"image_size": cfg.data.image_size, "fit": cfg.data.fit,
+                                 "histogram_equalization": cfg.data.histogram_equalization},
+               "thresholds": {label: m["threshold"] for label, m in metrics["labels"].items()},
+               "threshold_source": card["evaluation"]["thresholds"], "private": summary["dp"]["enabled"]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": f"dp-cxr-{BUNDLE_FORMAT}"})
+    atomic_write_text(out_dir / "model.json", json_text(rebuild))
+    atomic_write_text(out_dir / "model_card.json", json_text(card))
+    atomic_write_text(out_dir / "model_card.md", card_markdown(card))
+    return card
+
+
+def read_bundle(bundle: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(model.json, weights) of a release bundle."""
+    bundle = Path(bundle)
+    try:
+        rebuild = json.loads((bundle / "model.json").read_text())
+        weights = load_file(str(bundle / "model.safetensors"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{bundle}: not a readable DP-CXR release bundle ({type(exc).__name__}: {exc})") from None
+    if rebuild.get("format") != BUNDLE_FORMAT:
+        raise InputError(f"{bundle / 'model.json'}: bundle format {rebuild.get('format')!r}, expected {BUNDLE_FORMAT}")
+    return rebuild, weights
