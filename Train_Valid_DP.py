@@ -145,7 +145,15 @@ def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, *, sample_rate
 
 
 class TrainingStopped(Exception):
-    """Training cannot go on without corrupting the model (non-finite loss or gradient)."""
+    """Training cannot go on without corrupting the model (non-finite loss or gradient).
+
+    ``images``: the ids of the batch's images (on this rank), which are private: they go to a file
+    in ``private/``, not into the message, which may end up in a shared job log.
+    """
+
+    def __init__(self, message: str, images: list[str] = ()):
+        super().__init__(message)
+        self.images = list(images)
 
 
 @dataclass
@@ -238,7 +246,7 @@ def train_one_epoch(model, criterion, optimizer, dataset: Dataset, units: list[n
                 with model.no_sync() if ranks.distributed and not last else nullcontext():
                     (per_image.sum() * (ranks.world / max(batch_images, 1))).backward()
             if not torch.isfinite(loss_sum):
-                raise TrainingStopped(_stopped_at("loss", progress, desc, step_rows, image_ids))
+                raise _stopped_at("loss", progress, desc, step_rows, image_ids)
             step_loss += torch.tensor([loss_sum.item(), n], dtype=torch.float64)
             if dp:  # clip and accumulate every chunk; noise and the update come with the last one
                 optimizer.signal_skip_step(do_skip=not last)
@@ -246,14 +254,14 @@ def train_one_epoch(model, criterion, optimizer, dataset: Dataset, units: list[n
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            raise TrainingStopped(_stopped_at("gradient", progress, desc, step_rows, image_ids))
+            raise _stopped_at("gradient", progress, desc, step_rows, image_ids)
         if ranks.distributed:
             dist.all_reduce(step_loss)
         progress.loss_sum += float(step_loss[0])  # an empty Poisson batch adds no loss
         progress.seen += int(step_loss[1])
         progress.done += 1
         bar.update(1)
-        postfix = {"loss": f"{progress.loss:.4f}"}
+        postfix = {"private loss" if dp else "loss": f"{progress.loss:.4f}"}
         if epsilon_fn is not None and (progress.done % 10 == 0 or progress.complete):
             postfix["eps"] = f"{epsilon_fn():.3f}"
         bar.set_postfix(postfix, refresh=False)
@@ -262,10 +270,10 @@ def train_one_epoch(model, criterion, optimizer, dataset: Dataset, units: list[n
     return progress
 
 
-def _stopped_at(what: str, progress: EpochProgress, desc: str, rows: list[int], image_ids) -> str:
-    shown = [image_ids[j] for j in rows[:8]]
-    return (f"non-finite {what} at logical step {progress.done + 1} of {len(progress.batches)} in {desc}, batch "
-            f"with images {shown}{' ...' if len(rows) > 8 else ''}; this step was not saved")
+def _stopped_at(what: str, progress: EpochProgress, desc: str, rows: list[int], image_ids) -> TrainingStopped:
+    return TrainingStopped(f"non-finite {what} at logical step {progress.done + 1} of {len(progress.batches)} in "
+                           f"{desc}, a batch of {len(rows)} images; this step was not saved",
+                           [image_ids[j] for j in rows])
 
 
 def steps_within_budget(accountant: str, history: list, noise_multiplier: float, sample_rate: float,
@@ -627,8 +635,10 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
                                        fixed_shape=cfg.training.compile, ranks=ranks)
         except TrainingStopped as exc:
             good = last_path if last_path.is_file() else "none yet"
-            raise TrainingStopped(f"{exc}; last good checkpoint: {good} (check the learning rate and these images)"
-                                  ) from None
+            batch = files.private / f"stopped_batch_rank{ranks.rank}.txt"
+            atomic_write_text(batch, "\n".join(exc.images) + "\n")
+            raise TrainingStopped(f"{exc}; its image ids are in {batch} (private); last good checkpoint: {good} "
+                                  f"(check the learning rate and these images)") from None
         if not progress.complete:
             stopped = f"privacy budget reached: epsilon {epsilon():.4f} of target {cfg.dp.epsilon:g} at step {steps}"
         if not ranks.main:  # validation, logs and checkpoints are rank 0's
@@ -669,7 +679,8 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
                                   final=bool(stopped) or epoch + 1 == epochs, budget_note=budget_note)}
         _write_summary(exp_dir, summary)
         privacy = f", epsilon {eps:.3f}" if dp else ""
-        tqdm.write(f"epoch {epoch + 1}/{epochs}: train loss {progress.loss:.4f}, valid loss {valid_loss:.4f}, "
+        tqdm.write(f"epoch {epoch + 1}/{epochs}: train loss{' (private, not noised)' if dp else ''} "
+                   f"{progress.loss:.4f}, valid loss {valid_loss:.4f}, "
                    f"valid AUROC {auroc_mean:.4f}{privacy} ({time.time() - started:.0f} s)")
         progress = None
         if stopped:

@@ -142,8 +142,11 @@ def test_a_non_finite_loss_stops_training_naming_step_images_and_checkpoint(tiny
     monkeypatch.setattr(Train_Valid_DP.MaskedBCEWithLogitsLoss, "forward", forward)
     assert main(["train", "--config", str(path)]) == 1
     err = capsys.readouterr().err
-    assert "non-finite loss at logical step" in err and "batch with images ['pri_" in err
-    assert "last good checkpoint" in err and "this step was not saved" in err
+    assert "non-finite loss at logical step" in err and "last good checkpoint" in err and "this step was not saved" in err
+    # the batch's image ids are private: in a file under private/, not in the message (job logs get shared)
+    assert "pri_" not in err and "stopped_batch_rank0.txt (private)" in err
+    ids = (_exp(path) / "private" / "stopped_batch_rank0.txt").read_text().split()
+    assert ids and all(i.startswith("pri_") for i in ids)
 
 
 def test_weights_made_non_finite_by_a_step_are_never_saved(tiny_config, monkeypatch, capsys):
