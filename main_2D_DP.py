@@ -10,7 +10,7 @@
     python main_2D_DP.py sweep --epsilons inf,8,4,1 [--audit [--audit-canaries M]] [--name NAME] [--config FILE]
                                [--set KEY=VALUE ...]
     python main_2D_DP.py audit EXPERIMENT_DIR [--reference-models K] [--checkpoint best|last]
-    python main_2D_DP.py ledger [--config FILE] [--delta D] [--accountant rdp|prv] [--set KEY=VALUE ...]
+    python main_2D_DP.py ledger [--dataset NAME] [--config FILE] [--delta D] [--accountant rdp|prv] [--set ...]
     python main_2D_DP.py data describe [--config FILE] [--set KEY=VALUE ...]
     python main_2D_DP.py prepare [--config FILE] [--set KEY=VALUE ...]
 
@@ -233,11 +233,16 @@ def _finished(exp_dir: Path) -> bool:
     return done["epochs_completed"] >= done["epochs_planned"] and files.best.is_file()
 
 
-def run_ledger(config: Path | None, overrides: list[str], delta: float | None, accountant: str | None) -> list[dict]:
-    """Print, per dataset in the privacy ledger, every run on its patients and their composition."""
+def run_ledger(config: Path | None, overrides: list[str], delta: float | None, accountant: str | None,
+               dataset: str | None = None) -> list[dict]:
+    """Print, per dataset in the privacy ledger (or the one ``dataset`` names: its name or fingerprint),
+    every run on its patients and their composition."""
     cfg = load_config(config or DEFAULT_CONFIG, overrides)
     root = ledger_root(cfg.output.target_dir, cfg.output.ledger)
-    datasets = describe_ledger(root, accountant or cfg.dp.accountant, delta)
+    datasets = [d for d in describe_ledger(root, accountant or cfg.dp.accountant, delta)
+                if dataset is None or dataset in (d["dataset"]["dataset"], d["fingerprint"])]
+    if dataset is not None and not datasets:
+        raise InputError(f"ledger --dataset {dataset}: no such dataset name or fingerprint in {root}")
     for d in datasets:
         about = d["dataset"]
         print(f"{about['dataset']} (site {about['site']}, {about['patients']} patients, {about['images']} images, "
@@ -345,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--checkpoint", choices=["best", "last"], default="best",
                     help="model audited: best (what predict uses, default) or last (the end of training)")
     le = sub.add_parser("ledger", help="the privacy spent on each dataset's patients: every run, composed")
+    le.add_argument("--dataset", default=None, help="only this dataset (its name, e.g. synthetic, or fingerprint)")
     le.add_argument("--config", type=Path, default=None)
     le.add_argument("--delta", type=float, default=None, help="delta of the composition (default: the runs' largest)")
     le.add_argument("--accountant", choices=["rdp", "prv"], default=None, help="default: the config's dp.accountant")
@@ -378,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "prepare":
             run_prepare(args.config, args.overrides)
         elif args.command == "ledger":
-            run_ledger(args.config, args.overrides, args.delta, args.accountant)
+            run_ledger(args.config, args.overrides, args.delta, args.accountant, args.dataset)
         elif args.command == "data":
             run_describe(args.config, args.overrides)
         elif args.command == "sweep":

@@ -57,7 +57,7 @@ def model_card(cfg: Config, summary: dict, metrics: dict, parameters: int, epoch
             unit=unit, epsilon=dp["epsilon_spent"], delta=dp["delta"],
             adjacency=f"add or remove one {unit} (all of the {unit}'s training images)",
             accountant=f"{dp['accountant'].upper()} (Opacus), Poisson sampling",
-            epsilon_pld={k: v for k, v in (dp["pld_epsilon"] or {}).items()},
+            epsilon_pld=dp["pld_epsilon"],
             units=f"about {_rounded_count(dp['units']):,} training {unit}s", sample_rate=_rounded(dp["sample_rate"]),
             steps=summary["steps"], noise_multiplier=dp["noise_multiplier"], max_grad_norm=dp["max_grad_norm"],
             noise=dp["noise"], secure_mode=dp["secure_mode"], covers=f"the training {unit}s",

@@ -55,6 +55,9 @@ def test_runs_on_the_same_patients_compose_and_the_total_budget_holds(tiny_confi
     assert main(["ledger", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "120 patients" in out and "all runs composed (RDP)" in out and "2 run(s) composed" in out
+    assert main(["ledger", "--config", str(path), "--dataset", ledger.key]) == 0
+    assert main(["ledger", "--config", str(path), "--dataset", "chexpert"]) == 2
+    assert "no such dataset" in capsys.readouterr().err
 
     # a run that would take the total past dp.total_budget is refused before anything is written
     spent = describe(ledger.root, "rdp", None)[0]["total_epsilon"]
