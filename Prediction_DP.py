@@ -201,9 +201,9 @@ def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
     return metrics
 
 
-def load_bundle(bundle: Path, data: Config) -> Trained:
+def load_bundle(bundle: Path, data: Config) -> tuple[Trained, dict]:
     """A release bundle's model, with ``data`` (the dataset to score) set to the bundle's labels and
-    preprocessing."""
+    preprocessing, and its ``model.json``."""
     rebuild, weights = read_bundle(bundle)
     prep = rebuild["preprocessing"]
     raw = data.model_dump(exclude={"derived"})
@@ -217,19 +217,18 @@ def load_bundle(bundle: Path, data: Config) -> Trained:
     except RuntimeError as exc:
         raise InputError(f"{bundle / 'model.safetensors'}: weights do not fit model {cfg.model.name} "
                          f"({str(exc).splitlines()[0]})") from None
-    return Trained(cfg, model.to(device), list(cfg.data.labels), -1, device)
+    return Trained(cfg, model.to(device), list(cfg.data.labels), -1, device), rebuild
 
 
 def predict_bundle(bundle: Path, data: Config, split: str, out_dir: Path) -> dict:
     """Score ``split`` of the dataset in ``data`` with a release bundle, at the bundle's thresholds;
     write predictions, metrics, fairness and a report into ``out_dir``; return the metrics."""
     bundle = Path(bundle)
-    trained = load_bundle(bundle, data)
+    trained, rebuild = load_bundle(bundle, data)
     table = load_table(trained.cfg.data, trained.cfg.experiment.seed)
     frame = table.split(split)
     loader = evaluation_loader(frame, table, trained.cfg.data, trained.cfg.training.physical_batch_size)
     scores = predict_scores(trained.model, loader, trained.device, desc=f"{bundle.name} {split}")
-    rebuild, _ = read_bundle(bundle)
     scored = Scored(trained.cfg, split, frame, trained.labels, frame[trained.labels].to_numpy(), scores,
                     rebuild["thresholds"], "bundle", trained.epoch)
     metrics, _ = write_predictions(Layout(out_dir), scored, bundle / "model.safetensors", f"{bundle.name} on {split}")
