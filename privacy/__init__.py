@@ -1,6 +1,8 @@
-"""Privacy machinery beyond what Opacus ships: delta, secret randomness and a second accountant (here),
-privacy units and their sampling (``units``), what a DP model may contain (``per_sample``), an exact
-one-pass per-unit clipping (``bookkeeping``), and the privacy audit (``canaries``, ``audit``)."""
+"""Privacy machinery beyond what Opacus ships: delta, secret randomness, sigma for a target after earlier
+mechanisms and a second accountant (here), privacy units and their sampling (``units``), what a DP
+model may contain (``per_sample``), an exact one-pass per-unit clipping (``bookkeeping``), noised label
+counts (``pos_weight``), the ledger of all runs on the same patients (``ledger``), the release bundle
+(``release``), and the privacy audit (``canaries``, ``audit``)."""
 from __future__ import annotations
 
 import math
