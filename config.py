@@ -82,6 +82,7 @@ class Data(_Section):
     reader_vote: Literal["majority", "any"] = "majority"  # several readers per image (VinDr-CXR)
     valid_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: Optional[int] = Field(None, ge=0)  # seed of the patient split and built-in data; null = experiment.seed
     csv: CsvColumns = Field(default_factory=CsvColumns)
     mimic: MimicOptions = Field(default_factory=MimicOptions)
     cache: CacheOptions = Field(default_factory=CacheOptions)
@@ -151,14 +152,19 @@ class DP(_Section):
 
 
 class Evaluation(_Section):
-    bootstrap: int = Field(1000, ge=0)
+    bootstrap: int = Field(1000, ge=0, le=100_000)
+    bootstrap_unit: Literal["patient", "image"] = "patient"
+    permutations: int = Field(1000, ge=0, le=100_000)
     seed: int = Field(0, ge=0)
     age_bins: list[float] = Field(default_factory=lambda: [0, 30, 60, 70, 80, 100], min_length=3)
     min_subgroup_size: int = Field(10, ge=1)
+    min_positives: int = Field(10, ge=1)
+    min_negatives: int = Field(10, ge=1)
+    no_finding_label: Optional[str] = None
 
     @model_validator(mode="after")
     def _increasing_bins(self):
-        if any(b <= a for a, b in zip(self.age_bins, self.age_bins[1:])):
+        if not all(math.isfinite(b) for b in self.age_bins) or any(b <= a for a, b in zip(self.age_bins, self.age_bins[1:])):
             raise ValueError(f"evaluation.age_bins must be strictly increasing edges, got {self.age_bins}")
         return self
 
@@ -193,6 +199,13 @@ class Config(_Section):
         if self.training.compile and self.dp.enabled and self.dp.grad_sample_mode != "bookkeeping":
             raise ValueError(f"training.compile: true works non-private or with dp.grad_sample_mode bookkeeping, "
                              f"not with Opacus' '{self.dp.grad_sample_mode}' hooks")
+        return self
+
+    @model_validator(mode="after")
+    def _no_finding_is_a_label(self):
+        label = self.evaluation.no_finding_label
+        if label is not None and label not in self.data.labels:
+            raise ValueError(f"evaluation.no_finding_label '{label}' is not one of data.labels {self.data.labels}")
         return self
 
     @model_validator(mode="after")

@@ -50,7 +50,9 @@ def load_table(data: Data, seed: int, use_cache: bool = True) -> Table:
 
     With ``use_cache``, a finished preprocessing cache of exactly these images is attached and the
     images it found bad are left out (refused above ``data.cache.max_bad_fraction``).
+    ``data.split_seed``, when set, replaces ``seed`` for the split and the built-in data.
     """
+    seed = seed if data.split_seed is None else data.split_seed
     if data.dataset == "synthetic":
         cache = Path(data.root).expanduser() if data.root else default_cache_dir()
         n = {"public": data.synthetic.public_patients, "private": data.synthetic.private_patients}

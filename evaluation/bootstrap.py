@@ -9,26 +9,80 @@ of shape [B, n] holding B resamples, every resample is scored at once:
   negative weights in group g, N_b,<g the negative weight below it, P_b and N_b the totals.
 - Metrics at a fixed threshold: confusion counts are C @ indicators, one matrix product.
 
+The resampling unit is the patient by default: images of one patient are correlated (same anatomy,
+same scanner, often the same finding), so drawing images independently understates the variance.
+Drawing patients with replacement and giving each image its patient's draw count keeps the
+correlation inside every resample (a cluster bootstrap).
+
 The same C (same seed) serves every label and every model scored on the same images, which makes
 comparisons paired. Intervals are percentile intervals; a resample in which a label has only one
-class has no AUROC and is left out of that label's interval (their number is reported).
+class has no AUROC and is left out of that label's interval (their number is reported). A
+proportion with fewer than ``MIN_EVENTS`` events or non-events, or whose percentile interval has
+zero width, gets Wilson's score interval instead (the bootstrap cannot see what was never drawn).
+Bootstrap p-values are (k + 1) / (B + 1), never 0.
 """
 from __future__ import annotations
 
 import warnings
 
 import numpy as np
+import pandas as pd
+from scipy.stats import binomtest
 
 THRESHOLD_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1")
+MIN_EVENTS = 10  # fewer events (or non-events) than this: a proportion's interval is Wilson's, not the bootstrap's
+LEVEL = 0.95
 
 
-def resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
-    """[resamples, n] draw counts of images resampled with replacement (patient-agnostic)."""
+def resample_counts(n: int, resamples: int, seed: int, clusters: np.ndarray | None = None) -> np.ndarray:
+    """[resamples, n] draw counts of n images resampled with replacement.
+
+    With ``clusters`` (an integer code per image, e.g. its patient), clusters are drawn with
+    replacement and each image gets its cluster's count; without, images are drawn independently.
+    """
+    codes = np.arange(n) if clusters is None else np.asarray(clusters)
+    units = int(codes.max()) + 1 if len(codes) else 0
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(resamples, n))
-    flat = idx + (np.arange(resamples) * n)[:, None]
+    idx = rng.integers(0, units, size=(resamples, units))
+    flat = idx + (np.arange(resamples) * units)[:, None]
     # float32 holds every partial sum of counts exactly (integers below 2**24) at half the memory traffic
-    return np.bincount(flat.ravel(), minlength=resamples * n).reshape(resamples, n).astype(np.float32)
+    counts = np.bincount(flat.ravel(), minlength=resamples * units).reshape(resamples, units).astype(np.float32)
+    return counts if clusters is None else counts[:, codes]
+
+
+def resampling(patient_id, resamples: int, seed: int, unit: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Resample counts for images of ``patient_id`` by ``unit`` (patient | image), the unit of each
+    image (an integer code) and their description.
+
+    At least one resample is drawn, so subgroup code can always index it; ``resamples = 0`` means
+    no intervals and is recorded as such.
+    """
+    n = len(patient_id)
+    codes = pd.factorize(pd.Series(patient_id).astype(str))[0] if unit == "patient" else np.arange(n)
+    weights = resample_counts(n, max(resamples, 1), seed, codes if unit == "patient" else None)
+    info = {"resamples": resamples, "seed": seed, "level": LEVEL, "unit": unit,
+            "units": int(codes.max()) + 1 if n else 0}
+    return weights, codes, info
+
+
+def p_value(below: np.ndarray, total: int) -> float:
+    """(k + 1) / (B + 1) for k of B resamples (or permutations) at least as extreme: never 0."""
+    return float((np.count_nonzero(below) + 1) / (total + 1))
+
+
+def two_sided_p(values: np.ndarray) -> float | None:
+    """Two-sided bootstrap p-value of 'the statistic is 0' from its resampled values (NaN dropped)."""
+    values = values[np.isfinite(values)]
+    if len(values) < 2:
+        return None
+    return min(1.0, 2 * min(p_value(values <= 0, len(values)), p_value(values >= 0, len(values))))
+
+
+def format_p(p: float | None) -> str:
+    """A p-value as a reader should see it: '< 0.001' below 0.001, never 0."""
+    if p is None or not np.isfinite(p):
+        return "n/a"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _labelled(truth: np.ndarray, score: np.ndarray, weights: np.ndarray):
@@ -55,7 +109,10 @@ def weighted_auroc(truth: np.ndarray, score: np.ndarray, weights: np.ndarray) ->
 
     Unlabelled images (NaN truth) are left out.
     """
-    pos, neg = _tie_groups(*_labelled(truth, score, weights))
+    truth, score, weights = _labelled(truth, score, weights)
+    if len(truth) == 0:
+        return np.full(len(weights), np.nan)
+    pos, neg = _tie_groups(truth, score, weights)
     below = np.cumsum(neg, axis=1) - neg
     total_pos, total_neg = pos.sum(axis=1), neg.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -90,13 +147,26 @@ def weighted_threshold_metrics(truth: np.ndarray, predicted: np.ndarray, weights
                 "specificity": tn / (tn + fp), "precision": tp / (tp + fp), "f1": 2 * tp / (2 * tp + fp + fn)}
 
 
-def percentile_interval(values: np.ndarray, level: float = 0.95) -> list[float] | None:
+def percentile_interval(values: np.ndarray, level: float = LEVEL) -> list[float] | None:
     """Percentile interval of the finite values; None when fewer than 2 are finite."""
     finite = values[np.isfinite(values)]
     if len(finite) < 2:
         return None
     tail = (1 - level) / 2 * 100
     return [float(v) for v in np.percentile(finite, [tail, 100 - tail])]
+
+
+def proportion_interval(events: int, trials: int, resampled: np.ndarray, level: float = LEVEL) -> dict:
+    """Interval of the proportion events / trials: the bootstrap's percentile interval, or Wilson's
+    score interval (scipy) when fewer than ``MIN_EVENTS`` events or non-events were seen or the
+    percentile interval has zero width. Returns {"ci95", "ci_method"}."""
+    if trials == 0:
+        return {"ci95": None, "ci_method": None}
+    ci = percentile_interval(resampled, level)
+    if ci is None or min(events, trials - events) < MIN_EVENTS or ci[0] == ci[1]:
+        wilson = binomtest(int(events), int(trials)).proportion_ci(confidence_level=level, method="wilson")
+        return {"ci95": [float(wilson.low), float(wilson.high)], "ci_method": "wilson"}
+    return {"ci95": ci, "ci_method": "percentile"}
 
 
 def bootstrap_label_metrics(truth: np.ndarray, score: np.ndarray, threshold: float,
@@ -106,18 +176,50 @@ def bootstrap_label_metrics(truth: np.ndarray, score: np.ndarray, threshold: flo
             **weighted_threshold_metrics(truth, score >= threshold, weights)}
 
 
+def confusion(truth: np.ndarray, predicted: np.ndarray) -> dict[str, int]:
+    """Confusion counts of one label's labelled images (NaN truth left out)."""
+    keep = np.isfinite(truth.astype(np.float64))
+    y, p = truth[keep].astype(bool), predicted[keep].astype(bool)
+    return {"tp": int((y & p).sum()), "fp": int((~y & p).sum()), "fn": int((y & ~p).sum()), "tn": int((~y & ~p).sum())}
+
+
+def proportion_counts(cells: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """(events, trials) of each threshold metric that is a proportion (F1 is not)."""
+    tp, fp, fn, tn = cells["tp"], cells["fp"], cells["fn"], cells["tn"]
+    return {"accuracy": (tp + tn, tp + fp + fn + tn), "sensitivity": (tp, tp + fn), "specificity": (tn, tn + fp),
+            "precision": (tp, tp + fp), "prevalence": (tp + fn, tp + fp + fn + tn)}
+
+
+def metric_intervals(values: dict[str, np.ndarray], cells: dict[str, int], level: float = LEVEL) -> tuple[dict, dict]:
+    """(ci95, ci_method) per metric: proportions by :func:`proportion_interval`, the rest percentile."""
+    counts, ci, method = proportion_counts(cells), {}, {}
+    for name, resampled in values.items():
+        if name in counts:
+            entry = proportion_interval(*counts[name], resampled, level)
+        else:
+            interval = percentile_interval(resampled, level)
+            entry = {"ci95": interval, "ci_method": "percentile" if interval else None}
+        ci[name], method[name] = entry["ci95"], entry["ci_method"]
+    return ci, method
+
+
 def bootstrap_intervals(truth: np.ndarray, scores: np.ndarray, labels: list[str], thresholds: dict[str, float],
-                        weights: np.ndarray, level: float = 0.95) -> dict:
-    """Percentile intervals of every metric per label and of the mean AUROC, under ``weights``
+                        weights: np.ndarray, level: float = LEVEL) -> dict:
+    """Intervals of every metric per label and of the mean AUROC, under ``weights``
     (:func:`resample_counts`). Thresholds stay fixed (chosen on another split) inside every resample.
     """
     per_label, aurocs = {}, []
     for i, label in enumerate(labels):
         values = bootstrap_label_metrics(truth[:, i], scores[:, i], thresholds[label], weights)
         aurocs.append(values["auroc"])
-        per_label[label] = {"ci95": {name: percentile_interval(v, level) for name, v in values.items()},
+        ci, method = metric_intervals(values, confusion(truth[:, i], scores[:, i] >= thresholds[label]), level)
+        per_label[label] = {"ci95": ci, "ci_method": method,
                             "resamples_without_both_classes": int(np.isnan(values["auroc"]).sum())}
+    return {"labels": per_label, "auroc_mean_ci95": percentile_interval(label_mean(aurocs), level)}
+
+
+def label_mean(values: list[np.ndarray]) -> np.ndarray:
+    """Per resample, the mean over labels of the labels' values (NaN labels left out of that resample)."""
     with warnings.catch_warnings():  # a resample where no label is estimable has no mean: NaN
         warnings.simplefilter("ignore", RuntimeWarning)
-        mean = np.nanmean(np.stack(aurocs), axis=0)
-    return {"labels": per_label, "auroc_mean_ci95": percentile_interval(mean, level)}
+        return np.nanmean(np.stack(values), axis=0)

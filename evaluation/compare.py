@@ -1,41 +1,64 @@
 """Paired comparison of two models scored on the same images.
 
-Paired bootstrap: both models are scored under the same resample counts (see ``bootstrap.py``);
-for the AUROC difference D = AUROC_A - AUROC_B the interval is the percentile interval of D_b, and
-the two-sided p-value is 2 min(P(D_b <= 0), P(D_b >= 0)), capped at 1. The study's one-sided value,
-the share of resamples in which A's AUROC is not above B's, is reported beside it.
+Primary test: the paired bootstrap with the resampling unit of ``evaluation.bootstrap_unit`` (the
+patient by default). Both models are scored under the same resample counts (``bootstrap.py``); for
+D = AUROC_A - AUROC_B the interval is the percentile interval of D_b and the two-sided p-value is
+2 min((k_<=0 + 1), (k_>=0 + 1)) / (B + 1), capped at 1. The primary endpoint is the mean AUROC
+difference; the per-label tests are secondary and Holm-adjusted across labels. The study's
+one-sided value, the share of resamples in which A's AUROC is not above B's, is reported beside it.
 
 DeLong's test (DeLong, DeLong & Clarke-Pearson 1988, fast form of Sun & Xu 2014): with midranks,
 the placement value of positive i under model k is V_k(i) = (rank of i among all - rank among
-positives) / n_neg, and of negative j is W_k(j) = 1 - (rank among all - rank among negatives) / n_pos.
-AUROC_k = mean V_k; Cov(AUROC) = S_V / n_pos + S_W / n_neg with S the 2x2 covariance matrices of the
-placement values; z = (AUROC_A - AUROC_B) / sqrt(Var_A + Var_B - 2 Cov_AB), two-sided normal p.
+positives) / n_neg, and of negative j is W_k(j) = 1 - (rank among all - rank among negatives) / n_pos;
+AUROC_k = mean V_k. Image-level: Cov(AUROC) = S_V / n_pos + S_W / n_neg with S the 2x2 covariance
+matrices of the placement values. Clustered (Obuchowski 1997, images grouped by patient c with m_c
+positives, n_c negatives, I patients, M and N images): with V_kc = sum of V_k over c's positives and
+W_kc = sum of W_k over c's negatives, a_kc = V_kc - m_c AUROC_k and b_kc = W_kc - n_c AUROC_k,
+Cov(AUROC_k, AUROC_l) = I / (I - 1) sum_c [a_kc a_lc / M^2 + b_kc b_lc / N^2 + (a_kc b_lc + b_kc a_lc) / (M N)].
+z = (AUROC_A - AUROC_B) / sqrt(Var_A + Var_B - 2 Cov_AB), two-sided normal p. The image-level form
+ignores that a patient's images are correlated and is kept only as a reference.
 """
 from __future__ import annotations
 
 import numpy as np
 from scipy.stats import norm, rankdata
 
-from evaluation.bootstrap import percentile_interval, weighted_auroc
+from evaluation.bootstrap import LEVEL, label_mean, p_value, percentile_interval, two_sided_p, weighted_auroc
 
 
-def delong_test(truth: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> dict:
-    """DeLong's paired test of two correlated AUROCs; None fields when a class is missing."""
+def _placements(truth: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong's placement values (V of the positives, W of the negatives) of one model."""
+    m, n = int(truth.sum()), int((~truth).sum())
+    rank_all = rankdata(score)
+    v = (rank_all[truth] - rankdata(score[truth])) / n
+    w = 1.0 - (rank_all[~truth] - rankdata(score[~truth])) / m
+    return v, w
+
+
+def delong_test(truth: np.ndarray, score_a: np.ndarray, score_b: np.ndarray,
+                clusters: np.ndarray | None = None) -> dict:
+    """DeLong's paired test of two correlated AUROCs, clustered by ``clusters`` (Obuchowski) when
+    given, image-level otherwise; None fields when a class has fewer than 2 images."""
     keep = np.isfinite(truth.astype(np.float64))  # unlabelled images are left out
-    truth, score_a, score_b = truth[keep], score_a[keep], score_b[keep]
-    positive = truth.astype(bool)
-    m, n = int(positive.sum()), int((~positive).sum())
+    truth, score_a, score_b = truth[keep].astype(bool), score_a[keep], score_b[keep]
+    m, n = int(truth.sum()), int((~truth).sum())
+    variance = "image-level (ignores clustering)" if clusters is None else "clustered by patient (Obuchowski 1997)"
     if m < 2 or n < 2:
-        return {"auroc_a": None, "auroc_b": None, "z": None, "p_value": None, "note": "not estimable"}
-    placements_pos, placements_neg, aurocs = [], [], []
-    for score in (score_a, score_b):
-        rank_all = rankdata(score)
-        v = (rank_all[positive] - rankdata(score[positive])) / n
-        w = 1.0 - (rank_all[~positive] - rankdata(score[~positive])) / m
-        placements_pos.append(v)
-        placements_neg.append(w)
-        aurocs.append(v.mean())
-    cov = np.cov(np.stack(placements_pos)) / m + np.cov(np.stack(placements_neg)) / n
+        return {"auroc_a": None, "auroc_b": None, "z": None, "p_value": None, "variance": variance,
+                "note": "not estimable"}
+    placements = [_placements(truth, score) for score in (score_a, score_b)]
+    aurocs = np.array([v.mean() for v, _ in placements])
+    if clusters is None:
+        cov = np.cov(np.stack([v for v, _ in placements])) / m + np.cov(np.stack([w for _, w in placements])) / n
+    else:
+        codes = np.unique(np.asarray(clusters)[keep], return_inverse=True)[1]
+        units = int(codes.max()) + 1
+        positives = np.bincount(codes[truth], minlength=units)
+        negatives = np.bincount(codes[~truth], minlength=units)
+        a = np.stack([np.bincount(codes[truth], v, units) - positives * auc for (v, _), auc in zip(placements, aurocs)])
+        b = np.stack([np.bincount(codes[~truth], w, units) - negatives * auc for (_, w), auc in zip(placements, aurocs)])
+        cross = a @ b.T
+        cov = units / (units - 1) * (a @ a.T / m**2 + b @ b.T / n**2 + (cross + cross.T) / (m * n))
     var_diff = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
     diff = aurocs[0] - aurocs[1]
     if var_diff <= 1e-15:  # identical rankings: no evidence of a difference
@@ -44,23 +67,37 @@ def delong_test(truth: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> 
         z = diff / np.sqrt(var_diff)
         p = float(2 * norm.sf(abs(z)))
     return {"auroc_a": float(aurocs[0]), "auroc_b": float(aurocs[1]), "z": float(z), "p_value": p,
-            "variance_a": float(cov[0, 0]), "variance_b": float(cov[1, 1]), "covariance": float(cov[0, 1])}
+            "variance_a": float(cov[0, 0]), "variance_b": float(cov[1, 1]), "covariance": float(cov[0, 1]),
+            "variance": variance}
 
 
-def bootstrap_difference(values_a: np.ndarray, values_b: np.ndarray, point: float, level: float = 0.95) -> dict:
+def holm(p_values: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment: the i-th smallest of m p-values becomes
+    max_{j <= i} min(1, (m - j + 1) p_(j)); None stays None and does not count."""
+    tested = [(p, i) for i, p in enumerate(p_values) if p is not None]
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(sorted(tested)):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def bootstrap_difference(values_a: np.ndarray, values_b: np.ndarray, point: float, level: float = LEVEL) -> dict:
     """Interval and p-values of A - B from paired resampled values (NaN resamples dropped)."""
     diff = values_a - values_b
     diff = diff[np.isfinite(diff)]
     if len(diff) < 2:
         return {"difference": point, "ci95": None, "p_value": None, "p_a_not_better": None}
-    p_two_sided = min(1.0, 2 * min((diff <= 0).mean(), (diff >= 0).mean()))
-    return {"difference": point, "ci95": percentile_interval(diff, level), "p_value": float(p_two_sided),
-            "p_a_not_better": float((diff <= 0).mean())}
+    return {"difference": point, "ci95": percentile_interval(diff, level), "p_value": two_sided_p(diff),
+            "p_a_not_better": p_value(diff <= 0, len(diff))}
 
 
 def paired_auroc_comparison(truth: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, labels: list[str],
-                            weights: np.ndarray, level: float = 0.95) -> dict:
-    """Per-label and mean AUROC differences A - B with paired bootstrap and DeLong's test."""
+                            weights: np.ndarray, clusters: np.ndarray | None = None, level: float = LEVEL) -> dict:
+    """Mean AUROC difference A - B (primary endpoint) and per-label differences (Holm-adjusted),
+    by the paired bootstrap under ``weights``, with DeLong's test (clustered by ``clusters`` when
+    given) and its image-level form as a reference."""
     per_label, resampled_a, resampled_b, points_a, points_b = {}, [], [], [], []
     ones = np.ones((1, len(truth)), dtype=weights.dtype)
     for i, label in enumerate(labels):
@@ -74,8 +111,14 @@ def paired_auroc_comparison(truth: np.ndarray, scores_a: np.ndarray, scores_b: n
         points_b.append(point_b)
         per_label[label] = {"auroc_a": point_a, "auroc_b": point_b,
                             "bootstrap": bootstrap_difference(a, b, point_a - point_b, level),
-                            "delong": delong_test(truth[:, i], scores_a[:, i], scores_b[:, i])}
-    mean_a, mean_b = np.nanmean(np.stack(resampled_a), axis=0), np.nanmean(np.stack(resampled_b), axis=0)
+                            "delong": delong_test(truth[:, i], scores_a[:, i], scores_b[:, i], clusters),
+                            "delong_image_level": delong_test(truth[:, i], scores_a[:, i], scores_b[:, i])}
+    for entry, adjusted in zip(per_label.values(), holm([e["bootstrap"]["p_value"] for e in per_label.values()])):
+        entry["bootstrap"]["p_holm"] = adjusted
+    mean_a, mean_b = label_mean(resampled_a), label_mean(resampled_b)
     point = float(np.nanmean(points_a) - np.nanmean(points_b))
     return {"labels": per_label, "auroc_mean_a": float(np.nanmean(points_a)), "auroc_mean_b": float(np.nanmean(points_b)),
-            "auroc_mean": bootstrap_difference(mean_a, mean_b, point, level)}
+            "auroc_mean": bootstrap_difference(mean_a, mean_b, point, level),
+            "endpoints": {"primary": "mean AUROC difference A - B (paired bootstrap)",
+                          "secondary": "per-label AUROC differences, p-values Holm-adjusted across "
+                                       f"{len(labels)} labels (p_holm); DeLong's p-values are unadjusted references"}}

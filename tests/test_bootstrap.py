@@ -6,8 +6,9 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from evaluation.bootstrap import (bootstrap_intervals, percentile_interval, resample_counts,
-                                  weighted_auroc, weighted_threshold_metrics)
+from evaluation.bootstrap import (bootstrap_intervals, format_p, p_value, percentile_interval, proportion_interval,
+                                  resample_counts, resampling, two_sided_p, weighted_auroc,
+                                  weighted_threshold_metrics)
 from Prediction_DP import auroc, threshold_metrics
 
 
@@ -74,3 +75,52 @@ def test_unlabelled_images_are_left_out():
     assert np.allclose(weighted_auroc(holes, score, counts), weighted_auroc(truth[keep], score[keep], counts[:, keep]))
     assert auroc(holes, score) == pytest.approx(roc_auc_score(truth[keep], score[keep]))
     assert threshold_metrics(holes, score, 0.5) == threshold_metrics(truth[keep], score[keep], 0.5)
+
+
+def test_patient_resampling_draws_whole_patients():
+    patients = np.repeat(np.arange(40), [1, 2, 3, 4] * 10)
+    counts = resample_counts(len(patients), 300, seed=5, clusters=patients)
+    for p in range(40):  # every image of a patient is drawn as often as its patient
+        assert (counts[:, patients == p] == counts[:, patients == p][:, :1]).all()
+    per_patient = counts[:, np.unique(patients, return_index=True)[1]]
+    assert (per_patient.sum(axis=1) == 40).all()  # 40 patients drawn per resample, not len(patients) images
+
+
+def test_duplicated_images_do_not_narrow_the_patient_interval():
+    """Three identical copies of every image carry no more information: the patient bootstrap gives the
+    interval of the originals exactly; the image bootstrap pretends to know more."""
+    rng = np.random.default_rng(8)
+    truth = rng.random((150, 1)) < 0.3
+    scores = rng.normal(truth * 1.0, 1.0)
+    copies = np.repeat(np.arange(150), 3)
+    original = bootstrap_intervals(truth, scores, ["x"], {"x": 0.5}, resample_counts(150, 500, 1))
+    weights, _, info = resampling(copies, 500, 1, "patient")
+    tripled = bootstrap_intervals(truth[copies], scores[copies], ["x"], {"x": 0.5}, weights)
+    assert info == {"resamples": 500, "seed": 1, "level": 0.95, "unit": "patient", "units": 150}
+    assert tripled["labels"]["x"]["ci95"]["auroc"] == pytest.approx(original["labels"]["x"]["ci95"]["auroc"], abs=1e-12)
+    image_level, _, _ = resampling(copies, 500, 1, "image")
+    naive = bootstrap_intervals(truth[copies], scores[copies], ["x"], {"x": 0.5}, image_level)["labels"]["x"]["ci95"]
+    width = np.diff(original["labels"]["x"]["ci95"]["auroc"])[0]
+    assert np.diff(naive["auroc"])[0] < 0.7 * width  # about 1/sqrt(3) of the honest width
+
+
+def test_p_values_are_never_zero_and_print_as_bounds():
+    assert two_sided_p(np.full(100, 0.1)) == pytest.approx(2 / 101)
+    assert two_sided_p(np.full(100, 0.0)) == 1.0
+    assert p_value(np.zeros(999, bool), 999) == pytest.approx(1 / 1000)
+    assert format_p(0.0004) == "< 0.001" and format_p(0.0123) == "0.012" and format_p(None) == "n/a"
+
+
+def test_proportions_with_few_events_get_wilson_intervals():
+    truth = np.zeros((200, 1), dtype=bool)
+    truth[:2, 0] = True  # two positives, both found: sensitivity 1.0
+    scores = np.where(truth, 0.9, np.random.default_rng(0).random((200, 1)) * 0.8)
+    result = bootstrap_intervals(truth, scores, ["x"], {"x": 0.7}, resample_counts(200, 400, 0))["labels"]["x"]
+    low, high = result["ci95"]["sensitivity"]
+    assert result["ci_method"]["sensitivity"] == "wilson" and high == 1.0 and 0.1 < low < 0.5  # not [1, 1]
+    assert result["ci_method"]["specificity"] == "percentile"  # about 25 of 198 negatives called positive
+    assert result["ci_method"]["auroc"] == "percentile"
+    many = proportion_interval(60, 100, np.random.default_rng(1).normal(0.6, 0.05, 500))
+    assert many["ci_method"] == "percentile"
+    flat = proportion_interval(60, 100, np.full(500, 0.6))  # a degenerate bootstrap falls back too
+    assert flat["ci_method"] == "wilson" and flat["ci95"][0] < 0.6 < flat["ci95"][1]

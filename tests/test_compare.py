@@ -7,7 +7,7 @@ from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
 from evaluation.bootstrap import resample_counts
-from evaluation.compare import bootstrap_difference, delong_test, paired_auroc_comparison
+from evaluation.compare import bootstrap_difference, delong_test, holm, paired_auroc_comparison
 
 
 def _delong_by_definition(truth, score_a, score_b):
@@ -55,8 +55,31 @@ def test_delong_p_values_are_uniform_under_the_null():
     assert 0.02 <= np.mean(np.array(p_values) < 0.05) <= 0.09
 
 
+def test_clustered_delong_counts_patients_not_images():
+    """Three identical copies of every image: the clustered (Obuchowski) variance is that of the
+    originals; the image-level variance shrinks threefold as if the copies were new patients."""
+    rng = np.random.default_rng(2)
+    truth = rng.random(300) < 0.4
+    a, b = rng.normal(truth * 1.0, 1.0), rng.normal(truth * 0.8, 1.0)
+    original = delong_test(truth, a, b)
+    copies = np.repeat(np.arange(300), 3)
+    clustered = delong_test(truth[copies], a[copies], b[copies], clusters=copies)
+    naive = delong_test(truth[copies], a[copies], b[copies])
+    assert clustered["auroc_a"] == pytest.approx(original["auroc_a"])
+    for key in ("variance_a", "variance_b", "covariance"):  # I/(I-1) against m/(m-1), n/(n-1): within 1%
+        assert clustered[key] == pytest.approx(original[key], rel=0.01)
+        assert naive[key] == pytest.approx(original[key] / 3, rel=0.01)
+    assert clustered["p_value"] == pytest.approx(original["p_value"], rel=0.05) and naive["p_value"] < clustered["p_value"]
+    assert "Obuchowski" in clustered["variance"] and "ignores clustering" in naive["variance"]
+
+
+def test_holm_by_hand():
+    assert holm([0.01, 0.04, 0.03, None]) == [pytest.approx(0.03), pytest.approx(0.06), pytest.approx(0.06), None]
+    assert holm([0.5, 0.6]) == [1.0, 1.0]
+
+
 def test_bootstrap_difference_p_values():
-    assert bootstrap_difference(np.full(100, 0.8), np.full(100, 0.7), 0.1)["p_value"] == 0.0
+    assert bootstrap_difference(np.full(100, 0.8), np.full(100, 0.7), 0.1)["p_value"] == pytest.approx(2 / 101)
     same = bootstrap_difference(np.full(100, 0.8), np.full(100, 0.8), 0.0)
     assert same["p_value"] == 1.0 and same["p_a_not_better"] == 1.0
     rng = np.random.default_rng(1)
@@ -97,17 +120,21 @@ def test_compare_command_writes_paired_results_and_refuses_mismatches(tiny_confi
     out = root / "comparisons" / "dp__vs__nodp__test"
     comparison = json.loads((out / "comparison.json").read_text())
     table = pd.read_csv(out / "comparison.csv")
-    assert list(table["label"]) == [*comparison["labels"], "mean"]
-    assert comparison["bootstrap"] == {"resamples": 1000, "seed": 0, "paired": True}
+    assert list(table["label"]) == ["mean (primary endpoint)", *comparison["labels"]]
+    assert comparison["bootstrap"]["unit"] == "patient" and comparison["bootstrap"]["paired"]
+    assert "Holm" in comparison["endpoints"]["secondary"]
     mean = comparison["auroc_mean"]
     assert mean["difference"] == pytest.approx(comparison["auroc_mean_a"] - comparison["auroc_mean_b"])
     assert mean["ci95"][0] <= mean["difference"] <= mean["ci95"][1] and 0 <= mean["p_value"] <= 1
-    for label, m in comparison["labels"].items():  # the same AUROC as predict gives
-        assert 0 <= m["delong"]["p_value"] <= 1
+    for label, m in comparison["labels"].items():
+        assert "Obuchowski" in m["delong"]["variance"] and 0 <= m["delong_image_level"]["p_value"] <= 1
+        assert m["bootstrap"]["p_holm"] >= m["bootstrap"]["p_value"] > 0
     assert_report(out / "report.html", ["AUROC differences", "Forest plot", "ROC curves"], min_figures=2)
     assert main(["predict", str(root / "dp")]) == 0
     metrics = json.loads((root / "dp" / "results" / "test_metrics.json").read_text())
     assert comparison["auroc_mean_a"] == pytest.approx(metrics["auroc_mean"])
+    patients = pd.read_csv(root / "dp" / "predictions" / "test.csv")["patient_id"].nunique()
+    assert comparison["bootstrap"]["units"] == metrics["bootstrap"]["units"] == patients < comparison["n_images"]
 
     # a different label set, and different test images, are refused
     assert main(["train", "--config", str(path), "--name", "labels", "--set", "data.labels=[cardiomegaly]"]) == 0
