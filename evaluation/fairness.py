@@ -1,28 +1,58 @@
-"""Subgroup performance and fairness across sex and age, as in the study.
+"""Subgroup performance and fairness across sex and age, with intervals and a chance reference.
 
 Subgroups: sex (F, M), age bins (``evaluation.age_bins`` edges; the last bin is closed) and sex x age.
-Per subgroup and label: n, and prevalence, AUROC, accuracy, sensitivity and specificity, each with a
-paired bootstrap interval (the test set's resample counts restricted to the subgroup). A subgroup
-smaller than ``min_size``, or a metric whose class is absent, is reported as not estimable.
+Per subgroup and label: n, prevalence, AUROC, accuracy, sensitivity and specificity, each with an
+interval from the test set's resample counts restricted to the subgroup (paired with every other
+interval). A subgroup smaller than ``min_size`` is not estimable; its AUROC needs ``min_positives``
+positive and ``min_negatives`` negative images.
 
-Fairness per label, then averaged over labels:
+Fairness per label (and averaged over labels), each with a bootstrap interval and, for the gaps, a
+permutation p-value: the group labels of the patients are shuffled over the same predictions, so the
+p-value is the share of shuffles whose gap is at least the observed one ((k + 1) / (P + 1)); a gap
+that random groups also produce is not a finding. With G the groups compared:
 - statistical parity difference (SPD) as coded in the study: for sex, accuracy(F) - accuracy(M); for
-  an age group g, accuracy(g) - sum_{h != g} n_h accuracy(h) / sum_{h != g} n_h;
-- demographic parity difference and equalized odds difference of the thresholded predictions
-  (fairlearn), over the subgroups with at least ``min_size`` images;
-- AUROC gap (best minus worst estimable subgroup) and worst-group AUROC;
-and per subgroup the underdiagnosis rate: the share of abnormal images (any configured label
-positive) predicted as having no finding (every label below its threshold).
+  an age group g, accuracy(g) - sum_{h != g} n_h accuracy(h) / sum_{h != g} n_h (p-value on |SPD|);
+- demographic parity difference max_g P(call | g) - min_g P(call | g) and equalized odds difference
+  max(range_g TPR_g, range_g FPR_g) (fairlearn's definitions), over the groups holding both classes
+  (a group without positives has no TPR: it is left out, never counted as 0);
+- AUROC gap (best minus worst group) and worst-group AUROC, over the groups whose AUROC is estimable.
+
+Underdiagnosis per group: the share of abnormal images called normal (1 - TPR of "any finding"), and
+overdiagnosis, the share of normal images called abnormal (its FPR). "Abnormal" is composite by
+default: some configured label positive ("normal": every configured label known negative), called
+abnormal when some label's score reaches its threshold. With ``no_finding`` (a "No Finding" label of
+CheXpert, MIMIC-CXR or ChestX-ray14), it is Seyyed-Kalantari et al.'s (Nature Medicine 2021): abnormal
+= No Finding negative, called normal = the No Finding output at or above its threshold. A group with
+fewer than ``min_size`` abnormal (normal) images has no underdiagnosis (overdiagnosis) rate.
+
+Intervals: percentile for the signed SPD and for subgroup metrics (Wilson for proportions with few
+events); a simultaneous bootstrap band for the gaps and the worst-group AUROC (see :func:`_entry`: a
+range of noisy group values is biased up, so its percentile interval can miss its own estimate).
+
+All p-values of one report get Benjamini-Hochberg q-values (scipy) over the report's tests; the
+unadjusted ones are exploratory.
 """
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
+from scipy.stats import false_discovery_control
 
-from evaluation.bootstrap import percentile_interval, weighted_auroc, weighted_threshold_metrics
+from evaluation.bootstrap import p_value, percentile_interval, proportion_interval, weighted_auroc
 
 SUBGROUP_METRICS = ("auroc", "accuracy", "sensitivity", "specificity")
+GAPS = ("demographic_parity_difference", "equalized_odds_difference", "auroc_gap")
+SPD = "statistical_parity_difference"
+DEFINITIONS = {
+    SPD: "accuracy of the group minus that of the others (sex: F - M; age: the group against the size-weighted "
+         "rest); positive = the group is classified more accurately",
+    "demographic_parity_difference": "largest minus smallest share of images called positive across groups (0 = equal)",
+    "equalized_odds_difference": "the larger of the TPR range and the FPR range across groups (0 = equal error rates)",
+    "auroc_gap": "highest minus lowest group AUROC (0 = equal)",
+    "worst_group_auroc": "lowest group AUROC",
+    "underdiagnosis_gap": "highest minus lowest group underdiagnosis rate",
+    "overdiagnosis_gap": "highest minus lowest group overdiagnosis rate",
+}
 
 
 def age_bin_names(edges: list[float]) -> list[str]:
@@ -38,150 +68,407 @@ def age_bins(age: np.ndarray, edges: list[float]) -> np.ndarray:
     return names[idx]
 
 
-def subgroups(sex: np.ndarray, age: np.ndarray, edges: list[float]) -> dict[str, dict[str, np.ndarray]]:
-    """attribute -> group -> boolean mask, for sex, age and sex x age."""
+def group_names(sex: np.ndarray, age: np.ndarray, edges: list[float]) -> dict[str, np.ndarray]:
+    """attribute -> group name per image ('' = no group), for sex, age and sex x age."""
     sex = np.asarray(sex).astype(str)
+    sex = np.where(np.isin(sex, ["F", "M"]), sex, "")
     bins = age_bins(age, edges)
-    by_sex = {s: sex == s for s in ("F", "M")}
-    by_age = {b: bins == b for b in age_bin_names(edges)}
-    by_both = {f"{s} {b}": ms & mb for s, ms in by_sex.items() for b, mb in by_age.items()}
-    return {"sex": by_sex, "age": by_age, "sex_age": by_both}
+    both = np.where((sex != "") & (bins != ""), np.char.add(np.char.add(sex, " "), bins), "")
+    return {"sex": sex, "age": bins, "sex_age": both}
 
 
-def _subgroup_label(truth, score, threshold, weights, min_size) -> dict:
-    keep = np.isfinite(truth.astype(np.float64))  # unlabelled images are left out
-    truth, score, weights = truth[keep], score[keep], weights[:, keep]
-    n, positives = int(len(truth)), int(truth.sum())
+def groups_of(attribute: str, edges: list[float]) -> list[str]:
+    """The groups of an attribute, in report order."""
+    bins = age_bin_names(edges)
+    return {"sex": ["F", "M"], "age": bins, "sex_age": [f"{s} {b}" for s in ("F", "M") for b in bins]}[attribute]
+
+
+def _stats(truth: np.ndarray, score: np.ndarray, predicted: np.ndarray, weights: np.ndarray,
+           with_auroc: bool = True) -> dict[str, np.ndarray]:
+    """Weighted confusion counts, rates and AUROC of one label's images under each row of ``weights``."""
+    keep = np.isfinite(truth)
+    y, p, w = truth[keep].astype(bool), predicted[keep].astype(bool), weights[:, keep]
+    cells = np.stack([y & p, ~y & p, y & ~p, ~y & ~p], axis=1).astype(w.dtype)
+    tp, fp, fn, tn = (w @ cells).astype(np.float64).T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = {"n": tp + fp + fn + tn, "positives": tp + fn, "selection": (tp + fp) / (tp + fp + fn + tn), "accuracy": (tp + tn) / (tp + fp + fn + tn),
+               "sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp), "fpr": fp / (fp + tn),
+               "prevalence": (tp + fn) / (tp + fp + fn + tn)}
+    if with_auroc:
+        out["auroc"] = weighted_auroc(y, score[keep], w)
+    return out
+
+
+def _spread(values: list[np.ndarray]) -> np.ndarray:
+    """Largest minus smallest value per row (NaN when a group's value is NaN in that row)."""
+    stacked = np.stack(values)
+    return stacked.max(axis=0) - stacked.min(axis=0)
+
+
+def _statistical_parity(stats: dict[str, dict], attribute: str) -> dict[str, np.ndarray]:
+    """The study's SPD per group from group accuracies (rows: point, resamples or permutations)."""
+    if attribute == "sex":
+        return {"F-M": stats["F"]["accuracy"] - stats["M"]["accuracy"]} if {"F", "M"} <= set(stats) else {}
+    if len(stats) < 2:
+        return {}
+    out = {}
+    for group in stats:
+        others = [h for h in stats if h != group]
+        n = np.stack([stats[h]["n"] for h in others])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rest = (n * np.stack([stats[h]["accuracy"] for h in others])).sum(axis=0) / n.sum(axis=0)
+        out[group] = stats[group]["accuracy"] - rest
+    return out
+
+
+def _fairness_values(stats: dict[str, dict], attribute: str, eligible: dict[str, list[str]],
+                     center: dict[str, dict] | None = None) -> dict[str, np.ndarray]:
+    """Every fairness metric of one label, per row, from the per-group statistics.
+
+    With ``center`` (the statistics on the data), the gaps and the worst-group AUROC are replaced by
+    their band statistic: the spread of the groups' deviations from the data (for the worst group, the
+    largest absolute deviation), whose 95% quantile bounds every group at once (see :func:`_entry`).
+    """
+    def rows(name: str, groups: list[str]) -> list[np.ndarray]:
+        return [stats[g][name] - (center[g][name] if center else 0) for g in groups]
+
+    out = {} if center else {f"{SPD}:{g}": v for g, v in
+                             _statistical_parity({g: stats[g] for g in eligible["size"]}, attribute).items()}
+    rates = eligible["rates"]
+    if len(rates) >= 2:
+        out["demographic_parity_difference"] = _spread(rows("selection", rates))
+        out["equalized_odds_difference"] = np.maximum(_spread(rows("sensitivity", rates)), _spread(rows("fpr", rates)))
+    aurocs = eligible["auroc"]
+    if len(aurocs) >= 2:
+        out["auroc_gap"] = _spread(rows("auroc", aurocs))
+    if aurocs:
+        worst = np.stack(rows("auroc", aurocs))
+        out["worst_group_auroc"] = np.abs(worst).max(axis=0) if center else worst.min(axis=0)
+    return out
+
+
+def _eligible(point: dict[str, dict], min_size: int, min_positives: int, min_negatives: int) -> tuple[dict, dict]:
+    """Groups entering each comparison, and why the others are left out."""
+    size, rates, auroc, left_out = [], [], [], {}
+    for group, s in point.items():
+        n, positives = int(s["n"][0]), int(s["positives"][0])
+        if n < min_size:
+            left_out[group] = f"n = {n} < minimum subgroup size {min_size}"
+            continue
+        size.append(group)
+        if positives == 0 or positives == n:
+            left_out[group] = f"{'no positive' if positives == 0 else 'no negative'} image: no TPR/FPR, no AUROC"
+            continue
+        rates.append(group)
+        if positives < min_positives or n - positives < min_negatives:
+            left_out[group] = (f"AUROC not estimable: {positives} positive / {n - positives} negative images "
+                               f"(needs {min_positives} / {min_negatives})")
+            continue
+        auroc.append(group)
+    return {"size": size, "rates": rates, "auroc": auroc}, left_out
+
+
+def _null(permuted: dict, name: str) -> np.ndarray | None:
+    """The permutation values of a gap or SPD (the worst-group AUROC is a level, not a gap: no p-value)."""
+    return None if name == "worst_group_auroc" else permuted.get(name)
+
+
+def _entry(point: float, resampled: np.ndarray | None, permuted: np.ndarray | None, two_sided: bool,
+           band: np.ndarray | None = None) -> dict:
+    """A fairness number: value, 95% interval, and the permutation p-value of its size.
+
+    A signed difference (SPD) gets the percentile interval. A gap (largest minus smallest group) or a
+    worst-group value is not a smooth function of the groups: its bootstrap distribution sits above
+    the estimate (a range of noisy values is biased up) and a percentile interval can exclude the
+    estimate and never covers a true gap of 0. It gets a simultaneous band instead: with c the 95%
+    quantile of ``band`` (the spread of the groups' bootstrap deviations), every pairwise group
+    difference is within c of its estimate at once, so the gap is within [gap - c, gap + c] (clipped
+    to [0, 1]); this covers at least 95% (more where groups differ: conservative).
+    """
+    entry = {"value": float(point) if np.isfinite(point) else None, "ci95": None, "ci_method": None, "p_value": None}
+    if entry["value"] is None:
+        return {**entry, "note": "not estimable"}
+    if band is not None:
+        finite = band[np.isfinite(band)]
+        if len(finite) >= 2:
+            c = float(np.quantile(finite, 0.95))
+            entry["ci95"] = [max(0.0, point - c), min(1.0, point + c)]
+            entry["ci_method"] = "simultaneous bootstrap band (conservative)"
+    elif resampled is not None:
+        entry["ci95"] = percentile_interval(resampled)
+        entry["ci_method"] = "percentile" if entry["ci95"] else None
+    if permuted is not None:
+        finite = permuted[np.isfinite(permuted)]
+        observed = abs(point) if two_sided else point
+        null = np.abs(finite) if two_sided else finite
+        # a tolerance keeps a shuffle that reproduces the observed gap (ties in float sums) counted
+        entry["p_value"] = p_value(null >= observed - 1e-12, len(finite)) if len(finite) else None
+    return entry
+
+
+class _Worlds:
+    """The three sets of rows a fairness number is computed on: the data (1 row), the bootstrap
+    resamples and the permutations of the group labels (patients keep their images together)."""
+
+    def __init__(self, weights: np.ndarray, clusters: np.ndarray, permutations: int, seed: int):
+        self.weights, self.clusters, self.permutations, self.seed = weights, clusters, permutations, seed
+
+    def permuted_groups(self, names: np.ndarray, groups: list[str]) -> np.ndarray | None:
+        """[permutations, n] group index per image (-1 = none) with the units' group labels shuffled
+        among the units that have one (a unit's group is that of its first image)."""
+        if not self.permutations:
+            return None
+        code = {g: k for k, g in enumerate(groups)}
+        image_group = np.array([code.get(g, -1) for g in names], dtype=np.int16)
+        first = pd.Series(np.arange(len(names))).groupby(self.clusters).first().to_numpy()
+        unit_group = image_group[first]
+        known = np.flatnonzero(unit_group >= 0)
+        rng = np.random.default_rng(self.seed)
+        shuffled = np.tile(unit_group, (self.permutations, 1))
+        shuffled[:, known] = unit_group[known][rng.permuted(np.tile(np.arange(len(known)), (self.permutations, 1)),
+                                                             axis=1)]
+        return shuffled[:, self.clusters]
+
+
+def _group_stats(truth, score, predicted, names, groups, worlds: _Worlds, permuted,
+                 with_auroc: bool = True) -> tuple[dict, dict, dict]:
+    """Per group: statistics on the data, the resamples and the permutations of one label."""
+    point, boot, perm = {}, {}, {}
+    for k, group in enumerate(groups):
+        mask = names == group
+        subset = truth[mask], score[mask], predicted[mask]
+        point[group] = _stats(*subset, np.ones((1, int(mask.sum())), np.float32), with_auroc)
+        boot[group] = _stats(*subset, worlds.weights[:, mask], with_auroc)
+        if permuted is not None:
+            perm[group] = _stats(truth, score, predicted, (permuted == k).astype(np.float32), with_auroc)
+    return point, boot, perm
+
+
+def _subgroup_entry(point: dict, boot: dict, min_size: int, min_positives: int, min_negatives: int) -> dict:
+    n, positives = int(point["n"][0]), int(point["positives"][0])
     entry = {"n": n, "positives": positives, "prevalence": positives / n if n else None}
     if n < min_size:
         return {**entry, "estimable": False, "reason": f"n = {n} < minimum subgroup size {min_size}"}
-    predicted = score >= threshold
-    full = np.ones((1, n), dtype=weights.dtype)
-    point = {"auroc": weighted_auroc(truth, score, full)[0],
-             **{k: v[0] for k, v in weighted_threshold_metrics(truth, predicted, full).items()}}
-    resampled = {"auroc": weighted_auroc(truth, score, weights),
-                 **weighted_threshold_metrics(truth, predicted, weights)}
-    reasons = {"auroc": "needs both classes", "sensitivity": "no positive image", "specificity": "no negative image"}
-    with np.errstate(invalid="ignore", divide="ignore"):
-        prevalence = (weights @ truth.astype(weights.dtype)) / weights.sum(axis=1)
-    metrics = {"prevalence": {"value": positives / n, "ci95": percentile_interval(prevalence.astype(np.float64))}}
-    for name in SUBGROUP_METRICS:
-        value = float(point[name])
-        if np.isfinite(value):
-            metrics[name] = {"value": value, "ci95": percentile_interval(resampled[name])}
+    events = {"prevalence": (positives, n), "sensitivity": (None, positives), "specificity": (None, n - positives)}
+    metrics = {}
+    for name in ("prevalence", *SUBGROUP_METRICS):
+        value = float(point[name][0])
+        if name == "auroc" and (positives < min_positives or n - positives < min_negatives):
+            metrics[name] = {"value": None, "ci95": None, "ci_method": None,
+                             "reason": f"not estimable: {positives} positive / {n - positives} negative images "
+                                       f"(needs {min_positives} / {min_negatives})"}
+        elif not np.isfinite(value):
+            reason = "no positive image" if name == "sensitivity" else "no negative image"
+            metrics[name] = {"value": None, "ci95": None, "ci_method": None, "reason": f"not estimable: {reason}"}
+        elif name == "auroc":
+            ci = percentile_interval(boot[name])
+            metrics[name] = {"value": value, "ci95": ci, "ci_method": "percentile" if ci else None}
         else:
-            metrics[name] = {"value": None, "ci95": None, "reason": f"not estimable: {reasons.get(name, '')}"}
+            trials = events.get(name, (None, n))[1]
+            metrics[name] = {"value": value, **proportion_interval(int(round(value * trials)), trials, boot[name])}
     return {**entry, "estimable": True, "metrics": metrics}
 
 
-def statistical_parity(accuracy: dict[str, float], sizes: dict[str, int], attribute: str) -> dict[str, float]:
-    """The study's SPD: F - M for sex; for age, each group against the size-weighted rest."""
-    acc = {g: a for g, a in accuracy.items() if a is not None}
-    if attribute == "sex":
-        return {"F-M": acc["F"] - acc["M"]} if {"F", "M"} <= set(acc) else {}
-    out = {}
-    for group, value in acc.items():
-        others = [(sizes[h], acc[h]) for h in acc if h != group]
-        total = sum(n for n, _ in others)
-        if total:
-            out[group] = value - sum(n * a for n, a in others) / total
-    return out
+def composite_finding(truth: np.ndarray, scores: np.ndarray, labels: list[str], thresholds: dict[str, float],
+                      no_finding: str | None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(abnormal: 1/0/NaN per image, called abnormal per image, definition) for under/overdiagnosis."""
+    if no_finding is not None:
+        i = labels.index(no_finding)
+        nf = truth[:, i].astype(np.float64)
+        return 1 - nf, scores[:, i] < thresholds[no_finding], (
+            f"Seyyed-Kalantari et al. (2021): abnormal = '{no_finding}' negative; called normal = the "
+            f"'{no_finding}' output at or above its threshold")
+    findings = truth.astype(np.float64)
+    predicted = scores >= np.array([thresholds[label] for label in labels])
+    abnormal = np.where((findings == 1).any(axis=1), 1.0, np.where((findings == 0).all(axis=1), 0.0, np.nan))
+    return abnormal, predicted.any(axis=1), ("composite: abnormal = some configured label positive, normal = every "
+                                             "configured label negative (not a No Finding label: findings outside "
+                                             "the configured labels are invisible); called abnormal = some label at "
+                                             "or above its threshold")
 
 
 def fairness_report(truth: np.ndarray, scores: np.ndarray, labels: list[str], thresholds: dict[str, float],
-                    sex: np.ndarray, age: np.ndarray, edges: list[float], weights: np.ndarray,
-                    min_size: int = 10) -> dict:
-    """Subgroup metrics with intervals, fairness metrics per label and averaged, underdiagnosis."""
-    groups = subgroups(sex, age, edges)
+                    sex: np.ndarray, age: np.ndarray, edges: list[float], weights: np.ndarray, *,
+                    clusters: np.ndarray | None = None, min_size: int = 10, min_positives: int = 10,
+                    min_negatives: int = 10, permutations: int = 1000, seed: int = 0,
+                    no_finding: str | None = None) -> dict:
+    """Subgroup metrics, fairness metrics per label and averaged (with intervals, permutation p-values
+    and BH q-values), and under/overdiagnosis per group. ``weights``: the resample counts of the
+    split; ``clusters``: the resampling unit per image (patients are shuffled whole in permutations).
+    ``no_finding``: the label whose output defines under/overdiagnosis (see module doc)."""
+    clusters = np.arange(len(truth)) if clusters is None else np.asarray(clusters)
+    worlds = _Worlds(weights, clusters, permutations, seed)
+    names_by_attribute = group_names(sex, age, edges)
     predicted = scores >= np.array([thresholds[label] for label in labels])
-    report = {"age_bins": age_bin_names(edges), "min_subgroup_size": min_size, "subgroups": {}, "fairness": {},
-              "underdiagnosis": {}}
-    for attribute, masks in groups.items():
-        report["subgroups"][attribute] = {
-            group: {label: _subgroup_label(truth[mask, i], scores[mask, i], thresholds[label], weights[:, mask], min_size)
-                    for i, label in enumerate(labels)}
-            for group, mask in masks.items()}
-
-    for attribute in ("sex", "age"):
-        # group comparisons use the subgroups large enough to estimate (a handful of images would decide them)
-        masks = {g: m for g, m in groups[attribute].items() if m.sum() >= min_size}
-        if len(masks) < 2:
-            report["fairness"][attribute] = {"labels": {}, "mean": {}, "note": "fewer than two estimable groups"}
-            continue
-        known = np.any(np.stack(list(masks.values())), axis=0)
-        member = np.full(len(truth), "", dtype=object)
-        for group, mask in masks.items():
-            member[mask] = group
-        per_label = {}
+    truth = truth.astype(np.float64)
+    report = {"age_bins": age_bin_names(edges), "min_subgroup_size": min_size, "min_positives": min_positives,
+              "min_negatives": min_negatives, "permutations": permutations, "definitions": DEFINITIONS,
+              "subgroups": {}, "fairness": {}, "underdiagnosis": {}}
+    abnormal, called, definition = composite_finding(truth, scores, labels, thresholds, no_finding)
+    report["underdiagnosis_definition"] = definition
+    for attribute, names in names_by_attribute.items():
+        groups = groups_of(attribute, edges)
+        permuted = worlds.permuted_groups(names, groups) if attribute != "sex_age" else None
+        report["subgroups"][attribute] = {g: {} for g in groups}
+        per_label, rows = {}, {}
         for i, label in enumerate(labels):
-            entries = report["subgroups"][attribute]
-            estimable = {g: e[label] for g, e in entries.items() if e[label]["estimable"]}
-            accuracy = {g: e["metrics"]["accuracy"]["value"] for g, e in estimable.items()}
-            aurocs = {g: e["metrics"]["auroc"]["value"] for g, e in estimable.items()
-                      if e["metrics"]["auroc"]["value"] is not None}
-            rows = known & np.isfinite(truth[:, i].astype(np.float64))
-            y, p, s = truth[rows, i].astype(bool), predicted[rows, i], member[rows]
-            per_label[label] = {
-                "statistical_parity_difference": statistical_parity(accuracy, {g: e["n"] for g, e in estimable.items()},
-                                                                    attribute),
-                "demographic_parity_difference": float(demographic_parity_difference(y, p, sensitive_features=s)),
-                "equalized_odds_difference": float(equalized_odds_difference(y, p, sensitive_features=s)),
-                "auroc_gap": max(aurocs.values()) - min(aurocs.values()) if len(aurocs) >= 2 else None,
-                "worst_group_auroc": min(aurocs.values()) if aurocs else None,
-                "worst_group": min(aurocs, key=aurocs.get) if aurocs else None,
-            }
-        report["fairness"][attribute] = {"labels": per_label, "mean": _mean_over_labels(per_label)}
-
-    abnormal, called_normal = (truth == 1).any(axis=1), ~predicted.any(axis=1)
-    for attribute, masks in groups.items():
-        report["underdiagnosis"][attribute] = {}
-        for group, mask in masks.items():
-            n_abnormal = int((abnormal & mask).sum())
-            rate = float((called_normal & abnormal & mask).sum() / n_abnormal) if n_abnormal else None
-            report["underdiagnosis"][attribute][group] = {"abnormal": n_abnormal, "rate": rate}
+            point, boot, perm = _group_stats(truth[:, i], scores[:, i], predicted[:, i], names, groups, worlds, permuted)
+            for group in groups:
+                report["subgroups"][attribute][group][label] = _subgroup_entry(point[group], boot[group], min_size,
+                                                                               min_positives, min_negatives)
+            if attribute == "sex_age":
+                continue
+            eligible, left_out = _eligible(point, min_size, min_positives, min_negatives)
+            values = [_fairness_values(world, attribute, eligible) if world else {} for world in (point, boot, perm)]
+            values.append(_fairness_values(boot, attribute, eligible, center=point))
+            rows[label] = values
+            per_label[label] = {"groups": eligible, "left_out": left_out, "metrics": {
+                name: _entry(values[0][name][0], values[1][name], _null(values[2], name), two_sided=name.startswith(SPD),
+                             band=values[3].get(name)) for name in values[0]}}
+        if attribute == "sex_age":
+            continue
+        report["fairness"][attribute] = {"labels": per_label, "mean": _mean_over_labels(rows)}
+        report["underdiagnosis"][attribute] = _diagnosis(abnormal, called, names, groups, worlds, permuted, min_size)
+    _add_q_values(report)
     return report
 
 
-def _mean_over_labels(per_label: dict) -> dict:
-    """Average each scalar fairness metric over labels; SPD per group likewise."""
+def _label_means(rows: dict[str, list[dict]]) -> dict[str, tuple]:
+    """name -> (point, resampled, permuted, band, labels) of each fairness metric averaged, row by row,
+    over the labels where it is estimable (permuted and band None where the metric has none). The
+    band of a mean is the mean of the labels' bands: the mean gap moves by at most that much."""
+    names = list(dict.fromkeys(name for values in rows.values() for name in values[0]))
     out = {}
-    if not per_label:
-        return out
-    first = next(iter(per_label.values()))
-    for name, value in first.items():
-        if isinstance(value, dict):
-            groups = list(dict.fromkeys(g for m in per_label.values() for g in m[name]))
-            out[name] = {g: float(np.mean([m[name][g] for m in per_label.values() if g in m[name]])) for g in groups}
-        elif name != "worst_group":
-            values = [m[name] for m in per_label.values() if m[name] is not None]
-            out[name] = float(np.mean(values)) if values else None
+    for name in names:
+        having = [values for values in rows.values() if name in values[0] and np.isfinite(values[0][name][0])]
+        if having:
+            point, boot = (np.mean([v[k][name] for v in having], axis=0) for k in (0, 1))
+            perm = np.mean([v[2][name] for v in having], axis=0) if _null(having[0][2], name) is not None else None
+            band = np.mean([v[3][name] for v in having], axis=0) if name in having[0][3] else None
+            out[name] = (point[0], boot, perm, band, len(having))
     return out
 
 
+def _mean_over_labels(rows: dict[str, list[dict]]) -> dict:
+    return {name: {**_entry(point, boot, perm, two_sided=name.startswith(SPD), band=band), "labels": n}
+            for name, (point, boot, perm, band, n) in _label_means(rows).items()}
+
+
+def fairness_column(attribute: str, name: str) -> str:
+    """Table column of a label-averaged fairness metric: 'sex_auroc_gap', 'age_spd_[60,70)'."""
+    metric, _, group = name.partition(":")
+    return f"{attribute}_spd_{group}" if metric == SPD else f"{attribute}_{metric}"
+
+
+def mean_fairness_resamples(truth: np.ndarray, scores: np.ndarray, labels: list[str], thresholds: dict[str, float],
+                            sex: np.ndarray, age: np.ndarray, edges: list[float], weights: np.ndarray, *,
+                            min_size: int = 10, min_positives: int = 10,
+                            min_negatives: int = 10) -> dict[str, tuple[float, np.ndarray]]:
+    """'<attribute>_<metric>' -> (value, resampled values) of each fairness metric averaged over labels,
+    for sex and age: what a paired difference between two models on the same images needs."""
+    worlds = _Worlds(weights, np.arange(len(truth)), 0, 0)
+    predicted = scores >= np.array([thresholds[label] for label in labels])
+    out = {}
+    for attribute, names in group_names(sex, age, edges).items():
+        if attribute == "sex_age":
+            continue
+        groups = groups_of(attribute, edges)
+        rows = {}
+        for i, label in enumerate(labels):
+            point, boot, _ = _group_stats(truth[:, i].astype(np.float64), scores[:, i], predicted[:, i], names, groups,
+                                          worlds, None)
+            eligible, _ = _eligible(point, min_size, min_positives, min_negatives)
+            rows[label] = [_fairness_values(world, attribute, eligible) for world in (point, boot)] + [{}, {}]
+        out.update({fairness_column(attribute, name): (value, boot)
+                    for name, (value, boot, *_) in _label_means(rows).items()})
+    return out
+
+
+def _diagnosis(abnormal, called, names, groups, worlds: _Worlds, permuted, min_size: int) -> dict:
+    """Under- and overdiagnosis per group with intervals, and their gaps across groups."""
+    out, rates = {"groups": {}}, {"underdiagnosis": [{}, {}, {}], "overdiagnosis": [{}, {}, {}]}
+    # underdiagnosis = 1 - TPR of "abnormal", overdiagnosis = its FPR
+    point, boot, perm = _group_stats(abnormal, np.zeros(len(abnormal)), called, names, groups, worlds, permuted,
+                                     with_auroc=False)
+    for group in groups:
+        n_abnormal = int(point[group]["positives"][0])
+        n_normal = int(point[group]["n"][0]) - n_abnormal
+        entry = {"abnormal": n_abnormal, "normal": n_normal}
+        for name, trials, rate in (("underdiagnosis", n_abnormal, lambda s: 1 - s["sensitivity"]),
+                                   ("overdiagnosis", n_normal, lambda s: s["fpr"])):
+            if trials < min_size:
+                entry[name] = {"value": None, "ci95": None, "ci_method": None,
+                               "reason": f"not estimable: {trials} {'abnormal' if name == 'underdiagnosis' else 'normal'}"
+                                         f" images < minimum subgroup size {min_size}"}
+                continue
+            value = float(rate(point[group])[0])
+            entry[name] = {"value": value, **proportion_interval(int(round(value * trials)), trials,
+                                                                 rate(boot[group]))}
+            for k, world in enumerate((point, boot, perm)):
+                if world:
+                    rates[name][k][group] = rate(world[group])
+        out["groups"][group] = entry
+    out["gaps"] = {}
+    for name, (point_rates, boot_rates, perm_rates) in rates.items():
+        if len(point_rates) >= 2:
+            out["gaps"][f"{name}_gap"] = _entry(
+                _spread(list(point_rates.values()))[0], None, _spread(list(perm_rates.values())) if perm_rates else None,
+                two_sided=False, band=_spread([boot_rates[g] - point_rates[g] for g in point_rates]))
+    return out
+
+
+def _fairness_entries(report: dict):
+    """(attribute, label, metric, entry) of every fairness number of a report ('mean' as label)."""
+    for attribute, fair in report["fairness"].items():
+        for label, entry in fair["labels"].items():
+            for name, metric in entry["metrics"].items():
+                yield attribute, label, name, metric
+        for name, metric in fair["mean"].items():
+            yield attribute, "mean", name, metric
+    for attribute, diagnosis in report["underdiagnosis"].items():
+        for name, metric in diagnosis["gaps"].items():
+            yield attribute, "any finding", name, metric
+
+
+def _add_q_values(report: dict) -> None:
+    """Benjamini-Hochberg q-values over every permutation p-value of the report."""
+    tested = [metric for *_, metric in _fairness_entries(report) if metric.get("p_value") is not None]
+    q = false_discovery_control([m["p_value"] for m in tested], method="bh") if tested else []
+    for metric, value in zip(tested, q):
+        metric["q_value"] = float(value)
+    report["multiplicity"] = {"tests": len(tested), "method": "Benjamini-Hochberg over the permutation p-values of "
+                              "this report", "note": "unadjusted p-values are exploratory; read q-values"}
+
+
 def fairness_table(report: dict) -> pd.DataFrame:
-    """Long table: one row per attribute, group, label and metric, with its interval."""
+    """Long table: one row per attribute, group, label and metric, with its interval and method."""
     rows = []
     for attribute, groups in report["subgroups"].items():
         for group, per_label in groups.items():
             for label, entry in per_label.items():
                 base = {"attribute": attribute, "group": group, "label": label, "n": entry["n"],
-                        "prevalence": entry["prevalence"]}
+                        "positives": entry["positives"]}
                 if not entry["estimable"]:
-                    rows.append({**base, "metric": "all", "value": None, "note": entry["reason"]})
+                    rows.append({**base, "metric": "all", "note": entry["reason"]})
                     continue
-                for name, m in entry["metrics"].items():
-                    ci = m["ci95"] or [None, None]
-                    rows.append({**base, "metric": name, "value": m["value"], "ci95_low": ci[0],
-                                 "ci95_high": ci[1], "note": m.get("reason", "")})
-    for attribute, fair in report["fairness"].items():
-        for label, metrics in [*fair["labels"].items(), ("mean", fair["mean"])]:
-            for name, value in metrics.items():
-                if isinstance(value, dict):
-                    rows += [{"attribute": attribute, "group": g, "label": label, "metric": name, "value": v}
-                             for g, v in value.items()]
-                elif name != "worst_group":
-                    rows.append({"attribute": attribute, "group": "", "label": label, "metric": name, "value": value})
-    for attribute, groups in report["underdiagnosis"].items():
-        rows += [{"attribute": attribute, "group": g, "label": "any", "metric": "underdiagnosis_rate",
-                  "value": e["rate"], "n": e["abnormal"]} for g, e in groups.items()]
-    return pd.DataFrame(rows)
+                rows += [{**base, "metric": name, **_cells(m)} for name, m in entry["metrics"].items()]
+    for attribute, label, name, metric in _fairness_entries(report):
+        name, _, group = name.partition(":")
+        rows.append({"attribute": attribute, "group": group, "label": label, "metric": name, **_cells(metric)})
+    for attribute, diagnosis in report["underdiagnosis"].items():
+        for group, entry in diagnosis["groups"].items():
+            rows += [{"attribute": attribute, "group": group, "label": "any finding", "metric": f"{name}_rate",
+                      "n": entry["abnormal" if name == "underdiagnosis" else "normal"], **_cells(entry[name])}
+                     for name in ("underdiagnosis", "overdiagnosis")]
+    frame = pd.DataFrame(rows)
+    for column in ("n", "positives"):
+        frame[column] = frame[column].astype("Int64")
+    return frame
+
+
+def _cells(metric: dict) -> dict:
+    ci = metric.get("ci95") or [None, None]
+    return {"value": metric.get("value"), "ci95_low": ci[0], "ci95_high": ci[1], "ci_method": metric.get("ci_method"),
+            "p_value": metric.get("p_value"), "q_value": metric.get("q_value"),
+            "note": metric.get("reason") or metric.get("note", "")}
+

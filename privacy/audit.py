@@ -34,7 +34,7 @@ from scipy.stats import binom
 
 from config import InputError
 from evaluation.bootstrap import percentile_interval, weighted_auroc, weighted_tpr_at_fpr
-from evaluation.fairness import subgroups
+from evaluation.fairness import group_names, groups_of
 
 FPR_LEVELS = (0.01, 0.001)
 GUESS_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # r / m tried, fixed before seeing any score
@@ -147,10 +147,10 @@ def attack_report(member: np.ndarray, score: np.ndarray, weights: np.ndarray, se
     """Attack metrics overall and per sex and age group (images with a score only)."""
     keep = np.isfinite(score)
     member, score, weights, sex, age = member[keep], score[keep], weights[:, keep], sex[keep], age[keep]
-    groups = subgroups(sex, age, edges)
+    names = group_names(sex, age, edges)
     return {"scored": int(keep.sum()), "overall": attack_metrics(member, score, weights),
             "subgroups": {attribute: {group: attack_metrics(member[mask], score[mask], weights[:, mask], min_size)
-                                      for group, mask in groups[attribute].items()}
+                                      for group in groups_of(attribute, edges) for mask in [names[attribute] == group]}
                           for attribute in ("sex", "age")}}
 
 

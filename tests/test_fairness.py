@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, roc_auc_score
 
-from evaluation.bootstrap import resample_counts
-from evaluation.fairness import age_bins, fairness_report, fairness_table, statistical_parity
+from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
+
+from evaluation.bootstrap import resample_counts, resampling
+from evaluation.fairness import _fairness_entries, age_bins, fairness_report, fairness_table
 
 EDGES = [0, 30, 60, 70, 80, 100]
 
@@ -17,13 +19,6 @@ def test_age_bins_follow_the_study():
     ages = np.array([0, 29.9, 30, 59, 60, 70, 79, 80, 100, 101, np.nan])
     assert list(age_bins(ages, EDGES)) == ["[0,30)", "[0,30)", "[30,60)", "[30,60)", "[60,70)", "[70,80)",
                                            "[70,80)", "[80,100]", "[80,100]", "", ""]
-
-
-def test_statistical_parity_difference_by_hand():
-    assert statistical_parity({"F": 0.8, "M": 0.7}, {"F": 10, "M": 30}, "sex") == {"F-M": pytest.approx(0.1)}
-    spd = statistical_parity({"a": 0.9, "b": 0.6, "c": 0.8}, {"a": 10, "b": 30, "c": 10}, "age")
-    assert spd["a"] == pytest.approx(0.9 - (30 * 0.6 + 10 * 0.8) / 40)
-    assert spd["b"] == pytest.approx(0.6 - (10 * 0.9 + 10 * 0.8) / 20)
 
 
 def _table():
@@ -38,36 +33,52 @@ def _table():
 def test_fairness_metrics_match_hand_computed_values():
     truth, scores, sex, age = _table()
     report = fairness_report(truth, scores, ["x"], {"x": 0.5}, sex, age, EDGES, resample_counts(12, 200, 0),
-                             min_size=2)
+                             min_size=2, min_positives=1, min_negatives=1, permutations=200)
     pred = scores[:, 0] >= 0.5
     f, m = sex == "F", sex == "M"
     acc_f, acc_m = accuracy_score(truth[f, 0], pred[f]), accuracy_score(truth[m, 0], pred[m])
-    sex_fair = report["fairness"]["sex"]["labels"]["x"]
-    assert sex_fair["statistical_parity_difference"]["F-M"] == pytest.approx(acc_f - acc_m)
-    # demographic parity: |P(pred | F) - P(pred | M)|; equalized odds: max of the TPR and FPR gaps
-    assert sex_fair["demographic_parity_difference"] == pytest.approx(abs(pred[f].mean() - pred[m].mean()))
-    tpr = [pred[g & truth[:, 0]].mean() for g in (f, m)]
-    fpr = [pred[g & ~truth[:, 0]].mean() for g in (f, m)]
-    assert sex_fair["equalized_odds_difference"] == pytest.approx(max(abs(tpr[0] - tpr[1]), abs(fpr[0] - fpr[1])))
+    sex_fair = report["fairness"]["sex"]["labels"]["x"]["metrics"]
+    assert sex_fair["statistical_parity_difference:F-M"]["value"] == pytest.approx(acc_f - acc_m)
+    # demographic parity: |P(pred | F) - P(pred | M)|; equalized odds: max of the TPR and FPR gaps (fairlearn's)
+    groups = sex
+    assert sex_fair["demographic_parity_difference"]["value"] == pytest.approx(
+        demographic_parity_difference(truth[:, 0], pred, sensitive_features=groups))
+    assert sex_fair["equalized_odds_difference"]["value"] == pytest.approx(
+        equalized_odds_difference(truth[:, 0], pred, sensitive_features=groups))
     auroc = {g: roc_auc_score(truth[mask, 0], scores[mask, 0]) for g, mask in (("F", f), ("M", m))}
-    assert sex_fair["auroc_gap"] == pytest.approx(abs(auroc["F"] - auroc["M"]))
-    assert sex_fair["worst_group_auroc"] == pytest.approx(min(auroc.values()))
+    assert sex_fair["auroc_gap"]["value"] == pytest.approx(abs(auroc["F"] - auroc["M"]))
+    assert sex_fair["worst_group_auroc"]["value"] == pytest.approx(min(auroc.values()))
+    for name in ("demographic_parity_difference", "equalized_odds_difference", "auroc_gap"):
+        entry = sex_fair[name]  # every gap has an interval, a permutation p-value (never 0) and a q-value
+        assert entry["ci95"] is not None and 1 / 201 <= entry["p_value"] <= 1 and entry["q_value"] >= entry["p_value"]
+    assert sex_fair["worst_group_auroc"]["p_value"] is None  # a level, not a gap
     # underdiagnosis: abnormal images called normal, per group
-    assert report["underdiagnosis"]["sex"]["F"]["rate"] == pytest.approx(1 / 3)  # 0.4 of 3 positives
-    assert report["underdiagnosis"]["sex"]["M"]["rate"] == pytest.approx(1 / 3)  # 0.4 of 3 positives
+    under = report["underdiagnosis"]["sex"]["groups"]
+    assert under["F"]["underdiagnosis"]["value"] == pytest.approx(1 / 3)  # 0.4 of 3 positives
+    assert under["M"]["underdiagnosis"]["value"] == pytest.approx(1 / 3)
+    assert under["F"]["overdiagnosis"]["value"] == pytest.approx(1 / 3)  # 0.6 of 3 negatives
+    assert under["F"]["underdiagnosis"]["ci_method"] == "wilson"  # 3 abnormal images: the bootstrap cannot tell
     entry = report["subgroups"]["sex"]["F"]["x"]
     assert entry["n"] == 6 and entry["prevalence"] == pytest.approx(0.5)
     assert entry["metrics"]["auroc"]["value"] == pytest.approx(auroc["F"])
     lo, hi = entry["metrics"]["accuracy"]["ci95"]
-    assert lo <= acc_f <= hi
-    lo, hi = entry["metrics"]["prevalence"]["ci95"]
-    assert entry["metrics"]["prevalence"]["value"] == 0.5 and 0 <= lo < 0.5 < hi <= 1
+    assert lo <= acc_f <= hi and hi > lo
+
+
+def test_age_spd_against_the_size_weighted_rest():
+    truth, scores, sex, age = _table()
+    report = fairness_report(truth, scores, ["x"], {"x": 0.5}, sex, age, EDGES, resample_counts(12, 50, 0),
+                             min_size=3, permutations=0)
+    bins, pred = age_bins(age, EDGES), scores[:, 0] >= 0.5
+    acc = {g: accuracy_score(truth[bins == g, 0], pred[bins == g]) for g in ("[30,60)", "[60,70)")}
+    spd = report["fairness"]["age"]["labels"]["x"]["metrics"]["statistical_parity_difference:[30,60)"]
+    assert spd["value"] == pytest.approx(acc["[30,60)"] - acc["[60,70)"]) and spd["p_value"] is None
 
 
 def test_small_or_one_class_subgroups_are_not_estimable():
     truth, scores, sex, age = _table()
     report = fairness_report(truth, scores, ["x"], {"x": 0.5}, sex, age, EDGES, resample_counts(12, 50, 0),
-                             min_size=3)
+                             min_size=3, permutations=50)
     # ages: [0,30) 2 images, [30,60) 4, [60,70) 3, [70,80) 1, [80,100] 2
     assert report["subgroups"]["age"]["[60,70)"]["x"]["estimable"]
     for group in ("[0,30)", "[70,80)", "[80,100]"):
@@ -75,10 +86,17 @@ def test_small_or_one_class_subgroups_are_not_estimable():
         assert not entry["estimable"] and "minimum subgroup size 3" in entry["reason"]
     empty = report["subgroups"]["sex_age"]["F [80,100]"]["x"]
     assert empty["n"] == 0 and not empty["estimable"]
-    # only [30,60) and [60,70) enter the age comparisons
-    assert set(report["fairness"]["age"]["labels"]["x"]["statistical_parity_difference"]) == {"[30,60)", "[60,70)"}
+    # only [30,60) and [60,70) enter the age comparisons; no AUROC has 10 positives and 10 negatives
+    age_fair = report["fairness"]["age"]["labels"]["x"]
+    assert age_fair["groups"]["size"] == ["[30,60)", "[60,70)"] and age_fair["groups"]["auroc"] == []
+    assert "auroc_gap" not in age_fair["metrics"] and "needs 10 / 10" in age_fair["left_out"]["[30,60)"]
+    under = report["underdiagnosis"]["age"]["groups"]["[30,60)"]  # 4 images, 1 abnormal, 3 normal
+    assert under["underdiagnosis"]["value"] is None and "1 abnormal images < minimum subgroup size 3" in \
+        under["underdiagnosis"]["reason"]
+    assert under["overdiagnosis"]["value"] is not None
     table = fairness_table(report)
     assert table["value"].isna().sum() > 0 and (table["note"].fillna("") != "").any()
+    assert str(table["n"].dtype) == "Int64"  # counts stay integers in the CSV
     json.dumps(report, allow_nan=False, default=str)  # no NaN anywhere
 
 
@@ -88,7 +106,64 @@ def test_one_class_subgroup_has_named_missing_metrics():
     scores = np.linspace(0, 1, 12)[:, None]
     sex = np.array(["F"] * 6 + ["M"] * 6)
     report = fairness_report(truth, scores, ["x"], {"x": 0.5}, sex, np.full(12, 50), EDGES,
-                             resample_counts(12, 50, 0), min_size=2)
+                             resample_counts(12, 50, 0), min_size=2, min_positives=1, min_negatives=1)
     men = report["subgroups"]["sex"]["M"]["x"]["metrics"]
-    assert men["auroc"]["value"] is None and "both classes" in men["auroc"]["reason"]
+    assert men["auroc"]["value"] is None and "0 positive / 6 negative" in men["auroc"]["reason"]
     assert men["sensitivity"]["value"] is None and men["specificity"]["value"] is not None
+    # the men have no positive: no TPR, so they leave the equalized odds comparison instead of counting as 0
+    sex_fair = report["fairness"]["sex"]["labels"]["x"]
+    assert sex_fair["groups"]["rates"] == ["F"] and "no positive" in sex_fair["left_out"]["M"]
+    assert "equalized_odds_difference" not in sex_fair["metrics"]
+
+
+def _population(n_patients, rng, gap=0.0):
+    """Patients with 1-3 images; the model separates the classes less well for women by ``gap``."""
+    patients = np.repeat(np.arange(n_patients), rng.integers(1, 4, n_patients))
+    sex = np.array(["F", "M"])[rng.integers(0, 2, n_patients)][patients]
+    age = rng.uniform(20, 95, n_patients)[patients]
+    truth = (rng.random((len(patients), 2)) < 0.3)
+    shift = np.where(sex == "F", 1.5 - gap, 1.5)[:, None]
+    scores = 1 / (1 + np.exp(-rng.normal(truth * shift - 0.7, 1.0)))
+    return patients, sex, age, truth, scores
+
+
+def test_a_real_gap_is_detected_and_a_chance_gap_is_not():
+    rng = np.random.default_rng(11)
+    thresholds = {"a": 0.5, "b": 0.5}
+    patients, sex, age, truth, scores = _population(500, rng, gap=1.3)
+    weights, units, _ = resampling(patients, 300, 0, "patient")
+    real = fairness_report(truth, scores, ["a", "b"], thresholds, sex, age, EDGES, weights, clusters=units,
+                           permutations=300)["fairness"]["sex"]["mean"]["auroc_gap"]
+    assert real["value"] > 0.15 and real["ci95"][0] > 0.05 and real["p_value"] < 0.01
+    shuffled = rng.permutation(sex)  # groups unrelated to anything: whatever gap appears is chance
+    chance = fairness_report(truth, scores, ["a", "b"], thresholds, shuffled, age, EDGES, weights, clusters=units,
+                             permutations=300)
+    gap = chance["fairness"]["sex"]["mean"]["auroc_gap"]
+    assert gap["value"] < 0.1 and gap["p_value"] > 0.05
+    # a gap's interval holds its estimate and reaches 0 when the groups do not differ (a percentile interval
+    # of a range sits above the estimate and never covers 0)
+    assert gap["ci95"][0] == 0.0 <= gap["value"] <= gap["ci95"][1] and "simultaneous" in gap["ci_method"]
+    assert all(m["q_value"] >= m["p_value"] for *_, m in _fairness_entries(chance) if m.get("p_value") is not None)
+    assert chance["multiplicity"]["tests"] > 10
+
+
+def test_no_finding_label_defines_underdiagnosis():
+    rng = np.random.default_rng(4)
+    patients, sex, age, truth, scores = _population(200, rng)
+    no_finding = ~truth.any(axis=1)
+    labels, thresholds = ["a", "b", "No Finding"], {"a": 0.5, "b": 0.5, "No Finding": 0.6}
+    nf_score = 1 - scores.max(axis=1)
+    truth3, scores3 = np.column_stack([truth, no_finding]), np.column_stack([scores, nf_score])
+    weights = resample_counts(len(patients), 50, 0)
+    report = fairness_report(truth3, scores3, labels, thresholds, sex, age, EDGES, weights, permutations=0,
+                             no_finding="No Finding")
+    women = sex == "F"
+    abnormal = women & ~no_finding
+    expected = (nf_score[abnormal] >= 0.6).mean()  # FPR of the No Finding output (Seyyed-Kalantari 2021)
+    assert report["underdiagnosis"]["sex"]["groups"]["F"]["underdiagnosis"]["value"] == pytest.approx(expected)
+    assert "Seyyed-Kalantari" in report["underdiagnosis_definition"]
+    composite = fairness_report(truth, scores, labels[:2], thresholds, sex, age, EDGES, weights, permutations=0)
+    called_normal = ~(scores[abnormal] >= 0.5).any(axis=1)
+    assert composite["underdiagnosis"]["sex"]["groups"]["F"]["underdiagnosis"]["value"] == pytest.approx(
+        called_normal.mean())
+    assert "composite" in composite["underdiagnosis_definition"]
