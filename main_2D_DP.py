@@ -7,7 +7,7 @@
     python main_2D_DP.py predict BUNDLE_DIR --config DATA_CONFIG [--split test|valid] [--out DIR] [--set ...]
     python main_2D_DP.py export EXPERIMENT_DIR OUT_DIR [--non-private]
     python main_2D_DP.py compare EXP_A EXP_B [--split test|valid] [--out DIR]
-    python main_2D_DP.py sweep --epsilons inf,8,4,1 [--audit [--audit-canaries M]] [--name NAME] [--config FILE]
+    python main_2D_DP.py sweep --epsilons inf,8,4,1 [--seeds K] [--audit [--audit-canaries M]] [--name NAME] [--config FILE]
                                [--set KEY=VALUE ...]
     python main_2D_DP.py audit EXPERIMENT_DIR [--reference-models K] [--checkpoint best|last]
     python main_2D_DP.py ledger [--dataset NAME] [--config FILE] [--delta D] [--accountant rdp|prv] [--set ...]
@@ -34,7 +34,9 @@ from config import InputError, load_config, merge, parse_overrides, validate
 from data.cache import check_bad_share, prepare
 from data.dataset import cache_location, describe, load_table, preprocessing
 from evaluation.report import sweep_report
-from evaluation.sweep import audit_columns, correlations, log_sweep_hparams, sweep_row
+from evaluation.bootstrap import format_p, resampling
+from evaluation.sweep import (add_q_values, audit_columns, log_sweep_hparams, paired_differences, run_resamples,
+                              sweep_row, trends)
 from models import resolve_device
 from privacy.ledger import Ledger, describe as describe_ledger, ledger_root
 from privacy.release import FILES as RELEASE_FILES, export_bundle, is_bundle
@@ -155,49 +157,75 @@ def train_to_end(cfg, exp_dir: Path, what: str) -> bool:
     return done
 
 
-def run_sweep(epsilons: list[float], name: str, config: Path | None, overrides: list[str], audit: bool = False) -> Path:
-    """Train (or resume, or skip when finished) one experiment per budget, then tabulate them;
-    with ``audit``, audit each run too and add the audit's columns."""
+def run_sweep(epsilons: list[float], name: str, config: Path | None, overrides: list[str], audit: bool = False,
+              seeds: int = 1) -> Path:
+    """Train (or resume, or skip when finished) one experiment per budget and seed, then tabulate them,
+    compare each budget with the non-private runs (paired, on the same test patients) and fit the trend
+    on log epsilon; with ``audit``, audit each run too and add the audit's columns."""
     base = load_config(config or DEFAULT_CONFIG, overrides)
     sweep_dir = Path(base.output.target_dir) / name
     raw = base.model_dump(exclude={"derived"})
     ledger = ledger_root(base.output.target_dir, base.output.ledger)  # the base's, not one per sweep folder
-    rows = []
+    evaluation = base.evaluation
+    # several seeds vary the training only: every run keeps the base's patient split (same test patients)
+    split = {"split_seed": base.data.split_seed if base.data.split_seed is not None else base.experiment.seed}
+    rows, resamples, weights = [], {}, None
     for epsilon in epsilons:
-        run = f"eps_{epsilon:g}"
-        privacy = {"enabled": False} if math.isinf(epsilon) else {"enabled": True, "epsilon": epsilon,
-                                                                    "noise_multiplier": None}
-        cfg = validate(merge(raw, {"dp": privacy, "experiment": {"name": run},
-                                   "output": {"target_dir": str(sweep_dir), "ledger": str(ledger)}}),
-                       source=f"sweep {name}/{run}")
-        exp_dir = sweep_dir / run
-        done = train_to_end(cfg, exp_dir, run)
-        files = Layout(exp_dir)
-        if not done or not (files.results / "test_metrics.json").is_file():
-            predict_experiment(exp_dir, "test")
-        if audit and (not done or not (files.audit / "audit.json").is_file()):
-            audit_experiment(exp_dir)
-        found = {kind: json.loads((files.results / f"test_{kind}.json").read_text()) for kind in ("metrics", "fairness")}
-        row = sweep_row(epsilon, json.loads(files.summary.read_text()), found["metrics"], found["fairness"])
-        rows.append({**row, **(audit_columns(json.loads((files.audit / "audit.json").read_text())) if audit else {})})
+        for k in range(seeds):
+            seed = base.experiment.seed + k
+            run = f"eps_{epsilon:g}" + (f"_seed{seed}" if seeds > 1 else "")
+            privacy = {"enabled": False} if math.isinf(epsilon) else {"enabled": True, "epsilon": epsilon,
+                                                                        "noise_multiplier": None}
+            cfg = validate(merge(raw, {"dp": privacy, "experiment": {"name": run, "seed": seed},
+                                       "data": split if seeds > 1 else {},
+                                       "output": {"target_dir": str(sweep_dir), "ledger": str(ledger)}}),
+                           source=f"sweep {name}/{run}")
+            exp_dir = sweep_dir / run
+            done = train_to_end(cfg, exp_dir, run)
+            files = Layout(exp_dir)
+            if not done or not (files.results / "test_metrics.json").is_file():
+                predict_experiment(exp_dir, "test")
+            if audit and (not done or not (files.audit / "audit.json").is_file()):
+                audit_experiment(exp_dir)
+            found = {kind: json.loads((files.results / f"test_{kind}.json").read_text()) for kind in ("metrics", "fairness")}
+            row = sweep_row(run, epsilon, seed, json.loads(files.summary.read_text()), found["metrics"], found["fairness"])
+            rows.append({**row, **(audit_columns(json.loads((files.audit / "audit.json").read_text())) if audit else {})})
+            predictions = pd.read_csv(files.predictions / "test.csv", dtype={"patient_id": str}, keep_default_na=True)
+            if weights is None:
+                weights, _, resampled = resampling(predictions["patient_id"].to_numpy(), max(evaluation.bootstrap, 1),
+                                                   evaluation.seed, evaluation.bootstrap_unit)
+                test_ids = predictions["image_id"]
+            elif not predictions["image_id"].equals(test_ids):
+                raise InputError(f"{exp_dir}: its test split differs from the first run's; a sweep compares runs "
+                                 f"on the same test patients (data.split_seed)")
+            resamples[(epsilon, seed)] = run_resamples(predictions, found["metrics"], weights, evaluation.age_bins,
+                                                       evaluation.min_subgroup_size, evaluation.min_positives,
+                                                       evaluation.min_negatives)
     table = pd.DataFrame(rows)
-    derived = [load_experiment_config(sweep_dir / f"eps_{e:g}").derived for e in epsilons]
+    derived = [load_experiment_config(sweep_dir / run).derived for run in table["run"]]
     books = Ledger(ledger, derived[0]["patients_fingerprint"])
     spent, note = books.total([e for e in books.entries() if e["run_id"] in {d["run_id"] for d in derived}],
                               base.dp.accountant)
-    result = {"epsilons": epsilons, "experiments": [f"eps_{e:g}" for e in epsilons],
-              "table": table.to_dict(orient="records"), "pearson_epsilon_vs_fairness": correlations(table),
+    differences = paired_differences(resamples, evaluation.seed)
+    trend = trends(table, [c for c in resamples[next(iter(resamples))] if c in table])
+    result = {"epsilons": epsilons, "seeds": seeds, "experiments": list(table["run"]),
+              "table": table.to_dict(orient="records"), "bootstrap": {**resampled, "seeds_resampled": True},
+              "difference_to_non_private": differences, "trend_on_log_epsilon": trend,
+              "multiplicity": {"tests": add_q_values(differences, trend), "method": "Benjamini-Hochberg over the "
+                               "differences and trends of this sweep", "note": "unadjusted p-values are exploratory"},
               "privacy_total": {"epsilon": spent, "note": note, "ledger": str(books.folder)}}
     atomic_write_text(sweep_dir / "sweep.csv", table.to_csv(index=False))
     atomic_write_text(sweep_dir / "sweep.json", json_text(result))
-    atomic_write_text(sweep_dir / "report.html", sweep_report(f"Privacy budget sweep {name}", table,
-                                                             result["pearson_epsilon_vs_fairness"],
-                                                             result["privacy_total"]))
+    atomic_write_text(sweep_dir / "report.html", sweep_report(f"Privacy budget sweep {name}", table, result))
     log_sweep_hparams(sweep_dir / "tensorboard", table)
-    shown = ["epsilon", "epsilon_spent", "noise_multiplier", "auroc_mean", "auroc_mean_ci95_low", "auroc_mean_ci95_high"]
+    shown = ["run", "epsilon_spent", "noise_multiplier", "auroc_mean", "auroc_mean_ci95_low", "auroc_mean_ci95_high"]
     shown += [c for c in ("attack_auroc", "epsilon_lower_bound") if c in table]
     print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
-    print(f"all {len(epsilons)} runs composed: epsilon {spent:.4g} per patient ({note})")
+    for budget, columns in differences.items():
+        d = columns["auroc_mean"]
+        ci = f" [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d.get("ci95") else ""
+        print(f"epsilon {budget}: mean AUROC minus non-private {d['difference']:+.4f}{ci}, p {format_p(d['p_value'])}")
+    print(f"all {len(table)} runs composed: epsilon {spent:.4g} per patient ({note})")
     print(f"wrote {sweep_dir / 'sweep.csv'}, sweep.json and report.html")
     return sweep_dir
 
@@ -339,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="one experiment per privacy budget, then a table and correlations")
     sw.add_argument("--epsilons", required=True, help="comma-separated budgets; inf = non-private (e.g. inf,8,4,1)")
     sw.add_argument("--name", default="sweep", help="sweep folder under output.target_dir (default: sweep)")
+    sw.add_argument("--seeds", type=int, default=1, metavar="K",
+                    help="runs per budget with seeds experiment.seed .. +K-1, all on the same patient split (default 1)")
     sw.add_argument("--audit", action="store_true", help="audit every run and add the audit's columns")
     sw.add_argument("--audit-canaries", type=int, default=None, metavar="M", help="canaries per run (audit.canaries)")
     sw.add_argument("--config", type=Path, default=None)
@@ -388,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "data":
             run_describe(args.config, args.overrides)
         elif args.command == "sweep":
-            run_sweep(parse_epsilons(args.epsilons), args.name, args.config, args.overrides, args.audit)
+            if args.seeds < 1:
+                raise InputError(f"--seeds: expected a positive number of runs per budget, got {args.seeds}")
+            run_sweep(parse_epsilons(args.epsilons), args.name, args.config, args.overrides, args.audit, args.seeds)
         elif args.command == "compare":
             run_compare(args.experiment_a, args.experiment_b, args.split, args.out)
         else:

@@ -1,7 +1,17 @@
-"""Privacy budget sweep table: accuracy and fairness per epsilon, and their correlation with epsilon.
+"""Privacy budget sweep: accuracy and fairness per epsilon, against the non-private runs.
 
-As in the study, Pearson's r (with its two-sided p-value, scipy) between epsilon and each fairness
-metric is computed over the private runs only; the non-private run (epsilon = inf) is the reference.
+Every run of a sweep is scored on the same test patients, so each budget is compared with the
+non-private reference *paired*: per resample b of the test patients (the resampling of
+``bootstrap.py``), the budget's metric averaged over its seeds minus the non-private one averaged
+over its seeds, with the seeds themselves drawn with replacement in every resample (training runs
+vary too). The interval is the percentile interval of these differences, the p-value the bootstrap's
+(k + 1) / (B + 1) two-sided value, and Benjamini-Hochberg q-values adjust over all of the sweep's
+differences and trends.
+
+The trend is the least-squares slope of each metric on log(epsilon) over every private run (seeds
+included), with its t interval (scipy's linregress); it needs at least ``MIN_TREND_RUNS`` runs. As in
+the study, Pearson's r between epsilon and each metric over the private runs is kept as a secondary
+output, with the same minimum.
 """
 from __future__ import annotations
 
@@ -9,22 +19,23 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy.stats import pearsonr
+from scipy.stats import false_discovery_control, linregress, pearsonr, t as student_t
 from torch.utils.tensorboard import SummaryWriter
 
+from evaluation.bootstrap import LEVEL, label_mean, percentile_interval, two_sided_p, weighted_auroc
+from evaluation.fairness import fairness_column, mean_fairness_resamples
 
-def sweep_row(target_epsilon: float, summary: dict, metrics: dict, fairness: dict) -> dict:
-    """One row: budget, accounting, mean AUROC with interval, label-averaged fairness metrics."""
+MIN_TREND_RUNS = 5
+
+
+def sweep_row(run: str, target_epsilon: float, seed: int, summary: dict, metrics: dict, fairness: dict) -> dict:
+    """One row: run, budget, seed, accounting, mean AUROC with interval, label-averaged fairness metrics."""
     ci = metrics.get("auroc_mean_ci95") or [None, None]
-    row = {"epsilon": target_epsilon, "epsilon_spent": summary["dp"]["epsilon_spent"],
+    row = {"run": run, "epsilon": target_epsilon, "seed": seed, "epsilon_spent": summary["dp"]["epsilon_spent"],
            "noise_multiplier": summary["dp"]["noise_multiplier"], "auroc_mean": metrics["auroc_mean"],
            "auroc_mean_ci95_low": ci[0], "auroc_mean_ci95_high": ci[1]}
     for attribute, fair in fairness["fairness"].items():
-        for name, value in fair["mean"].items():
-            if isinstance(value, dict):  # statistical parity difference, per group
-                row.update({f"{attribute}_spd_{group}": v for group, v in value.items()})
-            else:
-                row[f"{attribute}_{name}"] = value
+        row.update({fairness_column(attribute, name): entry["value"] for name, entry in fair["mean"].items()})
     return row
 
 
@@ -41,29 +52,97 @@ def audit_columns(audit: dict) -> dict:
     return row
 
 
-def correlations(table: pd.DataFrame) -> dict:
-    """Pearson's r and p between epsilon and every fairness column, over the private runs."""
-    private = table[np.isfinite(table["epsilon"].astype(float))]
-    fairness_columns = [c for c in table.columns if c.startswith(("sex_", "age_"))]
-    out = {}
-    for column in fairness_columns:
-        values = private[["epsilon", column]].dropna().astype(float)
-        if len(values) < 2 or values[column].nunique() < 2 or values["epsilon"].nunique() < 2:
-            out[column] = {"r": None, "p_value": None, "n": len(values),
-                           "note": "not estimable: needs two private budgets with different values"}
-            continue
-        result = pearsonr(values["epsilon"], values[column])
-        p = float(result.pvalue)
-        out[column] = {"r": float(result.statistic), "p_value": p if math.isfinite(p) else None, "n": len(values)}
+def run_resamples(predictions: pd.DataFrame, metrics: dict, weights: np.ndarray, edges: list[float],
+                  min_size: int, min_positives: int, min_negatives: int) -> dict[str, tuple[float, np.ndarray]]:
+    """column -> (value, values under each row of ``weights``) of a run's mean AUROC and label-averaged
+    fairness metrics, from its ``predictions/test.csv`` and the thresholds in its metrics."""
+    labels = list(metrics["labels"])
+    truth = predictions[labels].to_numpy(dtype=float, na_value=np.nan)
+    scores = predictions[[f"{label}_score" for label in labels]].to_numpy(dtype=float)
+    thresholds = {label: metrics["labels"][label]["threshold"] for label in labels}
+    full = np.ones((1, len(truth)), np.float32)
+    out = {"auroc_mean": (float(label_mean([weighted_auroc(truth[:, i], scores[:, i], full) for i in range(len(labels))])[0]),
+                          label_mean([weighted_auroc(truth[:, i], scores[:, i], weights) for i in range(len(labels))]))}
+    out.update(mean_fairness_resamples(truth, scores, labels, thresholds, predictions["sex"].fillna("").to_numpy(),
+                                       predictions["age"].to_numpy(dtype=float), edges, weights, min_size=min_size,
+                                       min_positives=min_positives, min_negatives=min_negatives))
     return out
 
 
+def paired_differences(runs: dict[tuple[float, int], dict], seed: int) -> dict:
+    """epsilon -> column -> difference to the non-private runs, with interval and p-value (module doc).
+
+    ``runs``: (epsilon, seed) -> :func:`run_resamples` of that run; the non-private runs have epsilon inf.
+    """
+    reference = [v for (eps, _), v in runs.items() if math.isinf(eps)]
+    if not reference:
+        return {}
+    rng = np.random.default_rng(seed)
+    out = {}
+    for epsilon in sorted({eps for eps, _ in runs if not math.isinf(eps)}):
+        private = [v for (eps, _), v in runs.items() if eps == epsilon]
+        out[f"{epsilon:g}"] = {}
+        for column in private[0]:
+            if not all(column in run for run in private + reference):
+                continue
+            point = np.mean([r[column][0] for r in private]) - np.mean([r[column][0] for r in reference])
+            if not np.isfinite(point):
+                out[f"{epsilon:g}"][column] = {"difference": None, "ci95": None, "p_value": None, "note": "not estimable"}
+                continue
+            resampled = _seed_mean(private, column, rng) - _seed_mean(reference, column, rng)
+            out[f"{epsilon:g}"][column] = {"difference": float(point), "ci95": percentile_interval(resampled),
+                                           "p_value": two_sided_p(resampled), "seeds": len(private),
+                                           "reference_seeds": len(reference)}
+    return out
+
+
+def _seed_mean(runs: list[dict], column: str, rng: np.random.Generator) -> np.ndarray:
+    """Per resample, the mean over len(runs) seeds drawn with replacement of the runs' resampled values."""
+    values = np.stack([run[column][1] for run in runs])  # [seeds, B]
+    drawn = rng.integers(0, len(runs), size=(len(runs), values.shape[1]))
+    return values[drawn, np.arange(values.shape[1])].mean(axis=0)
+
+
+def trends(table: pd.DataFrame, columns: list[str]) -> dict:
+    """Slope of each column on log(epsilon) over the private runs, with its 95% t interval, and
+    Pearson's r between epsilon and the column (secondary, as in the study)."""
+    private = table[np.isfinite(table["epsilon"].astype(float))]
+    out = {}
+    for column in columns:
+        values = private[["epsilon", column]].dropna().astype(float)
+        n = len(values)
+        entry = {"runs": n, "budgets": int(values["epsilon"].nunique())}
+        if n < MIN_TREND_RUNS or entry["budgets"] < 2 or values[column].nunique() < 2:
+            out[column] = {**entry, "slope_per_log_epsilon": None, "ci95": None, "p_value": None, "pearson_r": None,
+                           "pearson_p": None, "note": f"not meaningful: needs {MIN_TREND_RUNS} private runs over at "
+                                                      f"least 2 budgets with varying values (sweep --seeds K)"}
+            continue
+        fit = linregress(np.log(values["epsilon"]), values[column])
+        half = student_t.ppf(0.5 + LEVEL / 2, n - 2) * fit.stderr
+        r = pearsonr(values["epsilon"], values[column])
+        out[column] = {**entry, "slope_per_log_epsilon": float(fit.slope),
+                       "ci95": [float(fit.slope - half), float(fit.slope + half)], "p_value": float(fit.pvalue),
+                       "pearson_r": float(r.statistic), "pearson_p": float(r.pvalue)}
+    return out
+
+
+def add_q_values(differences: dict, trend: dict) -> int:
+    """Benjamini-Hochberg q-values over every p-value of the sweep (differences and trends); returns
+    the number of tests."""
+    tested = [e for budget in differences.values() for e in budget.values() if e.get("p_value") is not None]
+    tested += [e for e in trend.values() if e.get("p_value") is not None]
+    for entry, q in zip(tested, false_discovery_control([e["p_value"] for e in tested]) if tested else []):
+        entry["q_value"] = float(q)
+    return len(tested)
+
+
 def log_sweep_hparams(logdir, table: pd.DataFrame) -> None:
-    """One TensorBoard hparams run per budget: epsilon against AUROC and the fairness metrics."""
+    """One TensorBoard hparams run per budget and seed: epsilon against AUROC and the fairness metrics."""
     with SummaryWriter(str(logdir)) as writer:
         for row in table.to_dict(orient="records"):
             metrics = {f"sweep/{k}": float(v) for k, v in row.items()
-                       if k not in ("epsilon", "noise_multiplier", "epsilon_spent") and v is not None and np.isfinite(v)}
+                       if k not in ("run", "epsilon", "seed", "noise_multiplier", "epsilon_spent") and v is not None
+                       and np.isfinite(v)}
             writer.add_hparams({"epsilon": float(row["epsilon"]) if np.isfinite(row["epsilon"]) else 1e9,
-                                "private": bool(np.isfinite(row["epsilon"]))}, metrics,
-                               run_name=f"eps_{row['epsilon']:g}")
+                                "private": bool(np.isfinite(row["epsilon"])), "seed": int(row["seed"])}, metrics,
+                               run_name=row["run"])

@@ -9,17 +9,36 @@ import pytest
 
 import Train_Valid_DP
 from conftest import assert_report
-from evaluation.sweep import correlations
+from evaluation.sweep import add_q_values, paired_differences, trends
 from main_2D_DP import main
 
 
-def test_pearson_over_private_runs_only():
-    table = pd.DataFrame({"epsilon": [np.inf, 8.0, 4.0, 1.0], "sex_auroc_gap": [0.5, 0.1, 0.2, 0.3],
-                          "age_worst_group_auroc": [0.9, 0.8, 0.8, 0.8]})
-    result = correlations(table)
-    assert result["sex_auroc_gap"]["n"] == 3
-    assert result["sex_auroc_gap"]["r"] == pytest.approx(np.corrcoef([8, 4, 1], [0.1, 0.2, 0.3])[0, 1])
-    assert result["age_worst_group_auroc"]["r"] is None  # constant: not estimable
+def test_trend_on_log_epsilon_needs_five_private_runs():
+    table = pd.DataFrame({"epsilon": [np.inf, 8.0, 4.0, 1.0], "sex_auroc_gap": [0.5, 0.1, 0.2, 0.3]})
+    few = trends(table, ["sex_auroc_gap"])["sex_auroc_gap"]
+    assert few["slope_per_log_epsilon"] is None and few["pearson_r"] is None and "not meaningful" in few["note"]
+    eps = np.array([8.0, 8.0, 4.0, 4.0, 1.0, 1.0])
+    gap = np.array([0.10, 0.12, 0.16, 0.15, 0.31, 0.27])
+    table = pd.DataFrame({"epsilon": [np.inf, *eps], "sex_auroc_gap": [0.5, *gap]})
+    fit = trends(table, ["sex_auroc_gap"])["sex_auroc_gap"]
+    slope, intercept = np.polyfit(np.log(eps), gap, 1)  # the non-private run is not in the fit
+    assert fit["runs"] == 6 and fit["budgets"] == 3 and fit["slope_per_log_epsilon"] == pytest.approx(slope)
+    assert fit["ci95"][0] < slope < fit["ci95"][1] < 0 and fit["p_value"] < 0.05
+    assert fit["pearson_r"] == pytest.approx(np.corrcoef(eps, gap)[0, 1])
+
+
+def test_paired_difference_to_non_private_resamples_patients_and_seeds():
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.8, 0.02, 500)  # one run's resampled values; the same resamples for every run
+    runs = {(np.inf, 0): {"auroc_mean": (0.80, base)}, (8.0, 0): {"auroc_mean": (0.75, base - 0.05)}}
+    one = paired_differences(runs, seed=0)["8"]["auroc_mean"]
+    assert one["difference"] == pytest.approx(-0.05) and one["ci95"] == pytest.approx([-0.05, -0.05])
+    assert one["p_value"] == pytest.approx(2 / 501)  # every resample below 0, and still not 0
+    runs.update({(np.inf, 1): {"auroc_mean": (0.82, base + 0.02)}, (8.0, 1): {"auroc_mean": (0.79, base - 0.01)}})
+    two = paired_differences(runs, seed=0)["8"]["auroc_mean"]
+    assert two["difference"] == pytest.approx((0.75 + 0.79) / 2 - 0.81) and two["seeds"] == 2
+    assert two["ci95"][1] - two["ci95"][0] > 0.02  # seed-to-seed variation widens the interval
+    assert add_q_values({"8": {"auroc_mean": two}}, {}) == 1 and two["q_value"] == pytest.approx(two["p_value"])
 
 
 def test_sweep_trains_each_budget_resumes_and_skips(tiny_config, monkeypatch, capsys):
@@ -49,14 +68,20 @@ def test_sweep_trains_each_budget_resumes_and_skips(tiny_config, monkeypatch, ca
     assert table["noise_multiplier"][2] > table["noise_multiplier"][1]
     assert {"sex_demographic_parity_difference", "age_equalized_odds_difference", "sex_spd_F-M"} <= set(table.columns)
     result = json.loads((sweep / "sweep.json").read_text())
-    assert result["pearson_epsilon_vs_fairness"]["sex_auroc_gap"]["n"] == 2
+    assert "not meaningful" in result["trend_on_log_epsilon"]["auroc_mean"]["note"]  # 2 private runs
+    for budget in ("8", "2"):  # paired against the non-private run on the same test patients
+        d = result["difference_to_non_private"][budget]["auroc_mean"]
+        row = table.loc[table["epsilon"] == float(budget), "auroc_mean"].item()
+        assert d["difference"] == pytest.approx(row - table["auroc_mean"][0])
+        assert d["ci95"][0] <= d["difference"] <= d["ci95"][1] and d["p_value"] > 0 and "q_value" in d
+    assert result["bootstrap"]["unit"] == "patient"
     # the runs are in the ledger of the base target_dir, not of the sweep folder; with the
     # non-private run among them, their total is unbounded (null in JSON)
     assert result["privacy_total"]["epsilon"] is None and "non-private" in result["privacy_total"]["note"]
     assert result["privacy_total"]["ledger"].startswith(str(path.parent / "experiments" / "private" / "privacy_ledger"))
     assert not (sweep / "privacy_ledger").exists()
-    assert_report(sweep / "report.html", ["Runs", "Privacy-utility curve", "Fairness vs epsilon", "Pearson"],
-                  min_figures=2)
+    assert_report(sweep / "report.html", ["Runs", "Privacy-utility curve", "Difference to non-private (paired)",
+                                          "Trend on log epsilon"], min_figures=2)
     hparam_runs = [p for p in (sweep / "tensorboard").iterdir() if p.is_dir()]
     assert sorted(p.name for p in hparam_runs) == ["eps_2", "eps_8", "eps_inf"]
     for run in ("eps_inf", "eps_8", "eps_2"):
@@ -72,6 +97,22 @@ def test_sweep_trains_each_budget_resumes_and_skips(tiny_config, monkeypatch, ca
             audit["attacks"]["loss"]["overall"]["auroc"]["value"])
     assert table["epsilon_lower_bound"].isna().all()  # trained without canaries: no bound
     assert_report(sweep / "report.html", ["Runs", "Privacy audit vs epsilon"], min_figures=3)
+
+
+def test_sweep_seeds_share_the_test_patients(tiny_config, capsys):
+    path = tiny_config(training={"epochs": 1})
+    assert main(["sweep", "--epsilons", "inf,8", "--seeds", "2", "--config", str(path), "--name", "seeds"]) == 0
+    sweep = path.parent / "experiments" / "seeds"
+    table = pd.read_csv(sweep / "sweep.csv")
+    assert list(table["run"]) == ["eps_inf_seed0", "eps_inf_seed1", "eps_8_seed0", "eps_8_seed1"]
+    assert list(table["seed"]) == [0, 1, 0, 1]
+    tests = [pd.read_csv(sweep / run / "predictions" / "test.csv")["image_id"] for run in table["run"]]
+    assert all(t.equals(tests[0]) for t in tests)  # one split for every seed
+    assert table["auroc_mean"][2] != table["auroc_mean"][3]  # yet the seeds trained differently
+    d = json.loads((sweep / "sweep.json").read_text())["difference_to_non_private"]["8"]["auroc_mean"]
+    assert d["seeds"] == 2 and d["difference"] == pytest.approx(table["auroc_mean"][2:].mean() - table["auroc_mean"][:2].mean())
+    assert "minus non-private" in capsys.readouterr().out
+    assert main(["sweep", "--epsilons", "8", "--seeds", "0", "--config", str(path)]) == 2
 
 
 @pytest.mark.parametrize("text", ["8,abc", "0,8", "8,8", ""])
