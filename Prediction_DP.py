@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from config import Config, InputError, merge, read_yaml, validate
 from data.dataset import evaluation_loader, load_table
 from artifacts import Layout, atomic_write_text, json_text, load_checkpoint
-from evaluation.bootstrap import bootstrap_intervals, resample_counts
+from evaluation.bootstrap import bootstrap_intervals, format_p, resampling
 from evaluation.compare import paired_auroc_comparison
 from evaluation.fairness import fairness_report, fairness_table
 from evaluation.report import audit_sections, comparison_report, page, prediction_sections, threshold_source
@@ -32,7 +33,7 @@ from privacy import default_delta
 from privacy.audit import (attack_report, attack_table, canary_bound, lira_offline, membership_candidates,
                            signed_logit)
 from privacy.canaries import check_record, draw_canaries, reference_patients
-from privacy.release import read_bundle
+from privacy.release import privacy_statement, read_bundle, rounded_count
 
 
 @torch.no_grad()
@@ -196,7 +197,8 @@ def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
     """Write ``predictions/<split>.csv``, ``results/<split>_*`` and the split's report; return the metrics."""
     exp_dir = Path(exp_dir)
     files = Layout(exp_dir)
-    metrics, fairness = write_predictions(files, score_split(exp_dir, split), files.best, exp_dir.name)
+    scored = score_split(exp_dir, split)
+    metrics, fairness = write_predictions(files, scored, files.best, exp_dir.name, experiment_about(files, scored))
     _log_scalars(files.tensorboard, split, metrics, fairness)
     return metrics
 
@@ -231,11 +233,53 @@ def predict_bundle(bundle: Path, data: Config, split: str, out_dir: Path) -> dic
     scores = predict_scores(trained.model, loader, trained.device, desc=f"{bundle.name} {split}")
     scored = Scored(trained.cfg, split, frame, trained.labels, frame[trained.labels].to_numpy(), scores,
                     rebuild["thresholds"], "bundle", trained.epoch)
-    metrics, _ = write_predictions(Layout(out_dir), scored, bundle / "model.safetensors", f"{bundle.name} on {split}")
+    card_path = bundle / "model_card.json"
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    facts = {"model": f"{trained.cfg.model.name} ({trained.cfg.model.activation}), {trained.cfg.data.image_size} px",
+             "trained on": " ".join(str(card.get("training", {}).get(k) or "") for k in ("dataset", "site")).strip()
+             or "unknown (no model_card.json)",
+             "scored on": f"{trained.cfg.data.dataset} {trained.cfg.data.site or ''} {split} split".replace("  ", " "),
+             "privacy": card.get("privacy", {}).get("statement", "unknown (no model_card.json)")}
+    metrics, _ = write_predictions(Layout(out_dir), scored, bundle / "model.safetensors", f"{bundle.name} on {split}",
+                                   {"facts": facts})
     return metrics
 
 
-def write_predictions(files: Layout, scored: Scored, source: Path, title: str) -> tuple[dict, dict]:
+def experiment_about(files: Layout, scored: Scored) -> dict:
+    """What a report says first: model, data (training sizes rounded, as on the model card), the
+    privacy statement, and the validation and epsilon curves from TensorBoard."""
+    cfg, derived = scored.cfg, scored.cfg.derived
+    summary = json.loads(files.summary.read_text()) if files.summary.is_file() else None
+    unit = derived.get("privacy_unit", "patient")
+    facts = {"model": f"{cfg.model.name} ({cfg.model.activation}), {cfg.data.image_size} px, "
+                      f"{'pretrained from ' + Path(cfg.model.pretrained_checkpoint).name if cfg.model.pretrained_checkpoint else 'trained from scratch'}",
+             "dataset": f"{cfg.data.dataset}{' site ' + cfg.data.site if cfg.data.site else ''}, labels "
+                        f"{', '.join(cfg.data.labels)}",
+             "trained on": f"about {rounded_count(derived['n_train_units'])} {unit}s (about "
+                           f"{rounded_count(derived['n_train'])} images) of the training split"
+             if "n_train_units" in derived else "unknown",
+             "scored on": f"{len(scored.frame)} images of {scored.frame['patient_id'].nunique()} patients of the "
+                          f"{scored.split} split (checkpoint of epoch {scored.epoch})",
+             "privacy": privacy_statement(summary["dp"]) if summary else "unknown (no private/summary.json)"}
+    if summary:
+        facts["training"] = f"{summary['epochs_completed']} epochs, {summary['steps']} optimizer steps"
+    return {"facts": facts, "curves": training_curves(files.tensorboard)}
+
+
+def training_curves(tensorboard: Path) -> dict[str, list[tuple[int, float]]]:
+    """Validation loss, validation mean AUROC and epsilon over steps from an experiment's TensorBoard
+    events (the last value per step, so a resumed run draws one curve)."""
+    if not tensorboard.is_dir():
+        return {}
+    events = EventAccumulator(str(tensorboard), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags().get("scalars", []))
+    return {tag: sorted({e.step: e.value for e in events.Scalars(tag)}.items())
+            for tag in ("valid/loss", "valid/auroc_mean", "privacy/epsilon") if tag in tags}
+
+
+def write_predictions(files: Layout, scored: Scored, source: Path, title: str,
+                      about: dict | None = None) -> tuple[dict, dict]:
     """Per-image predictions, metrics and fairness with their intervals, and the report of a scored
     split, into ``files``' predictions/, results/ and report; returns (metrics, fairness)."""
     split, frame, labels, truth, scores = scored.split, scored.frame, scored.labels, scored.truth, scored.scores
@@ -250,21 +294,24 @@ def write_predictions(files: Layout, scored: Scored, source: Path, title: str) -
                **split_metrics(truth, scores, labels, scored.thresholds)}
     evaluation = scored.cfg.evaluation
     # One set of resample counts for the metrics and every subgroup: all intervals are paired.
-    weights = resample_counts(len(truth), max(evaluation.bootstrap, 1), evaluation.seed)
+    weights, units, resampled = resampling(frame["patient_id"].to_numpy(), evaluation.bootstrap, evaluation.seed,
+                                           evaluation.bootstrap_unit)
     if evaluation.bootstrap:
         add_intervals(metrics, bootstrap_intervals(truth, scores, labels, scored.thresholds, weights))
-        metrics["bootstrap"] = {"resamples": evaluation.bootstrap, "seed": evaluation.seed, "level": 0.95,
-                                "method": "percentile", "unit": "image (patient-agnostic)"}
+        metrics["bootstrap"] = {**resampled, "method": "percentile; Wilson for proportions with few events"}
     fairness = fairness_report(truth, scores, labels, scored.thresholds, frame["sex"].to_numpy(),
-                               frame["age"].to_numpy(), evaluation.age_bins, weights, evaluation.min_subgroup_size)
-    fairness["split"] = split
+                               frame["age"].to_numpy(), evaluation.age_bins, weights, clusters=units,
+                               min_size=evaluation.min_subgroup_size, min_positives=evaluation.min_positives,
+                               min_negatives=evaluation.min_negatives, permutations=evaluation.permutations,
+                               seed=evaluation.seed, no_finding=evaluation.no_finding_label)
+    fairness.update(split=split, bootstrap=resampled)
     _write_results(source, {
         files.predictions / f"{split}.csv": out.to_csv(index=False),
         files.results / f"{split}_metrics.json": json_text(metrics),
         files.results / f"{split}_fairness.json": json_text(fairness),
         files.results / f"{split}_fairness.csv": fairness_table(fairness).to_csv(index=False),
         files.report(split): page(f"{title}: {split} split", prediction_sections(labels, truth, scores, metrics,
-                                                                                 fairness))})
+                                                                                 fairness, about))})
     return metrics, fairness
 
 
@@ -318,7 +365,8 @@ def audit_experiment(exp_dir: Path, reference_dirs: list[Path] = (), checkpoint:
         scores["lira_offline"] = lira_offline(signed_logit(logits, targets), np.stack(phi), np.stack(left_out))
 
     evaluation = cfg.evaluation
-    weights = resample_counts(len(candidates), max(evaluation.bootstrap, 1), evaluation.seed)
+    weights, _, resampled = resampling(candidates["patient_id"].to_numpy(), evaluation.bootstrap, evaluation.seed,
+                                       evaluation.bootstrap_unit)
     sex, age = candidates["sex"].to_numpy(), candidates["age"].to_numpy()
     attacks = {name: attack_report(member, score, weights, sex, age, evaluation.age_bins, evaluation.min_subgroup_size)
                for name, score in scores.items()}
@@ -326,7 +374,7 @@ def audit_experiment(exp_dir: Path, reference_dirs: list[Path] = (), checkpoint:
              "members": int(member.sum()), "nonmembers": int((~member).sum()), "member_split": "train",
              "nonmember_split": "test",
              "dp": {"enabled": dp["enabled"], "epsilon_spent": dp["epsilon_spent"], "delta": dp["delta"]},
-             "bootstrap": {"resamples": evaluation.bootstrap, "seed": evaluation.seed, "unit": "image"},
+             "bootstrap": resampled,
              "reference_runs": [str(path) for path in reference_dirs], "attacks": attacks,
              "attacks_note": (f"Offline LiRA calibrated with {len(reference_dirs)} reference runs."
                               if reference_dirs else "No reference runs: the calibrated attack (offline LiRA) needs "
@@ -367,9 +415,10 @@ def _log_scalars(tensorboard: Path, split: str, metrics: dict, fairness: dict) -
         for label, m in metrics["labels"].items():
             writer.add_scalar(f"{split}/auroc/{label}", m["auroc"], metrics["checkpoint_epoch"])
         for attribute, fair in fairness["fairness"].items():
-            for name, value in fair["mean"].items():
-                if isinstance(value, (int, float)):
-                    writer.add_scalar(f"{split}/fairness/{attribute}/{name}", value, metrics["checkpoint_epoch"])
+            for name, entry in fair["mean"].items():
+                if entry["value"] is not None:
+                    writer.add_scalar(f"{split}/fairness/{attribute}/{name.replace(':', '/')}", entry["value"],
+                                      metrics["checkpoint_epoch"])
 
 
 def compare_experiments(exp_a: Path, exp_b: Path, split: str = "test", out_dir: Path | None = None):
@@ -391,22 +440,23 @@ def compare_experiments(exp_a: Path, exp_b: Path, split: str = "test", out_dir: 
     evaluation = a.cfg.evaluation
     if not evaluation.bootstrap:
         raise InputError(f"{Layout(exp_a).config}: evaluation.bootstrap is 0; compare needs resamples")
-    weights = resample_counts(len(a.truth), evaluation.bootstrap, evaluation.seed)
-    result = paired_auroc_comparison(a.truth, a.scores, b.scores, a.labels, weights)
+    weights, units, resampled = resampling(a.frame["patient_id"].to_numpy(), evaluation.bootstrap, evaluation.seed,
+                                           evaluation.bootstrap_unit)
+    result = paired_auroc_comparison(a.truth, a.scores, b.scores, a.labels, weights,
+                                     units if evaluation.bootstrap_unit == "patient" else None)
     comparison = {"experiment_a": str(exp_a), "experiment_b": str(exp_b), "split": split, "n_images": len(ids_a),
-                  "bootstrap": {"resamples": evaluation.bootstrap, "seed": evaluation.seed, "paired": True},
-                  **result}
+                  "bootstrap": {**resampled, "paired": True}, **result}
 
     rows = []
-    for label, m in [*result["labels"].items(), ("mean", None)]:
+    for label, m in [("mean (primary endpoint)", None), *result["labels"].items()]:
         boot = m["bootstrap"] if m else result["auroc_mean"]
-        delong = m["delong"] if m else {}
         ci = boot["ci95"] or [None, None]
         rows.append({"label": label, "auroc_a": m["auroc_a"] if m else result["auroc_mean_a"],
                      "auroc_b": m["auroc_b"] if m else result["auroc_mean_b"], "difference": boot["difference"],
                      "ci95_low": ci[0], "ci95_high": ci[1], "p_bootstrap": boot["p_value"],
-                     "p_a_not_better": boot["p_a_not_better"], "delong_z": delong.get("z"),
-                     "p_delong": delong.get("p_value")})
+                     "p_holm": boot.get("p_holm"), "p_a_not_better": boot["p_a_not_better"],
+                     "p_delong": m["delong"].get("p_value") if m else None,
+                     "p_delong_image_level": m["delong_image_level"].get("p_value") if m else None})
     table = pd.DataFrame(rows)
     out_dir = Path(out_dir) if out_dir else exp_a.parent / "comparisons" / f"{exp_a.name}__vs__{exp_b.name}__{split}"
     if (out_dir / "comparison.json").exists():
@@ -420,7 +470,10 @@ def compare_experiments(exp_a: Path, exp_b: Path, split: str = "test", out_dir: 
 
 
 def format_comparison(table: pd.DataFrame) -> str:
-    return table.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a")
+    shown = table.copy()
+    for column in [c for c in table.columns if c.startswith("p_")]:
+        shown[column] = [format_p(v) for v in table[column]]
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a")
 
 
 def format_metrics(metrics: dict) -> str:
@@ -442,8 +495,8 @@ def format_metrics(metrics: dict) -> str:
     rows.append(f"{'mean AUROC':30s} {num(metrics['auroc_mean'])} {ci}")
     if with_ci:
         b = metrics["bootstrap"]
-        rows.append(f"(95% percentile intervals, {b['resamples']} image-level bootstrap resamples, seed {b['seed']}; "
-                    f"{threshold_source(metrics)})")
+        rows.append(f"(95% intervals from {b['resamples']} bootstrap resamples of {b['units']} {b['unit']}s, seed "
+                    f"{b['seed']}: percentile, Wilson for proportions with few events; {threshold_source(metrics)})")
     return "\n".join(rows)
 
 

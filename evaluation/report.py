@@ -12,9 +12,14 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from evaluation.bootstrap import format_p
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+# Figures are drawn at most PAGE_WIDTH inches wide at DPI, so the page shows them at their own size (the
+# content column is 1100 px) and 8-point text stays legible at 100% zoom on a laptop screen.
+PAGE_WIDTH, DPI = 10.5, 100
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
 th{background:#f0f0f0}img{max-width:100%}.note{color:#555;font-size:13px}"""
@@ -22,7 +27,7 @@ th{background:#f0f0f0}img{max-width:100%}.note{color:#555;font-size:13px}"""
 
 def _figure(fig) -> str:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
@@ -45,7 +50,7 @@ def _roc_grid(truth: np.ndarray, curves: dict[str, np.ndarray], labels: list[str
     """One panel per label, one ROC curve per model."""
     cols = min(4, len(labels))
     rows = math.ceil(len(labels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(PAGE_WIDTH / 4 * cols, 2.7 * rows), squeeze=False)
     for ax in axes.flat[len(labels):]:
         ax.axis("off")
     for i, (ax, label) in enumerate(zip(axes.flat, labels)):
@@ -59,34 +64,41 @@ def _roc_grid(truth: np.ndarray, curves: dict[str, np.ndarray], labels: list[str
         ax.set(title=label, xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)", xlim=(0, 1), ylim=(0, 1))
         ax.title.set_fontsize(9)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="lower right")
+            ax.legend(fontsize=8, loc="lower right")
         else:
             ax.text(0.5, 0.5, "not estimable:\none class only", ha="center", va="center", fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def _subgroup_bars(fairness: dict, attribute: str, labels: list[str]):
-    """AUROC with 95% interval per subgroup and label; not estimable subgroups are left out."""
+def _subgroup_panels(fairness: dict, attribute: str, labels: list[str]):
+    """One panel per label: AUROC with 95% interval per group; not estimable groups are marked."""
     groups = list(fairness["subgroups"][attribute])
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels) * len(groups) / 2), 3.6))
-    width = 0.8 / len(groups)
-    for j, group in enumerate(groups):
-        xs, ys, lo, hi = [], [], [], []
-        for i, label in enumerate(labels):
+    cols = min(4, len(labels))
+    rows = math.ceil(len(labels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(PAGE_WIDTH / 4 * cols, 2.9 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(labels):]:
+        ax.axis("off")
+    for ax, label in zip(axes.flat, labels):
+        for j, group in enumerate(groups):
             entry = fairness["subgroups"][attribute][group][label]
             auroc = entry.get("metrics", {}).get("auroc", {})
-            if entry["estimable"] and auroc.get("value") is not None and auroc.get("ci95"):
-                xs.append(i + (j - (len(groups) - 1) / 2) * width)
-                ys.append(auroc["value"])
-                lo.append(auroc["value"] - auroc["ci95"][0])
-                hi.append(auroc["ci95"][1] - auroc["value"])
-        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=3, ms=4,
-                    label=group if xs else f"{group} (not estimable)")
-    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-    ax.set(ylabel="AUROC (95% CI)", title=f"AUROC by {attribute}", ylim=(0, 1.02))
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.legend(fontsize=7, ncol=min(len(groups), 5))
+            if auroc.get("value") is not None and auroc.get("ci95"):
+                lo, hi = auroc["ci95"]
+                ax.errorbar([j], [auroc["value"]], yerr=[[auroc["value"] - lo], [hi - auroc["value"]]], fmt="o",
+                            capsize=3, ms=5, color="tab:blue")
+            else:
+                ax.text(j, 0.52, "n.e.", ha="center", va="bottom", fontsize=8, color="grey", rotation=90)
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_xticks(range(len(groups)), groups, rotation=45 if len(groups) > 2 else 0, ha="right" if len(groups) > 2
+                      else "center", fontsize=9)
+        ax.set_title(label, fontsize=10)
+        ax.set(xlim=(-0.6, len(groups) - 0.4), ylim=(0.3, 1.02))
+        ax.tick_params(axis="y", labelsize=9)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("AUROC (95% CI)", fontsize=9)
+    fig.suptitle(f"AUROC by {attribute} (n.e. = not estimable: too few positives or negatives)", fontsize=10)
+    fig.tight_layout()
     return fig
 
 
@@ -99,33 +111,116 @@ def threshold_source(metrics: dict) -> str:
     return f"thresholds by Youden's J on the {metrics['threshold_split']} split"
 
 
-def prediction_sections(labels: list[str], truth: np.ndarray, scores: np.ndarray, metrics: dict,
-                        fairness: dict) -> list[tuple[str, str]]:
-    rows = [{"label": label, "AUROC": m["auroc"], "95% CI": _interval(m.get("ci95", {}).get("auroc")),
-             "accuracy": m["accuracy"], "sensitivity": m["sensitivity"], "specificity": m["specificity"],
-             "precision": m["precision"], "F1": m["f1"], "threshold": m["threshold"], "positives": m["positives"]}
-            for label, m in metrics["labels"].items()]
-    rows.append({"label": "mean", "AUROC": metrics["auroc_mean"], "95% CI": _interval(metrics.get("auroc_mean_ci95"))})
-    fair_rows = []
+def value_ci(entry: dict | None, digits: int = 3) -> str:
+    """'value [low, high]' of a metric entry; 'not estimable (reason)' without a value."""
+    if not entry or entry.get("value") is None:
+        reason = (entry or {}).get("reason") or (entry or {}).get("note") or ""
+        return f"not estimable ({reason.removeprefix('not estimable: ')})" if reason and reason != "not estimable" \
+            else "not estimable"
+    ci = entry.get("ci95")
+    return f"{entry['value']:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
+def _curves_figure(curves: dict[str, list[tuple[int, float]]]):
+    """Validation loss, validation mean AUROC and epsilon spent over training steps."""
+    titles = {"valid/loss": "validation loss", "valid/auroc_mean": "validation mean AUROC",
+              "privacy/epsilon": "epsilon spent"}
+    shown = [tag for tag in titles if curves.get(tag)]
+    fig, axes = plt.subplots(1, len(shown), figsize=(PAGE_WIDTH / 3 * len(shown), 2.8), squeeze=False)
+    for ax, tag in zip(axes[0], shown):
+        steps, values = zip(*curves[tag])
+        ax.plot(steps, values, "o-", ms=3)
+        ax.set(xlabel="optimizer step", title=titles[tag])
+    fig.tight_layout()
+    return fig
+
+
+def about_section(about: dict) -> tuple[str, str]:
+    """What was trained on what, the privacy statement and the training curves."""
+    rows = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td style='text-align:left'>"
+                   f"{html.escape(str(v))}</td></tr>" for k, v in about["facts"].items())
+    content = f"<table>{rows}</table>"
+    if about.get("curves"):
+        content += (_figure(_curves_figure(about["curves"])) +
+                    "<p class='note'>The training loss is not shown: computed on the training patients without "
+                    "noise, it is not covered by the privacy guarantee (it stays in the experiment's private/ "
+                    "folder, in TensorBoard).</p>")
+    return "Model, data and privacy", content
+
+
+def _fairness_tables(fairness: dict, labels: list[str]) -> str:
+    """Label-averaged fairness with intervals and p/q-values, definitions, then every label's values."""
+    mean_rows, label_rows = [], []
     for attribute, fair in fairness["fairness"].items():
-        for name, value in fair["mean"].items():
-            if isinstance(value, dict):
-                fair_rows += [{"attribute": attribute, "metric": f"statistical parity difference ({g})", "mean over labels": v}
-                              for g, v in value.items()]
-            else:
-                fair_rows.append({"attribute": attribute, "metric": name.replace("_", " "), "mean over labels": value})
-    under = [{"attribute": a, "group": g, "abnormal images": e["abnormal"], "underdiagnosis rate": e["rate"]}
-             for a, groups in fairness["underdiagnosis"].items() if a != "sex_age" for g, e in groups.items()]
+        for name, entry in fair["mean"].items():
+            metric, _, group = name.partition(":")
+            mean_rows.append({"attribute": attribute, "metric": metric.replace("_", " ") + (f" ({group})" if group else ""),
+                              "mean over labels [95% CI]": value_ci(entry), "labels": entry["labels"],
+                              "p (permutation)": format_p(entry.get("p_value")), "q (BH)": format_p(entry.get("q_value"))})
+        names = list(dict.fromkeys(n for e in fair["labels"].values() for n in e["metrics"]))
+        for name in names:
+            metric, _, group = name.partition(":")
+            label_rows.append({"attribute": attribute, "metric": metric.replace("_", " ") + (f" ({group})" if group else ""),
+                               **{label: value_ci(fair["labels"][label]["metrics"].get(name), 2) for label in labels
+                                  if label in fair["labels"]}})
+    definitions = "".join(f"<li><b>{html.escape(k.replace('_', ' '))}</b>: {html.escape(v)}</li>"
+                          for k, v in fairness["definitions"].items())
+    multiplicity = fairness.get("multiplicity", {})
+    note = (f"<p class='note'>p: share of {fairness['permutations']} shuffles of the patients' group labels (same "
+            f"predictions) whose gap is at least the observed one: a gap with a large p is what random groups also "
+            f"produce, not a finding. q: Benjamini-Hochberg over the {multiplicity.get('tests', 0)} p-values of this "
+            f"report; unadjusted p-values are exploratory. Groups below {fairness['min_subgroup_size']} images, "
+            f"groups without positives or negatives (rates), and groups with fewer than {fairness['min_positives']} "
+            f"positives or {fairness['min_negatives']} negatives (AUROC) are left out.</p><ul class='note'>"
+            f"{definitions}</ul>")
+    return (note + _table(pd.DataFrame(mean_rows)) + "<h3>Per label</h3>" + _table(pd.DataFrame(label_rows)))
+
+
+def _diagnosis_table(fairness: dict) -> str:
+    rows, gaps = [], []
+    for attribute, diagnosis in fairness["underdiagnosis"].items():
+        for group, entry in diagnosis["groups"].items():
+            rows.append({"attribute": attribute, "group": group, "abnormal images": entry["abnormal"],
+                         "underdiagnosis [95% CI]": value_ci(entry["underdiagnosis"]), "normal images": entry["normal"],
+                         "overdiagnosis [95% CI]": value_ci(entry["overdiagnosis"])})
+        for name, entry in diagnosis["gaps"].items():
+            gaps.append({"attribute": attribute, "gap": name.replace("_", " "), "value [95% CI]": value_ci(entry),
+                         "p (permutation)": format_p(entry.get("p_value")), "q (BH)": format_p(entry.get("q_value"))})
+    note = (f"<p class='note'>Underdiagnosis: share of abnormal images called normal; overdiagnosis: share of normal "
+            f"images called abnormal. Definition: {html.escape(fairness['underdiagnosis_definition'])}.</p>")
+    return note + _table(pd.DataFrame(rows)) + (_table(pd.DataFrame(gaps)) if gaps else "")
+
+
+def prediction_sections(labels: list[str], truth: np.ndarray, scores: np.ndarray, metrics: dict,
+                        fairness: dict, about: dict | None = None) -> list[tuple[str, str]]:
+    names = ("auroc", "accuracy", "sensitivity", "specificity", "precision", "f1")
+    rows = []
+    for label, m in metrics["labels"].items():
+        ci = m.get("ci95", {})
+        row = {"label": label, "images": m["n"], "positives": m["positives"]}
+        for name in names:
+            row[name.upper() if name in ("auroc", "f1") else name] = value_ci({"value": m[name], "ci95": ci.get(name)}
+                                                                              if np.isfinite(m[name]) else None)
+        rows.append({**row, "threshold": f"{m['threshold']:.3f}"})
+    rows.append({"label": "mean", "AUROC": value_ci({"value": metrics["auroc_mean"],
+                                                     "ci95": metrics.get("auroc_mean_ci95")})})
     n = metrics["labels"][labels[0]]["n"]
-    note = (f"<p class='note'>{n} images of the {metrics['split']} split; {threshold_source(metrics)}. "
-            f"Intervals: 95% percentile bootstrap.</p>")
-    return [
-        ("Metrics", note + _table(pd.DataFrame(rows))),
+    boot = metrics.get("bootstrap")
+    intervals = (f"Intervals: 95%, from {boot['resamples']} bootstrap resamples of the {boot['units']} {boot['unit']}s "
+                 f"(percentile; Wilson's score interval for a proportion with fewer than 10 events or non-events, "
+                 f"see ci_method in the JSON)." if boot else "No intervals (evaluation.bootstrap = 0).")
+    note = f"<p class='note'>{n} images of the {metrics['split']} split; {threshold_source(metrics)}. {intervals}</p>"
+    frame = pd.DataFrame(rows)
+    for column in ("images", "positives"):  # counts as integers; the mean row has none
+        frame[column] = [f"{int(v)}" if pd.notna(v) else "" for v in frame[column]]
+    sections = [about_section(about)] if about else []
+    return sections + [
+        ("Metrics", note + _table(frame)),
         ("ROC curves", _figure(_roc_grid(truth, {"model": scores}, labels))),
-        ("Subgroup AUROC by sex", _figure(_subgroup_bars(fairness, "sex", labels))),
-        ("Subgroup AUROC by age", _figure(_subgroup_bars(fairness, "age", labels))),
-        ("Fairness (mean over labels)", _table(pd.DataFrame(fair_rows))),
-        ("Underdiagnosis (abnormal images predicted as having no finding)", _table(pd.DataFrame(under))),
+        ("Subgroup AUROC by sex", _figure(_subgroup_panels(fairness, "sex", labels))),
+        ("Subgroup AUROC by age", _figure(_subgroup_panels(fairness, "age", labels))),
+        ("Fairness", _fairness_tables(fairness, labels)),
+        ("Underdiagnosis and overdiagnosis", _diagnosis_table(fairness)),
     ]
 
 
@@ -141,7 +236,7 @@ def _with_interval(table: pd.DataFrame, names: list[str]) -> pd.DataFrame:
 
 def _attack_roc(scores: pd.DataFrame, attacks: list[str]):
     """ROC of each attack, on linear and on log-log axes (the low-FPR regime that matters)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 4.2))
     for attack in attacks:
         keep = np.isfinite(scores[attack].to_numpy(float))
         member, score = scores["member"].to_numpy()[keep], scores[attack].to_numpy(float)[keep]
@@ -152,7 +247,7 @@ def _attack_roc(scores: pd.DataFrame, attacks: list[str]):
         ax.plot([1e-4, 1], [1e-4, 1], color="grey", lw=0.8, ls="--", label="chance")
         ax.set(xscale=scale, yscale=scale, xlabel="false positive rate (non-members called members)",
                ylabel="true positive rate (members found)", title=f"Membership attack ROC ({scale} axes)")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=8, loc="lower right")
     axes[0].set(xlim=(0, 1), ylim=(0, 1))
     axes[1].set(xlim=(1e-3, 1), ylim=(1e-3, 1))
     fig.tight_layout()
@@ -161,7 +256,7 @@ def _attack_roc(scores: pd.DataFrame, attacks: list[str]):
 
 def _attack_subgroups(audit: dict):
     """Attack AUROC with 95% interval per sex and age group, one series per attack."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1, 2]})
+    fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 3.6), gridspec_kw={"width_ratios": [1, 2]})
     attacks = list(audit["attacks"])
     for ax, attribute in zip(axes, ("sex", "age")):
         for j, attack in enumerate(attacks):
@@ -169,7 +264,7 @@ def _attack_subgroups(audit: dict):
             xs, ys, lo, hi = [], [], [], []
             for i, entry in enumerate(groups.values()):
                 if not entry["estimable"] and j == 0:
-                    ax.text(i, 0.5, "too few\nimages", ha="center", va="bottom", fontsize=7, color="grey")
+                    ax.text(i, 0.5, "too few\nimages", ha="center", va="bottom", fontsize=8, color="grey")
                 if entry["estimable"] and entry["auroc"]["ci95"]:
                     xs.append(i + (j - (len(attacks) - 1) / 2) * 0.25)
                     ys.append(entry["auroc"]["value"])
@@ -179,14 +274,14 @@ def _attack_subgroups(audit: dict):
         ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.set(ylabel="attack AUROC (95% CI)", title=f"Membership exposure by {attribute}")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
 def _canary_figure(bound: dict, accounted: float | None, canaries: pd.DataFrame):
     """The lower bound beside the accounted epsilon, and the canary scores by coin."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 3.4))
     names = ["empirical lower bound\n(95% confidence)", "accounted epsilon"]
     values = [bound["epsilon_lower_bound"], accounted if accounted is not None else np.nan]
     bars = axes[0].barh(names, [v if np.isfinite(v) else 0 for v in values], color=["tab:red", "tab:blue"])
@@ -200,7 +295,7 @@ def _canary_figure(bound: dict, accounted: float | None, canaries: pd.DataFrame)
         axes[1].hist(canaries.loc[canaries["included"] == coin, "score"], bins=bins, alpha=0.6, label=name)
     axes[1].set(xlabel="attack score (minus loss on the flipped labels)", ylabel="canaries",
                 title="Canary scores by coin")
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -211,7 +306,8 @@ def audit_sections(audit: dict, table: pd.DataFrame, scores: pd.DataFrame,
     metrics = ["auroc"] + [c for c in table.columns if c.startswith("tpr_at_fpr_") and not c.endswith(("low", "high"))]
     note = (f"<p class='note'>{audit['members']} training images (members) against {audit['nonmembers']} test "
             f"images of other patients (non-members); model of epoch {audit['checkpoint_epoch']}. "
-            f"AUROC 0.5 = the attack learns nothing. Intervals: 95% percentile bootstrap over images. "
+            f"AUROC 0.5 = the attack learns nothing. Intervals: 95% percentile bootstrap over "
+            f"{audit['bootstrap']['unit']}s. "
             f"{audit['attacks_note']}</p>")
     sections = [("Membership inference", note + _table(_with_interval(table, metrics))),
                 ("Membership attack ROC", _figure(_attack_roc(scores, list(audit["attacks"])))),
@@ -242,8 +338,16 @@ def comparison_report(title: str, labels: list[str], truth: np.ndarray, scores_a
     ax.axvline(0, color="grey", lw=0.8, ls="--")
     ax.set_yticks(y, table["label"], fontsize=8)
     ax.set(xlabel="AUROC difference A - B (95% CI)", title="Paired AUROC differences")
+    shown = table.copy()
+    for column in [c for c in table.columns if c.startswith("p_")]:
+        shown[column] = [format_p(v) for v in table[column]]
+    note = ("<p class='note'>Primary endpoint: the mean AUROC difference A - B, paired bootstrap over the same "
+            "resampled patients for both models (p_bootstrap). Per-label differences are secondary: p_holm is "
+            "Holm-adjusted across the labels; p_delong (clustered by patient, Obuchowski) and p_delong_image_level "
+            "(ignores that a patient's images are correlated) are unadjusted references; p_a_not_better is the "
+            "study's one-sided share of resamples in which A is not above B.</p>")
     return page(title, [
-        ("AUROC differences", _table(table)),
+        ("AUROC differences", note + _table(shown)),
         ("Forest plot", _figure(fig)),
         ("ROC curves", _figure(_roc_grid(truth, {"A": scores_a, "B": scores_b}, labels))),
     ])
@@ -257,45 +361,86 @@ def _epsilon_axis(ax, epsilons) -> None:
     ax.set_xlabel("target epsilon (log scale)")
 
 
-def sweep_report(title: str, table: pd.DataFrame, correlations: dict, privacy_total: dict) -> str:
-    private = table[np.isfinite(table["epsilon"].astype(float))].sort_values("epsilon")
-    reference = table[~np.isfinite(table["epsilon"].astype(float))]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar(private["epsilon"], private["auroc_mean"],
-                yerr=[private["auroc_mean"] - private["auroc_mean_ci95_low"],
-                      private["auroc_mean_ci95_high"] - private["auroc_mean"]], fmt="o-", capsize=3, label="DP-SGD")
+def sweep_report(title: str, table: pd.DataFrame, result: dict) -> str:
+    """Runs, the privacy-utility curve, each budget against the non-private runs (paired), the trend
+    on log epsilon, and the audit columns when present."""
+    epsilon = table["epsilon"].astype(float)
+    private, reference = table[np.isfinite(epsilon)], table[~np.isfinite(epsilon)]
+    budgets = sorted(private["epsilon"].unique())
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(private["epsilon"], private["auroc_mean"], "o", alpha=0.5, color="tab:blue", label="DP-SGD run")
+    means = private.groupby("epsilon")["auroc_mean"].mean()
+    ax.plot(means.index, means.to_numpy(), "-", color="tab:blue", label="DP-SGD, mean over seeds")
     if len(reference):
-        ax.axhline(reference["auroc_mean"].iloc[0], color="black", ls="--", label="non-private")
-    _epsilon_axis(ax, private["epsilon"])
-    ax.set(ylabel="mean AUROC (95% CI)", title="Privacy-utility trade-off")
-    ax.legend()
-    fairness_columns = [c for c in table.columns if c.startswith(("sex_", "age_")) and "spd" not in c]
-    fig2, ax2 = plt.subplots(figsize=(7, 4))
-    for column in fairness_columns:
-        ax2.plot(private["epsilon"], private[column], "o-", label=column.replace("_", " "))
-    _epsilon_axis(ax2, private["epsilon"])
-    ax2.set(ylabel="metric value (mean over labels)", title="Fairness metrics vs privacy budget")
-    ax2.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
-    corr = pd.DataFrame([{"metric": k, "Pearson r": v["r"], "p-value": v["p_value"], "private runs": v["n"]}
-                         for k, v in correlations.items()])
+        ax.axhline(reference["auroc_mean"].mean(), color="black", ls="--", label="non-private (mean over seeds)")
+    _epsilon_axis(ax, budgets)
+    ax.set(ylabel="mean test AUROC", title="Privacy-utility trade-off")
+    ax.legend(fontsize=8)
+    privacy_total = result["privacy_total"]
+    spent = privacy_total["epsilon"]
     total = (f"<p class='note'>All runs of this sweep trained on the same patients; composed, each patient's "
-             f"epsilon is {privacy_total['epsilon']:.4g} ({html.escape(privacy_total['note'])}). The privacy ledger "
-             f"{html.escape(privacy_total['ledger'])} adds every other run on them "
+             f"epsilon is {'unbounded' if spent is None else f'{spent:.4g}'} ({html.escape(privacy_total['note'])}). "
+             f"The privacy ledger {html.escape(privacy_total['ledger'])} adds every other run on them "
              f"(<code>python main_2D_DP.py ledger</code>).</p>")
-    sections = [
-        ("Runs", total + _table(table)),
-        ("Privacy-utility curve", _figure(fig)),
-        ("Fairness vs epsilon", _figure(fig2)),
-        ("Pearson's r between epsilon and fairness (private runs)", _table(corr)),
-    ]
+    sections = [("Runs", total + _table(table)), ("Privacy-utility curve", _figure(fig))]
+    differences = result["difference_to_non_private"]
+    if differences:
+        boot = result["bootstrap"]
+        note = (f"<p class='note'>Each budget minus the non-private runs on the same test patients: per resample "
+                f"({boot['resamples']} resamples of {boot['units']} {boot['unit']}s), the budget's mean over its seeds "
+                f"minus the non-private mean, the seeds drawn with replacement too. q: Benjamini-Hochberg over the "
+                f"{result['multiplicity']['tests']} tests of this sweep; unadjusted p-values are exploratory.</p>")
+        rows = [{"epsilon": budget, "metric": column.replace("_", " "),
+                 "difference [95% CI]": value_ci({"value": d["difference"], "ci95": d.get("ci95"), "note": d.get("note")}),
+                 "p": format_p(d.get("p_value")), "q (BH)": format_p(d.get("q_value"))}
+                for budget, columns in differences.items() for column, d in columns.items()]
+        sections.append(("Difference to non-private (paired)", note + _table(pd.DataFrame(rows)) +
+                         _figure(_difference_forest(differences))))
+    trend_rows = [{"metric": column.replace("_", " "), "runs": t["runs"], "budgets": t["budgets"],
+                   "slope per log epsilon [95% CI]": value_ci({"value": t["slope_per_log_epsilon"], "ci95": t["ci95"],
+                                                               "note": t.get("note")}, 4),
+                   "p": format_p(t["p_value"]), "q (BH)": format_p(t.get("q_value")),
+                   "Pearson r (epsilon, secondary)": "n/a" if t["pearson_r"] is None else f"{t['pearson_r']:.3f}",
+                   "Pearson p": format_p(t["pearson_p"])}
+                  for column, t in result["trend_on_log_epsilon"].items()]
+    sections.append(("Trend on log epsilon (private runs)",
+                     "<p class='note'>Least-squares slope of each metric on log(epsilon) over every private run; "
+                     "fewer than 5 runs is not meaningful and is not computed (use <code>sweep --seeds K</code>). "
+                     "Pearson's r between epsilon and the metric, as in the study, is secondary.</p>"
+                     + _table(pd.DataFrame(trend_rows))))
     if "attack_auroc" in table:
         sections.append(("Privacy audit vs epsilon", _figure(_sweep_audit(private, reference))))
     return page(title, sections)
 
 
+def _difference_forest(differences: dict):
+    """Mean AUROC and the fairness gaps of each budget minus non-private, with 95% intervals."""
+    columns = [c for c in next(iter(differences.values())) if "_spd_" not in c]
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(columns) * len(differences) + 1.2))
+    y = 0
+    ticks, names = [], []
+    for k, (budget, entries) in enumerate(differences.items()):
+        for column in columns:
+            d = entries.get(column, {})
+            if d.get("difference") is not None and d.get("ci95"):
+                lo, hi = d["ci95"]
+                ax.errorbar([d["difference"]], [y], xerr=[[d["difference"] - lo], [hi - d["difference"]]], fmt="o",
+                            capsize=3, color=f"C{k}", label=f"epsilon {budget}" if column == columns[0] else None)
+            ticks.append(y)
+            names.append(column.replace("_", " "))
+            y -= 1
+        y -= 0.5
+    ax.axvline(0, color="grey", lw=0.8, ls="--")
+    ax.set_yticks(ticks, names, fontsize=8)
+    ax.set(xlabel="budget minus non-private (95% CI)", title="Each budget against the non-private runs")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
 def _sweep_audit(private: pd.DataFrame, reference: pd.DataFrame):
     """Membership attack AUROC, and the empirical epsilon lower bound against the accounted epsilon."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 4))
     axes[0].errorbar(private["epsilon"], private["attack_auroc"],
                      yerr=[private["attack_auroc"] - private["attack_auroc_ci95_low"],
                            private["attack_auroc_ci95_high"] - private["attack_auroc"]], fmt="o-", capsize=3,
@@ -305,13 +450,13 @@ def _sweep_audit(private: pd.DataFrame, reference: pd.DataFrame):
     axes[0].axhline(0.5, color="grey", lw=0.8, ls=":", label="chance")
     _epsilon_axis(axes[0], private["epsilon"])
     axes[0].set(ylabel="loss attack AUROC (95% CI)", title="Membership inference vs privacy budget")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=8)
     bound = private["epsilon_lower_bound"].astype(float)
     axes[1].plot(private["epsilon"], private["epsilon_spent"], "s--", label="accounted epsilon (upper bound)")
     if bound.notna().any():
         axes[1].plot(private["epsilon"], bound, "o-", label="empirical lower bound (95%, canaries)")
     _epsilon_axis(axes[1], private["epsilon"])
     axes[1].set(ylabel="epsilon", title="Proven vs accounted privacy loss")
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -37,13 +37,25 @@ def _rounded(value: float) -> float:
     return float(f"{value:.2g}")
 
 
-def _rounded_count(n: int) -> int:
+def rounded_count(n: int) -> int:
     """Two significant digits, and at least to the ten."""
     return max(10, int(round(n, -max(1, len(str(int(n))) - 2))))
 
 
 def is_bundle(path: Path) -> bool:
     return (Path(path) / "model.json").is_file() and (Path(path) / "model.safetensors").is_file()
+
+
+def privacy_statement(dp: dict) -> str:
+    """The one-sentence privacy statement of a run's ``summary.json`` ``dp`` section, fit for release
+    (no exact count of training patients)."""
+    if not dp["enabled"]:
+        return "NOT PRIVATE: trained without differential privacy; no privacy guarantee"
+    reproducible = dp["noise"].startswith("reproducible")
+    return (f"({dp['epsilon_spent']:.4g}, {dp['delta']:g})-DP for each training {dp['unit']} "
+            f"(add/remove adjacency, {dp['accountant'].upper()} accountant)"
+            + ("; WARNING: the noise was seeded from a configuration value (reproducible mode), so the guarantee "
+               "does not hold against anyone who knows that seed" if reproducible else "; the noise was secret"))
 
 
 def model_card(cfg: Config, summary: dict, metrics: dict, parameters: int, epoch: int, ledger_total: dict) -> dict:
@@ -58,22 +70,14 @@ def model_card(cfg: Config, summary: dict, metrics: dict, parameters: int, epoch
             adjacency=f"add or remove one {unit} (all of the {unit}'s training images)",
             accountant=f"{dp['accountant'].upper()} (Opacus), Poisson sampling",
             epsilon_pld=dp["pld_epsilon"],
-            units=f"about {_rounded_count(dp['units']):,} training {unit}s", sample_rate=_rounded(dp["sample_rate"]),
+            units=f"about {rounded_count(dp['units']):,} training {unit}s", sample_rate=_rounded(dp["sample_rate"]),
             steps=summary["steps"], noise_multiplier=dp["noise_multiplier"], max_grad_norm=dp["max_grad_norm"],
             noise=dp["noise"], secure_mode=dp["secure_mode"], covers=f"the training {unit}s",
             does_not_cover=["validation patients: they chose the checkpoint and the decision thresholds",
                             "test patients: their metrics below are published by the researcher's choice",
                             "other models trained on the same patients: see ledger_total"],
             loss_weights=d.get("pos_weight_source"), ledger_total=ledger_total)
-    else:
-        privacy["statement"] = "NOT PRIVATE: trained without differential privacy; no privacy guarantee"
-    if private:
-        reproducible = dp["noise"].startswith("reproducible")
-        privacy["statement"] = (
-            f"({dp['epsilon_spent']:.4g}, {dp['delta']:g})-DP for each training {dp['unit']} "
-            f"(add/remove adjacency, {dp['accountant'].upper()} accountant)"
-            + ("; WARNING: the noise was seeded from a configuration value (reproducible mode), so the guarantee "
-               "does not hold against anyone who knows that seed" if reproducible else "; the noise was secret"))
+    privacy["statement"] = privacy_statement(dp)
     evaluation = None
     if metrics:
         evaluation = {"split": metrics["split"], "images": max(m["n"] for m in metrics["labels"].values()),

@@ -59,7 +59,7 @@ def test_run_writes_every_artifact(tiny_config, dp):
     assert_report(exp / "report.html", ["Metrics", "ROC curves", "Subgroup AUROC by sex", "Subgroup AUROC by age",
                                         "Fairness", "Underdiagnosis"], min_figures=3)
     tags = EventAccumulator(str(exp / "private" / "tensorboard")).Reload().Tags()["scalars"]
-    assert "test/auroc_mean" in tags and "test/fairness/sex/auroc_gap" in tags
+    assert "test/auroc_mean" in tags and "test/fairness/sex/demographic_parity_difference" in tags
 
 
 def test_existing_experiment_is_never_overwritten(tiny_config, capsys):
