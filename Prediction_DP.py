@@ -255,8 +255,8 @@ def experiment_about(files: Layout, scored: Scored) -> dict:
                       f"{'pretrained from ' + Path(cfg.model.pretrained_checkpoint).name if cfg.model.pretrained_checkpoint else 'trained from scratch'}",
              "dataset": f"{cfg.data.dataset}{' site ' + cfg.data.site if cfg.data.site else ''}, labels "
                         f"{', '.join(cfg.data.labels)}",
-             "trained on": f"about {rounded_count(derived['n_train_units'])} {unit}s (about "
-                           f"{rounded_count(derived['n_train'])} images) of the training split"
+             "trained on": f"about {rounded_count(derived['n_train_units']):,} {unit}s (about "
+                           f"{rounded_count(derived['n_train']):,} images) of the training split"
              if "n_train_units" in derived else "unknown",
              "scored on": f"{len(scored.frame)} images of {scored.frame['patient_id'].nunique()} patients of the "
                           f"{scored.split} split (checkpoint of epoch {scored.epoch})",

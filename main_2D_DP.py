@@ -127,9 +127,11 @@ def run_export(exp_dir: Path, out_dir: Path, non_private: bool) -> dict:
 
 def run_compare(exp_a: Path, exp_b: Path, split: str, out: Path | None) -> None:
     comparison, table = compare_experiments(exp_a, exp_b, split, out)
-    print(f"A = {exp_a}\nB = {exp_b}\n{comparison['n_images']} {split} images, "
-          f"{comparison['bootstrap']['resamples']} paired bootstrap resamples (seed {comparison['bootstrap']['seed']})")
+    boot = comparison["bootstrap"]
+    print(f"A = {exp_a}\nB = {exp_b}\n{comparison['n_images']} {split} images of {boot['units']} {boot['unit']}s, "
+          f"{boot['resamples']} paired bootstrap resamples of {boot['unit']}s (seed {boot['seed']})")
     print(format_comparison(table))
+    print(f"primary endpoint: {comparison['endpoints']['primary']}; {comparison['endpoints']['secondary']}")
 
 
 def parse_epsilons(text: str) -> list[float]:
