@@ -41,7 +41,6 @@ from scipy.stats import false_discovery_control
 from evaluation.bootstrap import p_value, percentile_interval, proportion_interval, weighted_auroc
 
 SUBGROUP_METRICS = ("auroc", "accuracy", "sensitivity", "specificity")
-GAPS = ("demographic_parity_difference", "equalized_odds_difference", "auroc_gap")
 SPD = "statistical_parity_difference"
 DEFINITIONS = {
     SPD: "accuracy of the group minus that of the others (sex: F - M; age: the group against the size-weighted "
@@ -249,7 +248,7 @@ def _subgroup_entry(point: dict, boot: dict, min_size: int, min_positives: int, 
     entry = {"n": n, "positives": positives, "prevalence": positives / n if n else None}
     if n < min_size:
         return {**entry, "estimable": False, "reason": f"n = {n} < minimum subgroup size {min_size}"}
-    events = {"prevalence": (positives, n), "sensitivity": (None, positives), "specificity": (None, n - positives)}
+    trials = {"sensitivity": positives, "specificity": n - positives}  # accuracy and prevalence: n
     metrics = {}
     for name in ("prevalence", *SUBGROUP_METRICS):
         value = float(point[name][0])
@@ -264,8 +263,8 @@ def _subgroup_entry(point: dict, boot: dict, min_size: int, min_positives: int, 
             ci = percentile_interval(boot[name])
             metrics[name] = {"value": value, "ci95": ci, "ci_method": "percentile" if ci else None}
         else:
-            trials = events.get(name, (None, n))[1]
-            metrics[name] = {"value": value, **proportion_interval(int(round(value * trials)), trials, boot[name])}
+            k = trials.get(name, n)
+            metrics[name] = {"value": value, **proportion_interval(int(round(value * k)), k, boot[name])}
     return {**entry, "estimable": True, "metrics": metrics}
 
 
