@@ -10,6 +10,7 @@ patient splits are applied afterwards, the same way for every dataset (``data/da
 from __future__ import annotations
 
 import ast
+import posixpath
 import re
 from pathlib import Path
 
@@ -214,8 +215,9 @@ def read_csv(root: Path, data: Data) -> tuple[pd.DataFrame, tuple[str, ...]]:
         labels[label] = pd.to_numeric(raw[label].replace("", np.nan), errors="coerce")
         _reject(~(labels[label].isin([1, 0, -1]) | (raw[label] == "")), raw[label], source, label,
                 "1, 0, -1 or blank")
-    _reject(raw[named["path"]].duplicated(), raw[named["path"]], source, named["path"], "no duplicate image")
-    frame = pd.DataFrame({"image_id": column("path").str.replace(r"\.\w+$", "", regex=True), "path": column("path"),
+    _reject(column("patient_id") == "", column("patient_id"), source, named["patient_id"], "a patient id")
+    # the path is the image's id: img/05.png and img/05.jpg are two images
+    frame = pd.DataFrame({"image_id": column("path").map(posixpath.normpath), "path": column("path"),
                           "patient_id": column("patient_id"), "split": split, "sex": sex, "age": age,
                           "view": column("view").str.upper(), **labels})
     return frame, label_columns

@@ -67,7 +67,7 @@ def _work(root: str, rows: list[int], paths: list[str], prep: Preprocessing):
     out, reasons = np.zeros((len(rows), prep.size, prep.size), np.uint8), {}
     for k, path in enumerate(paths):
         try:
-            out[k] = preprocess(Path(root) / path, prep)
+            out[k] = preprocess(Path(root), path, prep)
         except BadImage as exc:
             reasons[rows[k]] = str(exc)
     return rows, out, reasons

@@ -6,6 +6,7 @@ in ``data/adapters.py`` turn each published layout into it.
 """
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from artifacts import expect_folder
 from config import Data, InputError
 from data import synthetic
 from data.adapters import READERS
@@ -53,6 +55,8 @@ def load_table(data: Data, seed: int, use_cache: bool = True) -> Table:
     ``data.split_seed``, when set, replaces ``seed`` for the split and the built-in data.
     """
     seed = seed if data.split_seed is None else data.split_seed
+    expect_folder(data.root, "data.root")
+    expect_folder(data.cache.dir, "data.cache.dir")
     if data.dataset == "synthetic":
         cache = Path(data.root).expanduser() if data.root else default_cache_dir()
         n = {"public": data.synthetic.public_patients, "private": data.synthetic.private_patients}
@@ -60,10 +64,7 @@ def load_table(data: Data, seed: int, use_cache: bool = True) -> Table:
     else:
         root, reader = Path(data.root).expanduser(), READERS[data.dataset]
     frame, native = reader(root, data)
-    escaping = frame["path"].map(lambda p: Path(p).is_absolute() or ".." in Path(p).parts)
-    if escaping.any():
-        raise InputError(f"{root}: image path {frame['path'][escaping.idxmax()]!r} leaves the dataset root; "
-                         f"paths must be relative to data.root")
+    frame = checked_rows(frame, root, data.dataset)
     if data.merge_sides:
         frame, native = merge_sides(frame, native)
     frame = frame.rename(columns=data.label_map)
@@ -84,6 +85,40 @@ def load_table(data: Data, seed: int, use_cache: bool = True) -> Table:
     frame["split"] = patient_split(frame["patient_id"], frame["split"], data.valid_fraction, data.test_fraction, seed)
     table = Table(frame, root, list(data.labels), counts)
     return attach_cache(table, data) if use_cache else table
+
+
+MAX_AGE = 120
+
+
+def checked_rows(frame: pd.DataFrame, root: Path, dataset: str) -> pd.DataFrame:
+    """The images an adapter listed, refused unless every path stays inside the dataset root and
+    names one image (paths normalised first: ``./img/00.png`` is ``img/00.png``), every image id
+    and patient id is set and unique where it must be, and every age is plausible."""
+    if frame.empty:
+        raise InputError(f"{root}: the {dataset} dataset lists no rows (no images)")
+    given = frame["path"].astype(str)
+    frame = frame.assign(path=given.map(lambda p: posixpath.normpath(p.replace("\\", "/"))))
+    escaping = frame["path"].map(lambda p: Path(p).is_absolute() or ".." in Path(p).parts)
+    if escaping.any():
+        raise InputError(f"{root}: image path {frame['path'][escaping.idxmax()]!r} leaves the dataset root; "
+                         f"paths must be relative to data.root")
+    for column, what in (("path", "image file"), ("image_id", "image id")):
+        twice = frame[column].duplicated(keep=False)
+        if twice.any():
+            first = frame[column][twice].iloc[0]
+            spellings = given[frame[column] == first].head(2)
+            raise InputError(f"{root}: {what} {first!r} is listed twice (as {' and '.join(map(repr, spellings))}); "
+                             f"each image must appear once, in one split")
+    blank = frame["patient_id"].fillna("").astype(str).str.strip() == ""
+    if blank.any():
+        raise InputError(f"{root}: {int(blank.sum())} image(s) without a patient id (first: "
+                         f"{frame['path'][blank.idxmax()]!r}); every image needs its patient")
+    age = pd.to_numeric(frame["age"], errors="coerce")
+    implausible = (age < 0) | (age > MAX_AGE)
+    if implausible.any():
+        raise InputError(f"{root}: age {age[implausible.idxmax()]:g} for image {frame['path'][implausible.idxmax()]!r}, "
+                         f"expected 0-{MAX_AGE} years or blank")
+    return frame
 
 
 def cache_location(table: Table, data: Data) -> Path:
@@ -198,7 +233,7 @@ class CXRDataset(Dataset):
             image = np.array(self._images[self.rows[index]])
         else:
             try:
-                image = preprocess(self.root / self.paths[index], self.prep)
+                image = preprocess(self.root, self.paths[index], self.prep)
             except BadImage as exc:
                 raise InputError(f"{self.root / self.paths[index]}: {exc}; `python main_2D_DP.py prepare` lists "
                                  f"such images and leaves them out") from None

@@ -13,6 +13,7 @@ Preprocessing, for an image of height H and width W and output side S:
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def decode(path: Path, size_hint: int | None = None) -> np.ndarray:
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 return np.asarray(image)
             return np.asarray(image if image.mode == "L" else image.convert("L"))
+    except Image.DecompressionBombError as exc:  # more pixels than any radiograph: refused before decoding
+        raise BadImage(f"refused as a decompression bomb: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
         raise BadImage(f"unreadable image: {exc}") from None
 
@@ -100,7 +103,11 @@ def fit_square(image: np.ndarray, size: int, fit: str) -> np.ndarray:
     return np.ascontiguousarray(image[top:top + size, left:left + size])
 
 
-def preprocess(path: Path, prep: Preprocessing) -> np.ndarray:
-    """``path`` -> [S, S] uint8, as the network sees it (before augmentation)."""
+def preprocess(root: Path, relative: str, prep: Preprocessing) -> np.ndarray:
+    """``root / relative`` -> [S, S] uint8, as the network sees it (before augmentation). A path that
+    leaves ``root`` through a symbolic link is refused: only the dataset's own files are read."""
+    path = Path(root) / relative
+    if not os.path.realpath(path).startswith(os.path.join(os.path.realpath(root), "")):
+        raise BadImage(f"leaves the dataset root through a symbolic link (to {os.path.realpath(path)})")
     image = fit_square(to_uint8(decode(path, prep.size)), prep.size, prep.fit)
     return cv2.equalizeHist(image) if prep.equalize else image

@@ -119,11 +119,11 @@ def test_interrupted_prepare_resumes_without_redoing_work(tmp_path, mixed, monke
     monkeypatch.setattr(cache_module, "CHUNK", 4)
     calls = {"n": 0}
 
-    def flaky(path, settings):
+    def flaky(root, path, settings):
         calls["n"] += 1
         if calls["n"] == 23:
             raise KeyboardInterrupt
-        return preprocess(path, settings)
+        return preprocess(root, path, settings)
 
     monkeypatch.setattr(cache_module, "preprocess", flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -138,7 +138,7 @@ def test_interrupted_prepare_resumes_without_redoing_work(tmp_path, mixed, monke
     order = pd.read_csv(folder / "index.csv")["path"]
     for row, path in enumerate(order):
         if path not in set(result.bad["path"]):
-            assert np.array_equal(images[row], preprocess(table.root / path, prep)), path
+            assert np.array_equal(images[row], preprocess(table.root, path, prep)), path
     again = cache_module.prepare(folder, "csv", table.root, paths, prep, workers=2, progress=False)
     assert (again.reused, again.prepared, len(again.bad)) == (44, 0, 4)
 
@@ -194,7 +194,7 @@ def test_sixteen_bit_png_uses_its_full_depth(tmp_path):
     path = tmp_path / "deep.png"
     pixels = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 16 + 20000)  # all in the top byte's 78..82
     cv2.imwrite(str(path), pixels)
-    image = preprocess(path, Preprocessing(8, "pad", equalize=False))
+    image = preprocess(path.parent, path.name, Preprocessing(8, "pad", equalize=False))
     assert image.min() == 0 and image.max() == 255 and len(np.unique(image)) == 64
 
 
@@ -205,14 +205,14 @@ def test_dicom_monochrome1_is_inverted_and_uses_its_full_depth(tmp_path):
     write_dicom(tmp_path / "normal.dicom", pixels)
     write_dicom(tmp_path / "inverted.dicom", pixels, photometric="MONOCHROME1")
     prep = Preprocessing(16, "crop", equalize=False)
-    normal, inverted = preprocess(tmp_path / "normal.dicom", prep), preprocess(tmp_path / "inverted.dicom", prep)
+    normal, inverted = preprocess(tmp_path, "normal.dicom", prep), preprocess(tmp_path, "inverted.dicom", prep)
     full = to_uint8(decode(tmp_path / "normal.dicom"))
     assert full.shape == (20, 16) and full.min() == 0 and full.max() == 255
     assert np.array_equal(normal, full[2:18])  # centre crop of an unscaled image
     assert np.abs(normal.astype(int) + inverted.astype(int) - 255).max() <= 1  # white is low in MONOCHROME1
     (tmp_path / "broken.dicom").write_bytes((tmp_path / "normal.dicom").read_bytes()[:300])
     with pytest.raises(BadImage, match="unreadable DICOM"):
-        preprocess(tmp_path / "broken.dicom", prep)
+        preprocess(tmp_path, "broken.dicom", prep)
 
 
 def test_resume_is_refused_when_the_cache_changes_the_training_split(tmp_path, mixed, capsys):
