@@ -8,7 +8,6 @@ images, which is optimistic and reported as such.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 from config import Config, InputError, merge, read_yaml, validate
 from data.dataset import evaluation_loader, load_table
-from artifacts import Layout, atomic_write_text, json_text, load_checkpoint
+from artifacts import Layout, atomic_write_text, json_text, load_checkpoint, read_json
 from evaluation.bootstrap import bootstrap_intervals, format_p, resampling
 from evaluation.compare import paired_auroc_comparison
 from evaluation.fairness import fairness_report, fairness_table
@@ -234,7 +233,7 @@ def predict_bundle(bundle: Path, data: Config, split: str, out_dir: Path) -> dic
     scored = Scored(trained.cfg, split, frame, trained.labels, frame[trained.labels].to_numpy(), scores,
                     rebuild["thresholds"], "bundle", trained.epoch)
     card_path = bundle / "model_card.json"
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    card = read_json(card_path) if card_path.is_file() else {}
     facts = {"model": f"{trained.cfg.model.name} ({trained.cfg.model.activation}), {trained.cfg.data.image_size} px",
              "trained on": " ".join(str(card.get("training", {}).get(k) or "") for k in ("dataset", "site")).strip()
              or "unknown (no model_card.json)",
@@ -249,7 +248,7 @@ def experiment_about(files: Layout, scored: Scored) -> dict:
     """What a report says first: model, data (training sizes rounded, as on the model card), the
     privacy statement, and the validation and epsilon curves from TensorBoard."""
     cfg, derived = scored.cfg, scored.cfg.derived
-    summary = json.loads(files.summary.read_text()) if files.summary.is_file() else None
+    summary = read_json(files.summary) if files.summary.is_file() else None
     unit = derived.get("privacy_unit", "patient")
     facts = {"model": f"{cfg.model.name} ({cfg.model.activation}), {cfg.data.image_size} px, "
                       f"{'pretrained from ' + Path(cfg.model.pretrained_checkpoint).name if cfg.model.pretrained_checkpoint else 'trained from scratch'}",
@@ -340,7 +339,7 @@ def audit_experiment(exp_dir: Path, reference_dirs: list[Path] = (), checkpoint:
     files = Layout(exp_dir)
     if not files.summary.is_file():
         raise InputError(f"{exp_dir}: no private/summary.json; train the experiment to the end of an epoch first")
-    dp = json.loads(files.summary.read_text())["dp"]
+    dp = read_json(files.summary)["dp"]
     table = load_table(cfg.data, seed)
     canaries = None
     if cfg.audit.canaries:

@@ -27,7 +27,6 @@ Those generator states are the secret behind the noise: ``last.pt`` is private, 
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 import uuid
@@ -52,7 +51,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import parallel
-from artifacts import ExperimentLock, Layout, atomic_write_text, json_text, load_checkpoint, save_checkpoint
+from artifacts import (ExperimentLock, Layout, atomic_write_text, json_text, load_checkpoint, read_json,
+                       save_checkpoint)
 from config import Config, InputError, config_yaml, read_yaml
 from data.dataset import SPLITS, CXRDataset, evaluation_loader, load_table, positive_weights, preprocessing
 from models import PER_IMAGE_MODELS, MaskedBCEWithLogitsLoss, build_model, load_pretrained, resolve_device
@@ -691,7 +691,7 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
         return {}
     writer.close()
     if not summary:  # resumed a finished run: nothing to do, report what is there
-        summary = json.loads(files.summary.read_text())
+        summary = read_json(files.summary)
     dp_info = summary["dp"]
     if dp:
         print(f"DP-SGD: {dp_info['statement']}")

@@ -73,10 +73,31 @@ def _umask() -> int:
     return mask
 
 
+def expect_folder(path: Path | str | None, what: str) -> None:
+    """Refuse (exit 2) a setting that names an existing file where a folder is expected."""
+    if path is not None and Path(path).expanduser().exists() and not Path(path).expanduser().is_dir():
+        raise InputError(f"{what}: {path} is a file, expected a folder")
+
+
+def make_folder(folder: Path) -> Path:
+    """``folder`` and its parents, or an :class:`OutputError` naming what stood in the way."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError(f"cannot create the folder {folder}: a file of that name is in the way") from None
+    except OSError as exc:
+        raise OutputError(f"cannot create the folder {folder}: {exc.strerror or exc}") from None
+    return folder
+
+
 def _atomic(path: Path, write) -> None:
+    """Write ``path`` through a temporary file and a rename: a failed write leaves the previous version."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    make_folder(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; results are meant to be shared like any file
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -86,14 +107,31 @@ def _atomic(path: Path, write) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
+        # torch.save reports a full disk as RuntimeError ("PytorchStreamWriter failed writing file")
+        if isinstance(exc, (OSError, RuntimeError)):
             kept = "the previous version is kept" if path.exists() else "nothing was written"
-            raise OutputError(f"cannot write {path}: {exc.strerror or exc}; {kept}") from None
+            cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+            raise OutputError(f"cannot write {path}: {cause}; {kept}") from None
         raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     _atomic(path, lambda handle: handle.write(text.encode()))
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object the project wrote, or an :class:`InputError` naming the damaged file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path} is missing") from None
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InputError(f"{path} is damaged or unreadable ({type(exc).__name__}: {str(exc)[:120]}); "
+                         f"restore it or recompute it") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path} is damaged: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def json_text(obj) -> str:
@@ -114,14 +152,41 @@ def save_checkpoint(state: dict, path: Path) -> None:
     _atomic(path, lambda handle: torch.save(state, handle))
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, state_dict_ok: bool = False) -> dict:
+    """A checkpoint the project wrote (checked: model, labels, epoch; finite weights), or with
+    ``state_dict_ok`` also a plain state dict (pretrained weights from elsewhere) as ``{"model": it}``."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"checkpoint {path} is a directory")
     if not path.is_file():
         raise InputError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise InputError(f"{path}: not a readable DP-CXR checkpoint ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"{path}: not a readable DP-CXR checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200]})") from None
+
+    def bad(why: str):
+        return InputError(f"{path}: not a DP-CXR checkpoint ({why})")
+
+    if not isinstance(ckpt, dict):
+        raise bad(f"holds a {type(ckpt).__name__}, expected a dict with model, labels and epoch")
+    if state_dict_ok and "model" not in ckpt:
+        ckpt = {"model": ckpt}
+    else:
+        missing = [key for key in ("model", "labels", "epoch") if key not in ckpt]
+        if missing:
+            raise bad(f"no {', '.join(missing)}")
+        labels = ckpt["labels"]
+        if not isinstance(labels, (list, tuple)) or not labels or not all(isinstance(x, str) for x in labels):
+            raise bad(f"'labels' is {str(labels)[:80]}, expected a list of label names")
+    model = ckpt["model"]
+    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise bad(f"the weights are a {type(model).__name__}, expected a state dict of tensors")
+    broken = [k for k, v in model.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise bad(f"non-finite weights in {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}")
+    return ckpt
 
 
 class ExperimentLock:
@@ -136,7 +201,7 @@ class ExperimentLock:
         self.owner = {"pid": os.getpid(), "host": socket.gethostname()}
 
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(self.path.parent)
         while True:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -152,6 +217,16 @@ class ExperimentLock:
             holder = json.loads(self.path.read_text())
         except (OSError, ValueError):
             holder = {}
+        if not isinstance(holder, dict) or "pid" not in holder:
+            # the owner writes its pid right after creating the file: one still without it after a
+            # few seconds was left by a process killed in between
+            age = time.time() - self.path.stat().st_mtime if self.path.exists() else 0
+            if age > 10:
+                warnings.warn(f"{self.path}: taking over a lock without an owner ({age:.0f} s old)")
+                self.path.unlink(missing_ok=True)
+                return
+            time.sleep(0.5)
+            return
         if holder.get("host") == self.owner["host"] and not _alive(holder.get("pid")):
             warnings.warn(f"{self.path}: taking over the lock of process {holder.get('pid')}, which is gone")
             self.path.unlink(missing_ok=True)

@@ -6,11 +6,13 @@ what was expected.
 from __future__ import annotations
 
 import math
+import os
+import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from data.synthetic import LABELS as STUDY_LABELS
 
@@ -23,13 +25,44 @@ class ConfigError(InputError):
     pass
 
 
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._=+-]{1,100}")
+MAX_SEED = 2**31 - 1  # every seed fits numpy, torch and a C int
+MAX_CONFIG_BYTES = 1_000_000
+MAX_YAML_ALIASES = 100
+
+
+def check_name(name: str, what: str) -> str:
+    """A folder name: letters, digits and ._=+- only (no path separator, control character or space),
+    1 to 100 characters, and not '.' or '..'."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(f"{what}: {_shown(name)} is not a usable folder name; use 1-100 letters, digits and "
+                          f"._=+- (no path separators), not '.' or '..'")
+    return name
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """repr of a value, cut to ``limit`` characters (an error never echoes a huge input back)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _experiment_name(name: Optional[str]) -> Optional[str]:
+    return None if name is None else check_name(name, "experiment.name")
+
+
+# A path read from the config: '~' is expanded wherever a path is read.
+UserPath = Annotated[str, AfterValidator(os.path.expanduser)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN or infinite floats are never a setting (a learning rate, clipping norm or noise multiplier of inf/nan)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Experiment(_Section):
-    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9._=+-]+$")
-    seed: int = Field(0, ge=0)
+    name: Annotated[Optional[str], AfterValidator(_experiment_name)] = None
+    seed: Seed = 0
 
 
 class SyntheticData(_Section):
@@ -59,14 +92,14 @@ class MimicOptions(_Section):
 class CacheOptions(_Section):
     """The preprocessing cache written by ``main_2D_DP.py prepare`` and read by training."""
 
-    dir: Optional[str] = None  # null = ~/.cache/dp-cxr/prepared
+    dir: Optional[UserPath] = None  # null = ~/.cache/dp-cxr/prepared
     workers: int = Field(2, ge=1)
     max_bad_fraction: float = Field(0.01, ge=0, le=1)  # prepare exits with code 2 above this share of bad images
 
 
 class Data(_Section):
     dataset: Literal["synthetic", "uka", "chexpert", "mimic", "nih", "padchest", "vindr", "csv"] = "synthetic"
-    root: Optional[str] = None
+    root: Optional[UserPath] = None
     site: Literal["public", "private", "all"] = "private"
     image_size: int = Field(64, ge=32, le=1024)
     labels: list[str] = Field(default_factory=lambda: list(STUDY_LABELS), min_length=1)
@@ -82,7 +115,7 @@ class Data(_Section):
     reader_vote: Literal["majority", "any"] = "majority"  # several readers per image (VinDr-CXR)
     valid_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    split_seed: Optional[int] = Field(None, ge=0)  # seed of the patient split and built-in data; null = experiment.seed
+    split_seed: Optional[Seed] = None  # seed of the patient split and built-in data; null = experiment.seed
     csv: CsvColumns = Field(default_factory=CsvColumns)
     mimic: MimicOptions = Field(default_factory=MimicOptions)
     cache: CacheOptions = Field(default_factory=CacheOptions)
@@ -92,7 +125,7 @@ class Data(_Section):
 class Model(_Section):
     name: Literal["resnet9", "resnet18", "resnet34", "resnet50", "vit"] = "resnet9"
     activation: Literal["mish", "relu"] = "mish"
-    pretrained_checkpoint: Optional[str] = None
+    pretrained_checkpoint: Optional[UserPath] = None
 
 
 class Training(_Section):
@@ -155,7 +188,7 @@ class Evaluation(_Section):
     bootstrap: int = Field(1000, ge=0, le=100_000)
     bootstrap_unit: Literal["patient", "image"] = "patient"
     permutations: int = Field(1000, ge=0, le=100_000)
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     age_bins: list[float] = Field(default_factory=lambda: [0, 30, 60, 70, 80, 100], min_length=3)
     min_subgroup_size: int = Field(10, ge=1)
     min_positives: int = Field(10, ge=1)
@@ -170,8 +203,8 @@ class Evaluation(_Section):
 
 
 class Output(_Section):
-    target_dir: str = "experiments"
-    ledger: Optional[str] = None  # the privacy ledger's folder; null = <target_dir>/privacy_ledger
+    target_dir: UserPath = "experiments"
+    ledger: Optional[UserPath] = None  # the privacy ledger's folder; null = <target_dir>/privacy_ledger
 
 
 class Audit(_Section):
@@ -232,11 +265,12 @@ def parse_overrides(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set expects KEY=VALUE, got '{pair}'")
+            raise ConfigError(f"--set expects KEY=VALUE, got {_shown(pair)}")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}: value '{text}' is not valid YAML ({exc})") from None
+            value = yaml.load(text, Loader=_StrictLoader) if text.strip() else None
+        except (yaml.YAMLError, ValueError) as exc:
+            raise ConfigError(f"--set {key}: value {_shown(text)} is not valid YAML "
+                              f"({str(getattr(exc, 'problem', None) or exc)[:120]})") from None
         _set_dotted(raw, key.strip(), value)
     return raw
 
@@ -248,16 +282,47 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently) and more than ``MAX_YAML_ALIASES`` aliases (an alias bomb expands exponentially)."""
+
+    aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} YAML aliases (*name): refused")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {_shown(key)}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict:
-    path = Path(path)
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size:,} bytes; a config is expected below {MAX_CONFIG_BYTES:,}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: e.g. an integer of more digits than Python converts
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: YAML syntax error{where}: {getattr(exc, 'problem', exc)}") from None
+        raise ConfigError(f"{path}: YAML syntax error{where}: {str(getattr(exc, 'problem', None) or exc)[:200]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
     return raw
@@ -273,7 +338,7 @@ def validate(raw: dict, source: str = "config") -> Config:
             if err["type"] == "extra_forbidden":
                 lines.append(f"{key}: unknown key")
             else:
-                shown = f" (got {err['input']!r})" if not isinstance(err["input"], dict) else ""
+                shown = f" (got {_shown(err['input'])})" if not isinstance(err["input"], dict) else ""
                 lines.append(f"{key or '<section>'}: {err['msg']}{shown}")
         raise ConfigError(f"{source}: invalid configuration\n  " + "\n  ".join(lines)) from None
     unknown = [label for label in cfg.data.labels if label not in STUDY_LABELS]

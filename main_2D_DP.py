@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -29,8 +30,8 @@ from pathlib import Path
 import pandas as pd
 
 import parallel
-from artifacts import Layout, OutputError, atomic_write_text, json_text, private_folder
-from config import InputError, load_config, merge, parse_overrides, validate
+from artifacts import Layout, OutputError, atomic_write_text, expect_folder, json_text, private_folder, read_json
+from config import InputError, check_name, load_config, merge, parse_overrides, validate
 from data.cache import check_bad_share, prepare
 from data.dataset import cache_location, describe, load_table, preprocessing
 from evaluation.report import sweep_report
@@ -60,7 +61,8 @@ def run_train(config: Path | None, name: str | None, resume: bool, overrides: li
     Under torchrun every rank trains; rank 0 decides the folder (its name has a timestamp) and is
     the only one to get it back (the others return None: prediction and reports are rank 0's).
     """
-    overrides = list(overrides) + ([f"experiment.name={name}"] if name else [])
+    # the name as a YAML string: `--name null`, `--name 42` or `--name 2024-06-01` are names, not values
+    overrides = list(overrides) + ([f"experiment.name={json.dumps(check_name(name, '--name'))}"] if name else [])
     cfg = load_config(config or DEFAULT_CONFIG, overrides)
     ranks = parallel.start(resolve_device(cfg.training.device).type == "cuda", cfg.training.distributed_timeout_s)
     try:
@@ -75,6 +77,10 @@ def run_train(config: Path | None, name: str | None, resume: bool, overrides: li
         print(f"experiment folder: {exp_dir}" + (f" ({ranks.world} processes)" if ranks.distributed else ""))
     try:
         train(cfg, exp_dir, resume=resume, allow_budget_increase=allow_budget_increase, ranks=ranks)
+    except (KeyboardInterrupt, Terminated) as exc:
+        exc.hint = (f"private/last.pt keeps the progress saved so far; continue with: python main_2D_DP.py train "
+                    f"--name {exp_dir.name} --resume")
+        raise
     finally:
         parallel.finish(ranks)
     return exp_dir if ranks.main else None
@@ -84,7 +90,7 @@ def _resolve_experiment(cfg, config: Path | None, resume: bool, overrides: list[
     """(config to train, experiment folder), refusing to overwrite or to resume what does not exist."""
     if resume and not cfg.experiment.name:
         raise InputError("--resume needs the experiment's name (--name NAME or experiment.name)")
-    exp_dir = Path(cfg.output.target_dir) / (cfg.experiment.name or _experiment_name(cfg))
+    exp_dir = inside(Path(cfg.output.target_dir), cfg.experiment.name or _experiment_name(cfg), "experiment.name")
     if resume:
         if not Layout(exp_dir).config.is_file():
             raise InputError(f"--resume: no experiment at {exp_dir}")
@@ -93,14 +99,26 @@ def _resolve_experiment(cfg, config: Path | None, resume: bool, overrides: list[
             raw = saved.model_dump(exclude={"derived"})
             cfg = validate(merge(raw, parse_overrides(overrides)), source=f"{exp_dir / 'config.yaml'} + --set")
         check_resume_compatible(saved, cfg)
-    elif exp_dir.exists() and any(exp_dir.iterdir()):
+    elif exp_dir.exists() and any(p.is_file() and p.name != ".lock" for p in exp_dir.rglob("*")):
+        # a folder holding only a lock (a run killed before it wrote its config) is started afresh
         raise InputError(f"experiment {exp_dir} already exists; use --resume to continue it or --name for a new one")
     return cfg, exp_dir
+
+
+def inside(target_dir: Path, name: str, what: str) -> Path:
+    """``target_dir / name`` for a checked folder name, refused when it resolves outside ``target_dir``
+    (a symlink pointing elsewhere)."""
+    expect_folder(target_dir, "output.target_dir")
+    folder = target_dir / check_name(name, what)
+    if not folder.resolve().is_relative_to(target_dir.resolve()):
+        raise InputError(f"{what}: {folder} resolves to {folder.resolve()}, outside {target_dir}; choose another name")
+    return folder
 
 
 def run_predict(source: Path, split: str, config: Path | None = None, overrides: list[str] = (),
                 out: Path | None = None) -> None:
     """Score a split with an experiment's best.pt or, given a data config, with a release bundle."""
+    expect_folder(out, "--out")
     if is_bundle(source):
         if config is None:
             raise InputError(f"{source} is a release bundle, which holds no data settings: give --config naming the "
@@ -126,6 +144,7 @@ def run_export(exp_dir: Path, out_dir: Path, non_private: bool) -> dict:
 
 
 def run_compare(exp_a: Path, exp_b: Path, split: str, out: Path | None) -> None:
+    expect_folder(out, "--out")
     comparison, table = compare_experiments(exp_a, exp_b, split, out)
     boot = comparison["bootstrap"]
     print(f"A = {exp_a}\nB = {exp_b}\n{comparison['n_images']} {split} images of {boot['units']} {boot['unit']}s, "
@@ -147,7 +166,7 @@ def parse_epsilons(text: str) -> list[float]:
 def train_to_end(cfg, exp_dir: Path, what: str) -> bool:
     """Train ``exp_dir`` to its last epoch, resuming a started run; True when it was finished before."""
     files = Layout(exp_dir)
-    done = files.summary.is_file() and json.loads(files.summary.read_text())["epochs_completed"] >= cfg.training.epochs
+    done = files.summary.is_file() and read_json(files.summary)["epochs_completed"] >= cfg.training.epochs
     started = done or files.last.is_file()
     if started:
         check_resume_compatible(load_experiment_config(exp_dir), cfg)
@@ -165,7 +184,7 @@ def run_sweep(epsilons: list[float], name: str, config: Path | None, overrides: 
     compare each budget with the non-private runs (paired, on the same test patients) and fit the trend
     on log epsilon; with ``audit``, audit each run too and add the audit's columns."""
     base = load_config(config or DEFAULT_CONFIG, overrides)
-    sweep_dir = Path(base.output.target_dir) / name
+    sweep_dir = inside(Path(base.output.target_dir), name, "sweep --name")
     raw = base.model_dump(exclude={"derived"})
     ledger = ledger_root(base.output.target_dir, base.output.ledger)  # the base's, not one per sweep folder
     evaluation = base.evaluation
@@ -189,9 +208,9 @@ def run_sweep(epsilons: list[float], name: str, config: Path | None, overrides: 
                 predict_experiment(exp_dir, "test")
             if audit and (not done or not (files.audit / "audit.json").is_file()):
                 audit_experiment(exp_dir)
-            found = {kind: json.loads((files.results / f"test_{kind}.json").read_text()) for kind in ("metrics", "fairness")}
-            row = sweep_row(run, epsilon, seed, json.loads(files.summary.read_text()), found["metrics"], found["fairness"])
-            rows.append({**row, **(audit_columns(json.loads((files.audit / "audit.json").read_text())) if audit else {})})
+            found = {kind: read_json(files.results / f"test_{kind}.json") for kind in ("metrics", "fairness")}
+            row = sweep_row(run, epsilon, seed, read_json(files.summary), found["metrics"], found["fairness"])
+            rows.append({**row, **(audit_columns(read_json(files.audit / "audit.json")) if audit else {})})
             predictions = pd.read_csv(files.predictions / "test.csv", dtype={"patient_id": str}, keep_default_na=True)
             if weights is None:
                 weights, _, resampled = resampling(predictions["patient_id"].to_numpy(), max(evaluation.bootstrap, 1),
@@ -259,7 +278,7 @@ def _finished(exp_dir: Path) -> bool:
     files = Layout(exp_dir)
     if not files.summary.is_file():
         return False
-    done = json.loads(files.summary.read_text())
+    done = read_json(files.summary)
     return done["epochs_completed"] >= done["epochs_planned"] and files.best.is_file()
 
 
@@ -397,8 +416,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(Exception):
+    """SIGTERM as an exception, so locks are released and files closed on the way out."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _continue_hint(args) -> str:
+    """What an interrupted command (other than train, which knows its folder) kept, and how to continue."""
+    return {"sweep": "finished runs are kept and a started one resumes: run the same sweep command again",
+            "prepare": "the images cached so far are kept: run prepare again to continue",
+            "audit": "finished reference runs are kept: run the same audit command again"}.get(
+        args.command, "results are written whole or not at all: run the command again")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         if parallel.launched() and args.command not in (None, "train"):
             raise InputError(f"'{args.command}' runs in one process; under torchrun only train (and the "
@@ -435,6 +471,16 @@ def main(argv: list[str] | None = None) -> int:
     except (OutputError, TrainingStopped) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a read or write the commands do not wrap themselves
+        print(f"error: {exc.filename or 'a file'}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, Terminated) as exc:
+        terminated = isinstance(exc, Terminated)
+        hint = getattr(exc, "hint", None) or _continue_hint(args)
+        print(f"interrupted ({'SIGTERM' if terminated else 'Ctrl-C'}): {hint}", file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

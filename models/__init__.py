@@ -176,8 +176,7 @@ def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
     if not path.is_file():
         raise InputError(f"model.pretrained_checkpoint: {path} not found. Weights are never downloaded: "
                          f"put a local .pt/.pth file (e.g. torchvision ImageNet weights) or an experiment folder there")
-    state = load_checkpoint(path)
-    state = state.get("model", state)
+    state = load_checkpoint(path, state_dict_ok=True)["model"]
     own = model.state_dict()
     conv1 = "conv1.weight" if "conv1.weight" in own else "patch_embed.weight"
     if conv1 in state and state[conv1].dim() == 4 and state[conv1].shape[1] == 3 and own[conv1].shape[1] == 1:

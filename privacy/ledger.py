@@ -15,7 +15,6 @@ The ledger holds exact counts and sample rates: it is private, like the experime
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 from opacus.accountants import create_accountant
 
-from artifacts import atomic_write_text, json_text, private_folder
+from artifacts import atomic_write_text, json_text, private_folder, read_json
 from config import InputError
 
 
@@ -54,7 +53,7 @@ class Ledger:
 
     @property
     def dataset(self) -> dict:
-        return json.loads((self.folder / "dataset.json").read_text())
+        return read_json(self.folder / "dataset.json")
 
     def record(self, run_id: str, entry: dict) -> None:
         atomic_write_text(self.folder / f"{run_id}.json", json_text(
@@ -66,7 +65,7 @@ class Ledger:
             if path.name == "dataset.json" or path.stem == exclude:
                 continue
             try:
-                found.append(json.loads(path.read_text()))
+                found.append(read_json(path))
             except ValueError:
                 raise InputError(f"{path}: not a readable ledger entry") from None
         return found

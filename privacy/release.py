@@ -17,14 +17,13 @@ the ten) and the sample rate to two (the accountant used the exact values).
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from artifacts import Layout, atomic_write_text, json_text, load_checkpoint
+from artifacts import Layout, atomic_write_text, json_text, load_checkpoint, read_json
 from config import Config, InputError
 from privacy.ledger import Ledger
 
@@ -151,7 +150,7 @@ def export_bundle(exp_dir: Path, out_dir: Path, cfg: Config, non_private: bool =
         raise InputError(f"{exp_dir} is being trained ({files.root / '.lock'}); export once training has finished")
     if not files.summary.is_file():
         raise InputError(f"{exp_dir}: no private/summary.json; train the experiment first")
-    summary = json.loads(files.summary.read_text())
+    summary = read_json(files.summary)
     if not summary["dp"]["enabled"] and not non_private:
         raise InputError(f"{exp_dir} was trained without differential privacy; export it only with --non-private, "
                          f"and its card will say that it carries no privacy guarantee")
@@ -159,7 +158,7 @@ def export_bundle(exp_dir: Path, out_dir: Path, cfg: Config, non_private: bool =
     if not metrics_path.is_file():
         raise InputError(f"{exp_dir}: no results/test_metrics.json; run `python main_2D_DP.py predict {exp_dir}` "
                          f"first (the card carries the test metrics and the bundle the decision thresholds)")
-    metrics = json.loads(metrics_path.read_text())
+    metrics = read_json(metrics_path)
     best = load_checkpoint(files.best)
     weights = {k: v.contiguous() for k, v in best["model"].items()}
     total = {"epsilon": None, "note": "non-private run"}
@@ -186,7 +185,7 @@ def read_bundle(bundle: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(model.json, weights) of a release bundle."""
     bundle = Path(bundle)
     try:
-        rebuild = json.loads((bundle / "model.json").read_text())
+        rebuild = read_json(bundle / "model.json")
         weights = load_file(str(bundle / "model.safetensors"))
     except (OSError, ValueError) as exc:
         raise InputError(f"{bundle}: not a readable DP-CXR release bundle ({type(exc).__name__}: {exc})") from None

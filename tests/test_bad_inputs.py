@@ -4,6 +4,8 @@ experiment folders."""
 from __future__ import annotations
 
 import shutil
+import struct
+import zlib
 
 import cv2
 import numpy as np
@@ -61,7 +63,32 @@ CONFIG_CASES = {
     "both noise sources": (None, ["dp.noise_multiplier=1.0"], ["set exactly one of dp.epsilon"]),
     "unknown dataset": (None, ["data.dataset=imagenet"], ["data.dataset", "'imagenet'"]),
     "missing file": ("missing", [], ["config file not found", "nowhere.yaml"]),
+    "a directory": ("directory", [], ["config file", "is a directory"]),
+    "not UTF-8": ("data:\n  site: caf\xe9\n".encode("latin-1"), [], ["not UTF-8 text"]),
+    "duplicate key": ("training:\n  epochs: 2\n  lr: 0.1\n  epochs: 5\n", [], ["duplicate key 'epochs'", "line 4"]),
+    "alias bomb": ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{x}: &{x} [{', '.join(['*' + w] * 10)}]\n" for w, x in zip("abcdefghijk", "bcdefghijkl")), [],
+        ["more than 100 YAML aliases"]),
+    "nan learning rate": (None, ["training.lr=.nan"], ["training.lr", "finite"]),
+    "infinite clipping norm": (None, ["dp.max_grad_norm=.inf"], ["dp.max_grad_norm", "finite"]),
+    "nan weight decay": (None, ["training.weight_decay=.nan"], ["training.weight_decay", "finite"]),
+    "nan noise multiplier": (None, ["dp.epsilon=null", "dp.noise_multiplier=.nan"], ["dp.noise_multiplier", "finite"]),
+    "nan age bin": (None, ["evaluation.age_bins=[0, .nan, 100]"], ["evaluation.age_bins"]),
+    "seed overflow": (None, ["experiment.seed=99999999999999999999"], ["experiment.seed", "less than or equal"]),
+    "impossible resample count": (None, ["evaluation.bootstrap=2000000000"], ["evaluation.bootstrap"]),
+    "huge value not echoed": (None, ["training.epochs=" + "9" * 5000], ["--set training.epochs", "characters)"]),
+    "unknown no-finding label": (None, ["evaluation.no_finding_label=No Finding"], ["'No Finding' is not one of"]),
+    "unreachable epsilon": (None, ["dp.epsilon=1e-9", "training.logical_batch_size=2",
+                                   "training.physical_batch_size=2"], ["dp.epsilon = 1e-09", "cannot be reached"]),
+    "output is a file": ("file:output.target_dir", [], ["output.target_dir", "is a file, expected a folder"]),
+    "data root is a file": ("file:data.root", [], ["data.root", "is a file, expected a folder"]),
+    "cache dir is a file": ("file:data.cache.dir", [], ["data.cache.dir", "is a file, expected a folder"]),
 }
+
+
+def _tree(root) -> dict:
+    """Every file under ``root`` with its size and modification time: a snapshot to compare."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
 
 @pytest.mark.parametrize("case", CONFIG_CASES)
@@ -70,11 +97,66 @@ def test_bad_config(tmp_path, site, capsys, case):
     config = _config(tmp_path, site)
     if text == "missing":
         config = str(tmp_path / "nowhere.yaml")
+    elif text == "directory":
+        config = str(tmp_path)
+    elif isinstance(text, str) and text.startswith("file:"):
+        (tmp_path / "in_the_way").write_text("a file")
+        sets = [f"{text[5:]}={tmp_path / 'in_the_way'}"]
+    elif isinstance(text, bytes):
+        (tmp_path / "cfg.yaml").write_bytes(text)
     elif text:
         (tmp_path / "cfg.yaml").write_text(text)
+    before = _tree(tmp_path)
     assert main(["train", "--config", config, *(["--set", *sets] if sets else [])]) == 2
     err = capsys.readouterr().err
     assert all(part in err for part in expected), err
+    assert len(err) < 2000 and "Traceback" not in err  # one cause, never the whole input echoed back
+    after = _tree(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("cache")} == {
+        k: v for k, v in before.items() if not k.startswith("cache")}  # nothing written (the data cache aside)
+
+
+NAME_CASES = {"parent": ["train", ".."], "dot": ["train", "."], "separator": ["train", "a/b"],
+              "control character": ["train", "run\x01"], "too long": ["train", "x" * 300], "blank": ["train", " "],
+              "sweep parent": ["sweep", "../elsewhere"], "sweep separator": ["sweep", "a/../../b"],
+              "sweep too long": ["sweep", "y" * 300]}
+
+
+@pytest.mark.parametrize("case", NAME_CASES)
+def test_names_that_would_leave_the_target_folder_are_refused(tmp_path, site, capsys, case):
+    command, name = NAME_CASES[case]
+    extra = ["--epsilons", "8"] if command == "sweep" else []
+    config = _config(tmp_path, site)
+    before = _tree(tmp_path)
+    assert main([command, "--config", config, "--name", name, *extra]) == 2
+    err = capsys.readouterr().err
+    assert "--name" in err and "is not a usable folder name" in err and len(err) < 600, err
+    assert _tree(tmp_path) == before
+
+
+def test_a_name_that_links_outside_the_target_folder_is_refused(tmp_path, site, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out" / "linked").symlink_to(tmp_path / "elsewhere")
+    assert main(["train", "--config", _config(tmp_path, site), "--name", "linked"]) == 2
+    assert "outside" in capsys.readouterr().err and not any((tmp_path / "elsewhere").iterdir())
+
+
+@pytest.mark.parametrize("name", ["null", "42", "2024-06-01"])
+def test_names_that_look_like_yaml_values_stay_names(tmp_path, site, name):
+    assert main(["train", "--config", _config(tmp_path, site), "--name", name, "--set", "dp.enabled=false",
+                 "training.epochs=1", "training.logical_batch_size=4", "training.physical_batch_size=4"]) == 0
+    assert (tmp_path / "out" / name / "private" / "config.yaml").is_file()
+    assert yaml.safe_load((tmp_path / "out" / name / "private" / "config.yaml").read_text())["experiment"]["name"] == name
+
+
+def test_home_is_expanded_in_every_path(tmp_path, site, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", _config(tmp_path, site), "--name", "tilde", "--set", "dp.enabled=false",
+                 "training.epochs=1", "output.target_dir=~/runs", "output.ledger=~/ledger"]) == 0
+    assert (tmp_path / "home" / "runs" / "tilde" / "checkpoints" / "best.pt").is_file()
+    assert any((tmp_path / "home" / "ledger").iterdir()) and not (tmp_path / "~").exists()
 
 
 CSV_CASES = {
@@ -83,8 +165,13 @@ CSV_CASES = {
     "unknown sex code": (_set("sex", 5, "X"), ["labels.csv: row 7, column 'sex': 'X', expected one of"]),
     "unknown split": (_set("split", 2, "holdout"), ["labels.csv: row 4, column 'split': 'holdout'"]),
     "label value": (_set("cardiomegaly", 3, "2"), ["row 5, column 'cardiomegaly': '2', expected 1, 0, -1 or blank"]),
-    "duplicate image": (_set("path", 3, "img/00.png"), ["labels.csv: row 5, column 'path': 'img/00.png'",
-                                                        "no duplicate image"]),
+    "duplicate image": (_set("path", 3, "img/00.png"), ["image file 'img/00.png' is listed twice"]),
+    "one file, two spellings": (_set("path", 3, "./img/00.png"), ["image file 'img/00.png' is listed twice",
+                                                                 "'./img/00.png'"]),
+    "blank patient id": (_set("patient_id", 6, " "), ["labels.csv: row 8, column 'patient_id'", "a patient id"]),
+    "age 300": (_set("age", 2, "300"), ["age 300 for image 'img/02.png'", "expected 0-120 years"]),
+    "negative age": (_set("age", 9, "-5"), ["age -5 for image 'img/09.png'"]),
+    "no rows": (lambda f: f.drop(f.index, inplace=True), ["lists no rows"]),
     "patient in two splits": (_set("split", 1, "test"), ["patient 'p0' has images in several splits"]),
     "path leaving the root": (_set("path", 0, "../../etc/passwd"), ["'../../etc/passwd' leaves the dataset root"]),
     "not a table": (None, ["labels.csv: not a readable CSV table"]),
@@ -98,9 +185,22 @@ def test_bad_dataset_csv(tmp_path, site, capsys, case):
         (site / "labels.csv").write_bytes(bytes(range(256)) * 4)
     else:
         _edit_csv(site, change)
-    assert main(["data", "describe", "--config", _config(tmp_path, site)]) == 2
+    config = _config(tmp_path, site)
+    before = _tree(tmp_path)
+    assert main(["data", "describe", "--config", config]) == 2
     err = capsys.readouterr().err
     assert all(part in err for part in expected), err
+    assert _tree(tmp_path) == before
+
+
+def test_two_files_of_one_stem_are_two_images(tmp_path, site, capsys):
+    cv2.imwrite(str(site / "img" / "05.jpg"), np.full((40, 40), 128, np.uint8))
+    _edit_csv(site, _set("path", 4, "img/05.jpg"))  # img/05.png (row 6) and img/05.jpg (row 5)
+    assert main(["data", "describe", "--config", _config(tmp_path, site)]) == 0
+    from data.dataset import load_table
+    from config import load_config
+    frame = load_table(load_config(_config(tmp_path, site)).data, 0, use_cache=False).frame
+    assert {"img/05.png", "img/05.jpg"} <= set(frame["image_id"]) and frame["image_id"].is_unique
 
 
 def _bad_image(site, kind: str) -> str:
@@ -124,6 +224,18 @@ def _bad_image(site, kind: str) -> str:
         else:
             del ds.PixelData
         ds.save_as(site / name, enforce_file_format=True)
+    elif kind == "decompression bomb":  # a valid header promising 30,000 x 30,000 pixels, and little data
+        name = "img/bomb.png"
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+        (site / name).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
+                                  + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+    elif kind == "symlink leaving the root":
+        outside = site.parent / "outside.png"
+        shutil.copy(source, outside)
+        name = "img/link.png"
+        (site / name).symlink_to(outside)
     else:
         name = "img/missing.png"
     _edit_csv(site, _set("path", 5, name))
@@ -132,7 +244,8 @@ def _bad_image(site, kind: str) -> str:
 
 IMAGE_CASES = {"truncated jpeg": "unreadable image", "zero bytes": "unreadable image",
                "wrong bit depth": "unreadable DICOM", "dicom without pixel data": "unreadable DICOM",
-               "missing file": "missing file"}
+               "missing file": "missing file", "decompression bomb": "refused as a decompression bomb",
+               "symlink leaving the root": "leaves the dataset root through a symbolic link"}
 
 
 @pytest.mark.parametrize("case", IMAGE_CASES)
@@ -186,7 +299,31 @@ def _older_schema(exp):  # before the uka reader the study layout was called mas
     (exp / "private" / "config.yaml").write_text(yaml.safe_dump(raw))
 
 
+def _replace_best(content):
+    return lambda exp: torch.save(content, exp / "checkpoints" / "best.pt")
+
+
+def _non_finite(exp):
+    state = load_checkpoint(exp / "checkpoints" / "best.pt")
+    name = next(iter(state["model"]))
+    state["model"][name] = torch.full_like(state["model"][name], float("nan"))
+    torch.save(state, exp / "checkpoints" / "best.pt")
+
+
+def _best_is_a_folder(exp):
+    (exp / "checkpoints" / "best.pt").unlink()
+    (exp / "checkpoints" / "best.pt").mkdir()
+
+
 EXPERIMENT_CASES = {
+    "checkpoint holding a list": (_replace_best([1, 2, 3]), ["best.pt: not a DP-CXR checkpoint (holds a list"]),
+    "checkpoint without labels": (_replace_best({"model": {}, "epoch": 1}), ["not a DP-CXR checkpoint (no labels)"]),
+    "tensor for a state dict": (_replace_best({"model": torch.zeros(3), "labels": TINY_LABELS, "epoch": 1}),
+                                ["expected a state dict of tensors"]),
+    "non-finite weights": (_non_finite, ["not a DP-CXR checkpoint (non-finite weights in"]),
+    "checkpoint is a folder": (_best_is_a_folder, ["best.pt is a directory"]),
+    "damaged summary": (lambda exp: (exp / "private" / "summary.json").write_text('{"epochs_completed": 1,'),
+                        ["summary.json is damaged or unreadable"]),
     "checkpoint of another model": (_wrong_model, ["best.pt: weights do not fit model resnet9"]),
     "checkpoint of another label set": (_wrong_labels, ["best.pt was trained on labels ['edema', 'fracture'"]),
     "truncated checkpoint": (_truncated, ["best.pt: not a readable DP-CXR checkpoint"]),
@@ -202,7 +339,9 @@ def test_bad_checkpoint_or_experiment_folder(tmp_path, trained, capsys, case):
     exp = tmp_path / "exp"
     shutil.copytree(trained, exp)
     damage(exp)
+    before = _tree(tmp_path)
     assert main(["predict", str(exp)]) == 2
     err = capsys.readouterr().err
     assert all(part in err for part in expected), err
+    assert _tree(tmp_path) == before  # nothing written, nothing overwritten
 

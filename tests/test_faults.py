@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import pickle
 import random
 import signal
@@ -205,3 +206,124 @@ def test_truncated_and_old_checkpoints_are_input_errors(tiny_config, capsys):
     last.write_bytes(last.read_bytes()[:1000])
     assert main(["train", "--config", str(path), "--resume", "--set", "training.epochs=2"]) == 2
     assert "last.pt: not a readable DP-CXR checkpoint" in capsys.readouterr().err
+
+
+def _interrupt_at(monkeypatch, target, name: str, call: int, raise_it):
+    """Replace ``target.name`` so that its ``call``-th call interrupts instead of running."""
+    real, calls = getattr(target, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise_it()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, interrupted)
+
+
+def _sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)  # the command line's handler turns it into an exception here
+    time.sleep(5)  # never reached: the handler raises first
+
+
+def _ctrl_c():
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("how,code,name", [(_sigterm, 143, "SIGTERM"), (_ctrl_c, 130, "Ctrl-C")])
+def test_train_interrupted_says_what_was_kept_and_how_to_continue(tiny_config, monkeypatch, capsys, how, code, name):
+    path = tiny_config(training={"epochs": 2})
+    _interrupt_at(monkeypatch, Train_Valid_DP, "train_one_epoch", 2, how)
+    assert main(["train", "--config", str(path)]) == code
+    err = capsys.readouterr().err
+    assert f"interrupted ({name})" in err and "train --name tiny --resume" in err and "Traceback" not in err
+    assert not (_exp(path) / ".lock").exists()  # released
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the command line's alone
+    monkeypatch.undo()
+    assert main(["train", "--config", str(path), "--name", "tiny", "--resume"]) == 0  # the hint works
+    assert _summary(_exp(path))["epochs_completed"] == 2
+
+
+@pytest.mark.parametrize("command", ["prepare", "sweep", "audit"])
+def test_other_long_commands_interrupted_exit_130_with_a_hint(tiny_config, monkeypatch, capsys, command):
+    import data.cache
+    import Prediction_DP
+
+    path = tiny_config(training={"epochs": 1})
+    args = {"prepare": ["prepare", "--config", str(path)],
+            "sweep": ["sweep", "--epsilons", "inf", "--config", str(path)],
+            "audit": ["audit", str(_exp(path))]}[command]
+    if command == "audit":
+        assert main(["train", "--config", str(path)]) == 0
+        _interrupt_at(monkeypatch, Prediction_DP, "predict_logits", 1, _ctrl_c)
+    elif command == "prepare":
+        _interrupt_at(monkeypatch, data.cache, "preprocess", 5, _ctrl_c)
+    else:
+        _interrupt_at(monkeypatch, Train_Valid_DP, "train_one_epoch", 1, _ctrl_c)
+    capsys.readouterr()
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    hint = {"prepare": "run prepare again", "sweep": "run the same sweep command again",
+            "audit": "run the same audit command again"}[command]
+    assert "interrupted (Ctrl-C)" in err and hint in err and "Traceback" not in err
+    assert not list(path.parent.rglob(".lock"))
+
+
+def test_a_killed_start_leaves_a_folder_that_trains_again(tiny_config):
+    """A run killed between taking the lock and writing its config leaves only the lock (of a dead
+    process, or without a pid at all): the same command starts it afresh."""
+    path = tiny_config(training={"epochs": 1}, dp={"enabled": False})
+    folder = path.parent / "experiments" / "tiny"
+    folder.mkdir(parents=True)
+    (folder / ".lock").write_text("")  # killed between creating the lock and writing its owner
+    old = time.time() - 60
+    os.utime(folder / ".lock", (old, old))
+    with pytest.warns(UserWarning, match="taking over a lock without an owner"):
+        assert main(["train", "--config", str(path)]) == 0
+    assert (folder / "private" / "config.yaml").is_file() and not (folder / ".lock").exists()
+
+
+def _can_mount() -> bool:
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+# Runs the command line in a private mount namespace where OUT is a tiny tmpfs (SIZE), READONLY
+# remounts it read-only after copying SEED into it: a real full disk and a real read-only folder.
+IN_A_TINY_FILESYSTEM = """set -e
+mount -t tmpfs -o size=$SIZE tmpfs "$OUT"
+if [ -n "$SEED" ]; then cp -a "$SEED"/. "$OUT"/; fi
+if [ -n "$READONLY" ]; then mount -o remount,ro "$OUT"; fi
+cd "$REPO" && "$PYTHON" main_2D_DP.py "$@" 2>"$ERR"
+"""
+
+
+def _in_tiny_filesystem(tmp_path, out, args, size="64k", seed=None, readonly=False):
+    out.mkdir(parents=True, exist_ok=True)
+    err = tmp_path / f"stderr_{out.name}.txt"
+    env = {**os.environ, "OUT": str(out), "SIZE": size, "SEED": str(seed or ""), "READONLY": "1" if readonly else "",
+           "REPO": str(REPO), "PYTHON": sys.executable, "ERR": str(err)}
+    done = subprocess.run(["unshare", "-m", "sh", "-c", IN_A_TINY_FILESYSTEM, "sh", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+    return done.returncode, err.read_text() if err.exists() else done.stderr
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs a private mount namespace (unshare -m, as root)")
+def test_a_real_full_disk_and_a_read_only_folder_are_output_errors(tiny_config, tmp_path):
+    path = tiny_config(training={"epochs": 1}, dp={"enabled": False})
+    # torch.save of the first checkpoint on a 256 KiB filesystem: a RuntimeError from torch's writer
+    code, err = _in_tiny_filesystem(tmp_path, tmp_path / "full", ["train", "--config", str(path), "--set",
+                                                                  f"output.target_dir={tmp_path / 'full'}"], "256k")
+    assert code == 1 and "cannot write" in err and "nothing was written" in err and "Traceback" not in err, err
+    # a finished experiment in a read-only folder: predict names the file and changes nothing
+    assert main(["train", "--config", str(path)]) == 0
+    exp = _exp(path)
+    before = {p: p.read_bytes() for p in exp.rglob("*") if p.is_file()}
+    code, err = _in_tiny_filesystem(tmp_path, tmp_path / "ro", ["predict", str(tmp_path / "ro")], "512m", exp,
+                                    readonly=True)
+    assert code == 1 and "Read-only file system" in err and str(tmp_path / "ro") in err and "Traceback" not in err, err
+    assert {p: p.read_bytes() for p in exp.rglob("*") if p.is_file()} == before
+    # a report too big for what is left: the comparison's earlier files stay whole, the report is named
+    code, err = _in_tiny_filesystem(tmp_path, tmp_path / "small", ["compare", str(exp), str(exp), "--out",
+                                                                   str(tmp_path / "small")], "24k")
+    assert code == 1 and "report.html" in err and "No space left on device" in err, err
