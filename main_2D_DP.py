@@ -348,7 +348,9 @@ def run_prepare(config: Path | None, overrides: list[str]) -> Path:
           f"{result.prepared} prepared now ({seconds:.1f} s{rate}), {len(result.bad)} bad "
           f"({result.bad_fraction:.2%})")
     if len(result.bad):
-        print(result.bad.groupby("reason").size().sort_values(ascending=False).head(10).to_string())
+        # per kind of reason (the text before its first ':'), e.g. "unreadable DICOM (JPEG Extended ...)"
+        kinds = result.bad["reason"].str.split(":", n=1).str[0]
+        print("skipped, per reason:\n" + kinds.value_counts().to_string())
         print(f"bad images are listed in {folder / 'bad_images.csv'} and left out of training and prediction")
     check_bad_share(len(result.bad), result.images, cfg.data.cache.max_bad_fraction, folder / "bad_images.csv")
     return folder

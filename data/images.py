@@ -45,7 +45,7 @@ def decode(path: Path, size_hint: int | None = None) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise BadImage("missing file")
-    if path.suffix.lower() in DICOM_SUFFIXES:
+    if path.suffix.lower() in DICOM_SUFFIXES or _dicom_magic(path):
         return _decode_dicom(path)
     try:
         with Image.open(path) as image:
@@ -61,21 +61,61 @@ def decode(path: Path, size_hint: int | None = None) -> np.ndarray:
         raise BadImage(f"unreadable image: {exc}") from None
 
 
+def _dicom_magic(path: Path) -> bool:
+    """A DICOM file by content ('DICM' after the 128-byte preamble): PACS exports and DICOMDIR trees
+    often name their files without an extension."""
+    with open(path, "rb") as handle:
+        return handle.read(132)[128:] == b"DICM"
+
+
 def _decode_dicom(path: Path) -> np.ndarray:
+    """A DICOM file's one image, grey: modality LUT (rescale), VOI LUT (window) and MONOCHROME1
+    inversion for grey images; colour (RGB, YBR_* converted to RGB by pydicom) and PALETTE COLOR
+    (mapped through its palette) become grey like a colour PNG/JPEG does (:func:`_grey`). Refused with
+    the reason: multi-frame files (with their frame count), a transfer syntax no installed decoder
+    reads, truncated or otherwise broken pixel data (named)."""
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(path)
+    except Exception as exc:  # pydicom raises many types for broken files
+        raise BadImage(f"unreadable DICOM: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    syntax = syntax.name if syntax is not None else "no transfer syntax"
+    frames = ds.get("NumberOfFrames", 1)
+    try:
+        frames = int(frames or 1)
+    except (TypeError, ValueError):
+        raise BadImage(f"unreadable DICOM ({syntax}): NumberOfFrames {frames!r} is not a number") from None
+    if frames > 1:
+        raise BadImage(f"multi-frame DICOM: {frames} frames, expected one radiograph per file")
+    if "PixelData" not in ds:
+        raise BadImage(f"unreadable DICOM ({syntax}): no pixel data")
+    try:
         pixels = ds.pixel_array
-    except Exception as exc:  # pydicom raises many types for broken files and missing decoders
-        raise BadImage(f"unreadable DICOM: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # a missing decoder, truncated or damaged pixel data
+        cause = " ".join(str(exc).split())[:240]
+        raise BadImage(f"unreadable DICOM ({syntax}): {type(exc).__name__}: {cause}") from None
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric == "PALETTE COLOR":
+        return _grey(apply_color_lut(pixels, ds))
+    if pixels.ndim == 3 and pixels.shape[-1] == 3:  # RGB, or YBR converted to RGB by pydicom
+        return _grey(pixels)
     if pixels.ndim != 2:
-        raise BadImage(f"DICOM pixel data has shape {pixels.shape}, expected one grey image")
+        raise BadImage(f"DICOM pixel data has shape {pixels.shape} ({photometric}), expected one grey image")
     pixels = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float32)
-    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+    if photometric == "MONOCHROME1":
         pixels = pixels.max() - pixels
     return pixels
+
+
+def _grey(rgb: np.ndarray) -> np.ndarray:
+    """Colour -> grey as the project reads a colour PNG/JPEG: ITU-R 601-2 luma, L = 0.299 R + 0.587 G +
+    0.114 B (Pillow's ``convert("L")``, used as is for 8-bit data; the same weights for deeper data)."""
+    if rgb.dtype == np.uint8:
+        return np.asarray(Image.fromarray(np.ascontiguousarray(rgb), "RGB").convert("L"))
+    return rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
