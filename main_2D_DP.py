@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--split", choices=["test", "valid"], default="test")
     co.add_argument("--out", type=Path, default=None,
                     help="output folder (default <parent of A>/comparisons/<A>__vs__<B>__<split>)")
-    sw = sub.add_parser("sweep", help="one experiment per privacy budget, then a table and correlations")
+    sw = sub.add_parser("sweep", help="one experiment per privacy budget and seed, each budget against non-private")
     sw.add_argument("--epsilons", required=True, help="comma-separated budgets; inf = non-private (e.g. inf,8,4,1)")
     sw.add_argument("--name", default="sweep", help="sweep folder under output.target_dir (default: sweep)")
     sw.add_argument("--seeds", type=int, default=1, metavar="K",
