@@ -140,12 +140,18 @@ def weighted_tpr_at_fpr(truth: np.ndarray, score: np.ndarray, weights: np.ndarra
     return tpr
 
 
-def weighted_threshold_metrics(truth: np.ndarray, predicted: np.ndarray, weights: np.ndarray) -> dict:
-    """Accuracy, sensitivity, specificity, precision and F1 of fixed predictions under each row."""
+def weighted_confusion(truth: np.ndarray, predicted: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted confusion counts tp, fp, fn, tn ([4, B], float64) of fixed predictions under each row
+    of ``weights`` (one matrix product); unlabelled images (NaN truth) are left out."""
     truth, predicted, weights = _labelled(truth, predicted, weights)
     predicted = predicted.astype(bool)
     cells = np.stack([truth & predicted, ~truth & predicted, truth & ~predicted, ~truth & ~predicted], axis=1)
-    tp, fp, fn, tn = (weights @ cells.astype(weights.dtype)).astype(np.float64).T
+    return (weights @ cells.astype(weights.dtype)).astype(np.float64).T
+
+
+def weighted_threshold_metrics(truth: np.ndarray, predicted: np.ndarray, weights: np.ndarray) -> dict:
+    """Accuracy, sensitivity, specificity, precision and F1 of fixed predictions under each row."""
+    tp, fp, fn, tn = weighted_confusion(truth, predicted, weights)
     with np.errstate(invalid="ignore", divide="ignore"):
         return {"accuracy": (tp + tn) / (tp + fp + fn + tn), "sensitivity": tp / (tp + fn),
                 "specificity": tn / (tn + fp), "precision": tp / (tp + fp), "f1": 2 * tp / (2 * tp + fp + fn)}
@@ -182,9 +188,8 @@ def bootstrap_label_metrics(truth: np.ndarray, score: np.ndarray, threshold: flo
 
 def confusion(truth: np.ndarray, predicted: np.ndarray) -> dict[str, int]:
     """Confusion counts of one label's labelled images (NaN truth left out)."""
-    keep = np.isfinite(truth.astype(np.float64))
-    y, p = truth[keep].astype(bool), predicted[keep].astype(bool)
-    return {"tp": int((y & p).sum()), "fp": int((~y & p).sum()), "fn": int((y & ~p).sum()), "tn": int((~y & ~p).sum())}
+    counts = weighted_confusion(truth, predicted, np.ones((1, len(truth)), np.float32))[:, 0]
+    return dict(zip(("tp", "fp", "fn", "tn"), (int(c) for c in counts)))
 
 
 def proportion_counts(cells: dict[str, int]) -> dict[str, tuple[int, int]]:

@@ -38,7 +38,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import false_discovery_control
 
-from evaluation.bootstrap import p_value, percentile_interval, proportion_interval, weighted_auroc
+from evaluation.bootstrap import (p_value, percentile_interval, proportion_interval, weighted_auroc,
+                                  weighted_confusion)
 
 SUBGROUP_METRICS = ("auroc", "accuracy", "sensitivity", "specificity")
 SPD = "statistical_parity_difference"
@@ -85,16 +86,14 @@ def groups_of(attribute: str, edges: list[float]) -> list[str]:
 def _stats(truth: np.ndarray, score: np.ndarray, predicted: np.ndarray, weights: np.ndarray,
            with_auroc: bool = True) -> dict[str, np.ndarray]:
     """Weighted confusion counts, rates and AUROC of one label's images under each row of ``weights``."""
-    keep = np.isfinite(truth)
-    y, p, w = truth[keep].astype(bool), predicted[keep].astype(bool), weights[:, keep]
-    cells = np.stack([y & p, ~y & p, y & ~p, ~y & ~p], axis=1).astype(w.dtype)
-    tp, fp, fn, tn = (w @ cells).astype(np.float64).T
+    tp, fp, fn, tn = weighted_confusion(truth, predicted, weights)
+    n = tp + fp + fn + tn
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = {"n": tp + fp + fn + tn, "positives": tp + fn, "selection": (tp + fp) / (tp + fp + fn + tn), "accuracy": (tp + tn) / (tp + fp + fn + tn),
+        out = {"n": n, "positives": tp + fn, "selection": (tp + fp) / n, "accuracy": (tp + tn) / n,
                "sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp), "fpr": fp / (fp + tn),
-               "prevalence": (tp + fn) / (tp + fp + fn + tn)}
+               "prevalence": (tp + fn) / n}
     if with_auroc:
-        out["auroc"] = weighted_auroc(y, score[keep], w)
+        out["auroc"] = weighted_auroc(truth, score, weights)  # leaves unlabelled images out itself
     return out
 
 
