@@ -8,6 +8,9 @@ images, which is optimistic and reported as such.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +23,10 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from config import Config, InputError, merge, read_yaml, validate
-from data.dataset import evaluation_loader, load_table
+from config import Config, Data, InputError, merge, read_yaml, validate
+from data.dataset import Table, evaluation_loader, load_table
+from data.images import Preprocessing
+from data.unlabelled import CARRIED, ImageFiles, list_images
 from artifacts import Layout, atomic_write_text, json_text, load_checkpoint, read_json
 from evaluation.bootstrap import bootstrap_intervals, format_p, resampling
 from evaluation.compare import paired_auroc_comparison
@@ -32,7 +37,7 @@ from privacy import default_delta
 from privacy.audit import (attack_report, attack_table, canary_bound, lira_offline, membership_candidates,
                            signed_logit)
 from privacy.canaries import check_record, draw_canaries, reference_patients
-from privacy.release import privacy_statement, read_bundle, rounded_count
+from privacy.release import is_bundle, privacy_statement, read_bundle, rounded_count
 
 
 @torch.no_grad()
@@ -141,6 +146,7 @@ class Scored:
     thresholds: dict[str, float]
     threshold_split: str
     epoch: int
+    data: dict | None = None  # another dataset scored (external validation): what it is, labels absent
 
 
 @dataclass
@@ -181,15 +187,39 @@ def score_split(exp_dir: Path, split: str) -> Scored:
     table = load_table(cfg.data, cfg.experiment.seed)
     batch = cfg.training.physical_batch_size
 
-    def run(frame: pd.DataFrame, name: str):
-        loader = evaluation_loader(frame, table, cfg.data, batch)
-        return frame[labels].to_numpy(), predict_scores(model, loader, device, desc=f"{exp_dir.name} {name}")
-
     frame = table.split(split)
-    truth, scores = run(frame, split)
-    ref_truth, ref_scores = (truth, scores) if split == "valid" else run(table.split("valid"), "valid")
-    thresholds = {label: youden_threshold(ref_truth[:, i], ref_scores[:, i]) for i, label in enumerate(labels)}
+    truth, scores = score_frame(model, device, frame, table, cfg.data, batch, f"{exp_dir.name} {split}")
+    thresholds = youden_thresholds(*((truth, scores) if split == "valid" else score_frame(
+        model, device, table.split("valid"), table, cfg.data, batch, f"{exp_dir.name} valid")), labels)
     return Scored(cfg, split, frame, labels, truth, scores, thresholds, "valid", best.epoch)
+
+
+def score_frame(model: torch.nn.Module, device: torch.device, frame: pd.DataFrame, table: Table, data: Data,
+                batch: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """(labels of ``data.labels``, the model's probabilities) for the images of ``frame``."""
+    scores = predict_scores(model, evaluation_loader(frame, table, data, batch), device, desc=desc)
+    return frame[data.labels].to_numpy(), scores
+
+
+def side_groups(labels: list[str], merge: bool) -> dict[str, list[int]]:
+    """The model's output columns behind each label scored: one each, or with ``merge`` (another
+    dataset that grades findings without sides) ``X_right`` and ``X_left`` together as ``X``."""
+    groups: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        base, _, side = label.rpartition("_")
+        paired = merge and side in ("right", "left") and {f"{base}_right", f"{base}_left"} <= set(labels)
+        groups.setdefault(base if paired else label, []).append(i)
+    return groups
+
+
+def merge_columns(values: np.ndarray, groups: dict[str, list[int]]) -> np.ndarray:
+    """Per group the largest of its columns, NaN ignored: a merged label is positive when either side
+    is, and its score is the higher side's probability (one column: the column itself)."""
+    return np.stack([np.fmax.reduce(values[:, cols], axis=1) for cols in groups.values()], axis=1)
+
+
+def youden_thresholds(truth: np.ndarray, scores: np.ndarray, labels: list[str]) -> dict[str, float]:
+    return {label: youden_threshold(truth[:, i], scores[:, i]) for i, label in enumerate(labels)}
 
 
 def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
@@ -202,46 +232,262 @@ def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
     return metrics
 
 
-def load_bundle(bundle: Path, data: Config) -> tuple[Trained, dict]:
-    """A release bundle's model, with ``data`` (the dataset to score) set to the bundle's labels and
-    preprocessing, and its ``model.json``."""
-    rebuild, weights = read_bundle(bundle)
-    prep = rebuild["preprocessing"]
-    raw = data.model_dump(exclude={"derived"})
-    cfg = validate(merge(raw, {"model": {"name": rebuild["model"]["name"], "activation": rebuild["model"]["activation"],
-                                         "pretrained_checkpoint": None},
-                               "data": {"labels": rebuild["labels"], **prep}}), source=f"{bundle} + data config")
+@dataclass
+class Source:
+    """A trained model to score data it was not trained on, with the decision thresholds of its own
+    validation split: an experiment's best checkpoint (Youden's J on its validation split, computed on
+    first use) or a release bundle (the thresholds it carries, chosen the same way)."""
+
+    path: Path
+    model: torch.nn.Module
+    labels: list[str]
+    epoch: int  # -1 for a bundle
+    preprocessing: dict  # data.image_size, data.fit, data.histogram_equalization
+    threshold_split: str  # "experiment valid" or "bundle"
+    facts: dict  # model, training data and privacy statement: the first lines of a report
+    trained_on: str  # "<dataset>-<site>"
+    epsilon: float | None  # spent on its training units; None when trained without DP (NaN: unknown)
+    pretrained_from: str | None  # name of the checkpoint it was fine-tuned from; None: from scratch
+    experiment: Trained | None = None  # None for a bundle
+    _thresholds: dict[str, float] | None = None  # a bundle's, per model label
+    _valid: tuple[np.ndarray, np.ndarray] | None = None  # an experiment's validation (labels, scores)
+
+    def thresholds(self, device: torch.device, groups: dict[str, list[int]]) -> dict[str, float]:
+        """The model's threshold per scored label (:func:`side_groups`). An experiment's: Youden's J on
+        its validation split (scored once), a merged label's on the merged labels and scores; a bundle's:
+        those it carries, a merged label's the lower of its sides' (positive when either side would be
+        at the lower threshold)."""
+        if self.experiment is None:
+            return {name: min(self._thresholds[self.labels[i]] for i in cols) for name, cols in groups.items()}
+        if self._valid is None:
+            cfg = self.experiment.cfg
+            table = load_table(cfg.data, cfg.experiment.seed)
+            self._valid = score_frame(self.model.to(device), device, table.split("valid"), table, cfg.data,
+                                      cfg.training.physical_batch_size, f"{self.path.name} valid")
+        truth, scores = self._valid
+        return youden_thresholds(merge_columns(truth, groups), merge_columns(scores, groups), list(groups))
+
+    def training_images(self) -> tuple[Path, set[str]] | None:
+        """(dataset root, image paths) of the experiment's training split; None for a bundle."""
+        if self.experiment is None:
+            return None
+        cfg = self.experiment.cfg
+        table = load_table(cfg.data, cfg.experiment.seed, use_cache=False)
+        return table.root, set(table.split("train")["path"])
+
+
+def load_source(path: Path) -> Source:
+    """The model of an experiment folder (``checkpoints/best.pt``) or of a release bundle."""
+    path = Path(path)
+    if is_bundle(path):
+        rebuild, weights = read_bundle(path)
+        model = build_model(rebuild["model"]["name"], len(rebuild["labels"]), rebuild["model"]["activation"],
+                            rebuild["preprocessing"]["image_size"])
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as exc:
+            raise InputError(f"{path / 'model.safetensors'}: weights do not fit model {rebuild['model']['name']} "
+                             f"({str(exc).splitlines()[0]})") from None
+        card = read_json(path / "model_card.json") if (path / "model_card.json").is_file() else {}
+        size, training, privacy = rebuild["preprocessing"]["image_size"], card.get("training", {}), card.get("privacy", {})
+        trained_on = f"{training['dataset']}-{training['site']}" if training else "unknown"
+        facts = {"model": f"{rebuild['model']['name']} ({rebuild['model']['activation']}), {size} px, release "
+                          f"bundle {path.name}",
+                 "trained on": trained_on if training else "unknown (no model_card.json)",
+                 "privacy": privacy.get("statement", "unknown (no model_card.json)")}
+        epsilon = privacy.get("epsilon", float("nan")) if privacy.get("private", rebuild["private"]) else None
+        return Source(path, model, list(rebuild["labels"]), -1, rebuild["preprocessing"], "bundle", facts,
+                      trained_on, epsilon, training.get("pretrained_from"), _thresholds=dict(rebuild["thresholds"]))
+    trained = load_trained(path)
+    cfg, files = trained.cfg, Layout(path)
+    summary = read_json(files.summary) if files.summary.is_file() else None
+    facts = {"model": model_fact(cfg), "trained on": f"{cfg.data.dataset} site {cfg.data.site}, experiment {path.name}",
+             "privacy": privacy_statement(summary["dp"]) if summary else "unknown (no private/summary.json)"}
+    prep = {"image_size": cfg.data.image_size, "fit": cfg.data.fit,
+            "histogram_equalization": cfg.data.histogram_equalization}
+    epsilon = (summary["dp"]["epsilon_spent"] if summary else float("nan")) if cfg.dp.enabled else None
+    return Source(path, trained.model, trained.labels, trained.epoch, prep, "experiment valid", facts,
+                  f"{cfg.data.dataset}-{cfg.data.site}", epsilon,
+                  Path(cfg.model.pretrained_checkpoint).name if cfg.model.pretrained_checkpoint else None, trained)
+
+
+SPLIT_CHOICES = ("test", "valid", "train", "all")
+
+
+def score_external(source: Source, data: Config, split: str = "test", recalibrate: str | None = None) -> Scored:
+    """Score ``split`` (or ``all`` images) of the dataset ``data`` describes with ``source``.
+
+    The dataset is read with the model's preprocessing and labels (matched through ``data.label_map``
+    and ``data.merge_sides``); labels it lacks are listed as absent and not scored. Decision thresholds
+    are the model's own unless ``recalibrate`` names a split of this dataset: then Youden's J on it,
+    and its images are left out of what is scored. Images the experiment trained on are refused.
+    """
+    if recalibrate is not None and recalibrate == split:
+        raise InputError(f"--recalibrate {recalibrate}: thresholds chosen on the scored split would be optimistic; "
+                         f"recalibrate on another split (its images are then left out of scoring)")
+    cfg = external_config(source, data)
+    key = config_key(cfg)
+    table = load_table(cfg.data, cfg.experiment.seed, absent_ok=True)
+    present = table.labels
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": present})})
+    if split == "all":
+        frame = table.frame[table.frame["split"] != recalibrate].reset_index(drop=True)
+    else:
+        frame = table.split(split)
+    where = f"the {cfg.data.dataset} dataset at {table.root} (site {cfg.data.site})"
+    if frame.empty:
+        raise InputError(f"{where} has no images in the {split} split" + (
+            f" once the {recalibrate} split is left out" if recalibrate else ""))
+    trained_on = source.training_images()
+    if trained_on and trained_on[0].resolve() == table.root.resolve():
+        seen = frame["path"].isin(trained_on[1])
+        if seen.any():
+            raise InputError(f"{int(seen.sum())} image(s) of the {split} split of {where} are training images of "
+                             f"{source.path} (first: {frame['path'][seen.idxmax()]}); score its test or valid "
+                             f"split, or another dataset")
     device = resolve_device(cfg.training.device)
-    model = build_model(cfg.model.name, len(cfg.data.labels), cfg.model.activation, cfg.data.image_size)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise InputError(f"{bundle / 'model.safetensors'}: weights do not fit model {cfg.model.name} "
-                         f"({str(exc).splitlines()[0]})") from None
-    return Trained(cfg, model.to(device), list(cfg.data.labels), -1, device), rebuild
+    model, batch = source.model.to(device), cfg.training.physical_batch_size
+    groups = {label: side_groups(source.labels, cfg.data.merge_sides)[label] for label in present}
+    truth, scores = score_frame(model, device, frame, table, cfg.data, batch, f"{source.path.name} on {split}")
+    scores = merge_columns(scores, groups)
+    if recalibrate:
+        ref_truth, ref_scores = score_frame(model, device, table.split(recalibrate), table, cfg.data, batch,
+                                            f"{source.path.name} on {recalibrate}")
+        thresholds = youden_thresholds(ref_truth, merge_columns(ref_scores, groups), present)
+        threshold_split = f"external {recalibrate}"
+    else:
+        thresholds, threshold_split = source.thresholds(device, groups), source.threshold_split
+    about = {"dataset": cfg.data.dataset, "site": cfg.data.site, "root": str(table.root), "split": split,
+             "left_out_split": recalibrate if split == "all" else None, "labels": present, "absent": table.absent,
+             "label_map": dict(cfg.data.label_map), "merge_sides": cfg.data.merge_sides,
+             "source": str(source.path.resolve()), "checkpoint_epoch": source.epoch, "config_key": key}
+    return Scored(cfg, split, frame, present, truth, scores, thresholds, threshold_split, source.epoch, about)
 
 
-def predict_bundle(bundle: Path, data: Config, split: str, out_dir: Path) -> dict:
-    """Score ``split`` of the dataset in ``data`` with a release bundle, at the bundle's thresholds;
-    write predictions, metrics, fairness and a report into ``out_dir``; return the metrics."""
-    bundle = Path(bundle)
-    trained, rebuild = load_bundle(bundle, data)
-    table = load_table(trained.cfg.data, trained.cfg.experiment.seed)
-    frame = table.split(split)
-    loader = evaluation_loader(frame, table, trained.cfg.data, trained.cfg.training.physical_batch_size)
-    scores = predict_scores(trained.model, loader, trained.device, desc=f"{bundle.name} {split}")
-    scored = Scored(trained.cfg, split, frame, trained.labels, frame[trained.labels].to_numpy(), scores,
-                    rebuild["thresholds"], "bundle", trained.epoch)
-    card_path = bundle / "model_card.json"
-    card = read_json(card_path) if card_path.is_file() else {}
-    facts = {"model": f"{trained.cfg.model.name} ({trained.cfg.model.activation}), {trained.cfg.data.image_size} px",
-             "trained on": " ".join(str(card.get("training", {}).get(k) or "") for k in ("dataset", "site")).strip()
-             or "unknown (no model_card.json)",
-             "scored on": f"{trained.cfg.data.dataset} {trained.cfg.data.site or ''} {split} split".replace("  ", " "),
-             "privacy": card.get("privacy", {}).get("statement", "unknown (no model_card.json)")}
-    metrics, _ = write_predictions(Layout(out_dir), scored, bundle / "model.safetensors", f"{bundle.name} on {split}",
-                                   {"facts": facts})
-    return metrics
+def external_config(source: Source, data: Config) -> Config:
+    """``data`` (another dataset's config) with the model's labels (sides merged with its
+    ``data.merge_sides``) and preprocessing."""
+    labels = list(side_groups(source.labels, data.data.merge_sides))
+    return validate(merge(data.model_dump(exclude={"derived"}), {"data": {"labels": labels, **source.preprocessing}}),
+                    source=f"{source.path} + --data")
+
+
+def config_key(cfg: Config) -> str:
+    """Fingerprint of what decides an external score: the data and evaluation settings."""
+    settings = json.dumps(cfg.model_dump(include={"data": True, "evaluation": True, "experiment": {"seed"}},
+                                         mode="json"), sort_keys=True)
+    return hashlib.sha1(settings.encode()).hexdigest()[:12]
+
+
+def external_folder(source: Source, dataset: str, site: str, split: str, recalibrate: str | None) -> Path:
+    """Default output folder: ``<experiment>/external/<dataset>-<site>-<split>`` (for a bundle,
+    ``<bundle>_external/...`` beside it), never the experiment's own results."""
+    name = f"{dataset}-{site}-{split}" + (f"-recalibrated-{recalibrate}" if recalibrate else "")
+    parent = source.path / "external" if source.experiment else source.path.parent / f"{source.path.name}_external"
+    return parent / name
+
+
+def predict_external(source: Source, data: Config, split: str = "test", recalibrate: str | None = None,
+                     out: Path | None = None) -> tuple[dict, Path]:
+    """Score another dataset (:func:`score_external`) and write predictions, metrics, fairness and a
+    report into ``out``; a folder holding another dataset's results is refused, never overwritten."""
+    scored = score_external(source, data, split, recalibrate)
+    out = Path(out) if out else external_folder(source, scored.data["dataset"], scored.data["site"], split, recalibrate)
+    earlier = Layout(out).results / f"{split}_metrics.json"
+    if earlier.is_file():
+        before = read_json(earlier).get("data") or {}
+        if any(before.get(key) != scored.data[key] for key in ("dataset", "site", "root", "source")):
+            raise InputError(f"{out} holds the scores of {before.get('source')} on {before.get('dataset')} at "
+                             f"{before.get('root')}; choose another --out")
+    d = scored.data
+    facts = {**source.facts, "scored on": f"{len(scored.frame)} images of {scored.frame['patient_id'].nunique()} "
+                                          f"patients of the {split} split of {d['dataset']} site {d['site']} ({d['root']})"
+             + (f", the {d['left_out_split']} split left out" if d["left_out_split"] else "")}
+    if d["absent"]:
+        facts["labels absent"] = f"{', '.join(d['absent'])}: not in this dataset, not scored"
+    if d["label_map"] or d["merge_sides"]:
+        facts["labels matched"] = ", ".join(f"{k} -> {v}" for k, v in d["label_map"].items()) + (
+            " (right and left merged)" if d["merge_sides"] else "")
+    metrics, _ = write_predictions(Layout(out), scored, source.path, f"{source.path.name} on {d['dataset']} "
+                                                                     f"{d['site']}", {"facts": facts})
+    return metrics, out
+
+
+def images_folder(source: Source, images: Path) -> Path:
+    """Default output folder of ``--images``: ``<experiment>/inference/<name>`` (for a bundle,
+    ``<bundle>_inference/<name>`` beside it), named after the folder or CSV file scored."""
+    name = (images.stem if images.is_file() else images.resolve().name) or "images"
+    parent = source.path / "inference" if source.experiment else source.path.parent / f"{source.path.name}_inference"
+    return parent / name
+
+
+@torch.no_grad()
+def predict_images(source: Source, images: Path, out: Path | None = None) -> tuple[dict, Path]:
+    """Score new, unlabelled images (a folder or a CSV listing them, :mod:`data.unlabelled`) with
+    ``source`` at its own thresholds, streamed one batch at a time; write ``scores.csv``,
+    ``bad_images.csv`` and ``inference.json`` into ``out`` (default :func:`images_folder`), which must
+    not hold files yet. Returns (what inference.json says, out)."""
+    images = Path(images).expanduser()
+    listed, ignored = list_images(images)
+    out = Path(out).expanduser() if out else images_folder(source, images)
+    if out.is_dir() and any(out.iterdir()):
+        raise InputError(f"{out} already holds results; choose another --out (earlier results are never replaced)")
+    if listed.empty:
+        raise InputError(f"--images {images}: no image found (.png, .jpg, .jpeg, .dcm, .dicom, or DICOM by content)")
+    training = source.training_images()
+    if training:  # scores of training images are not covered by the privacy guarantee
+        files = {os.path.realpath(training[0] / path) for path in training[1]}
+        seen = [os.path.realpath(Path(root) / relative) in files for root, relative in zip(listed["root"],
+                                                                                              listed["relative"])]
+        if any(seen):
+            raise InputError(f"--images {images}: {sum(seen)} image(s) are training images of {source.path} (first: "
+                             f"{listed['path'][seen.index(True)]}); score only images the model was not trained on")
+    trained = source.experiment
+    device = trained.device if trained else resolve_device("auto")
+    prep = source.preprocessing
+    files = ImageFiles(listed, Preprocessing(prep["image_size"], prep["fit"], prep["histogram_equalization"]))
+    # a bundle has no training settings: 32 images of at most 512 px are light on any machine
+    loader = DataLoader(files, batch_size=trained.cfg.training.physical_batch_size if trained else 32,
+                        num_workers=trained.cfg.data.num_workers if trained else 0)
+    model = source.model.to(device).eval()
+    scores, reasons = [], []
+    for x, why in tqdm(loader, desc=f"{source.path.name} on {images.name}", unit="batch", leave=False):
+        good = torch.tensor([not reason for reason in why], dtype=torch.bool)
+        reasons += why
+        if good.any():
+            scores.append(torch.sigmoid(model(x[good].to(device)).float()).cpu().numpy())
+    reasons = pd.Series(reasons, index=listed.index)
+    bad = listed.loc[reasons != "", ["path"]].assign(reason=reasons[reasons != ""])
+    # per kind of reason (the text before its first ':'), as prepare counts them
+    per_reason = bad["reason"].str.split(":", n=1).str[0].value_counts().to_dict()
+    if not scores:
+        raise InputError(f"--images {images}: none of the {len(listed)} images is readable ("
+                         + ", ".join(f"{kind}: {n}" for kind, n in per_reason.items()) + "); nothing scored")
+    probabilities = np.concatenate(scores)
+    thresholds = source.thresholds(device, side_groups(source.labels, merge=False))  # every output as it is
+    table = listed.loc[reasons == "", ["path", *[c for c in CARRIED if c in listed]]].reset_index(drop=True)
+    for i, label in enumerate(source.labels):
+        table[label] = probabilities[:, i]
+        table[f"{label}_positive"] = (probabilities[:, i] >= thresholds[label]).astype(int)
+    result = {"images": str(images), "source": {"path": str(source.path),
+                                                "kind": "experiment" if trained else "release bundle",
+                                                "checkpoint_epoch": source.epoch, **source.facts},
+              "privacy": source.facts["privacy"], "labels": source.labels, "thresholds": thresholds,
+              "threshold_split": source.threshold_split,
+              "thresholds_from": threshold_source({"threshold_split": source.threshold_split}),
+              "positive": "probability >= threshold", "preprocessing": prep,
+              "counts": {"images": len(listed), "scored": len(table), "bad": len(bad), "bad_per_reason": per_reason,
+                         "other_files_ignored": ignored}}
+    atomic_write_text(out / "scores.csv", table.to_csv(index=False))
+    atomic_write_text(out / "bad_images.csv", bad.to_csv(index=False))
+    atomic_write_text(out / "inference.json", json_text(result))
+    return result, out
+
+
+def model_fact(cfg: Config) -> str:
+    start = (f"pretrained from {Path(cfg.model.pretrained_checkpoint).name}" if cfg.model.pretrained_checkpoint
+             else "trained from scratch")
+    return f"{cfg.model.name} ({cfg.model.activation}), {cfg.data.image_size} px, {start}"
 
 
 def experiment_about(files: Layout, scored: Scored) -> dict:
@@ -250,8 +496,7 @@ def experiment_about(files: Layout, scored: Scored) -> dict:
     cfg, derived = scored.cfg, scored.cfg.derived
     summary = read_json(files.summary) if files.summary.is_file() else None
     unit = derived.get("privacy_unit", "patient")
-    facts = {"model": f"{cfg.model.name} ({cfg.model.activation}), {cfg.data.image_size} px, "
-                      f"{'pretrained from ' + Path(cfg.model.pretrained_checkpoint).name if cfg.model.pretrained_checkpoint else 'trained from scratch'}",
+    facts = {"model": model_fact(cfg),
              "dataset": f"{cfg.data.dataset}{' site ' + cfg.data.site if cfg.data.site else ''}, labels "
                         f"{', '.join(cfg.data.labels)}",
              "trained on": f"about {rounded_count(derived['n_train_units']):,} {unit}s (about "
@@ -290,6 +535,7 @@ def write_predictions(files: Layout, scored: Scored, source: Path, title: str,
         out[f"{label}_score"] = scores[:, i]
     metrics = {"split": split, "threshold_split": scored.threshold_split,
                "thresholds_optimistic": split == scored.threshold_split, "checkpoint_epoch": scored.epoch,
+               **({"data": scored.data} if scored.data else {}),
                **split_metrics(truth, scores, labels, scored.thresholds)}
     evaluation = scored.cfg.evaluation
     # One set of resample counts for the metrics and every subgroup: all intervals are paired.

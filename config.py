@@ -341,10 +341,12 @@ def validate(raw: dict, source: str = "config") -> Config:
                 shown = f" (got {_shown(err['input'])})" if not isinstance(err["input"], dict) else ""
                 lines.append(f"{key or '<section>'}: {err['msg']}{shown}")
         raise ConfigError(f"{source}: invalid configuration\n  " + "\n  ".join(lines)) from None
-    unknown = [label for label in cfg.data.labels if label not in STUDY_LABELS]
+    merged = [label.rsplit("_", 1)[0] for label in STUDY_LABELS if label.endswith("_right")]
+    known = list(STUDY_LABELS) + (merged if cfg.data.merge_sides else [])
+    unknown = [label for label in cfg.data.labels if label not in known]
     if cfg.data.dataset == "synthetic" and unknown:
         raise ConfigError(f"{source}: data.labels: {unknown} not in the {cfg.data.dataset} dataset, "
-                          f"expected some of {list(STUDY_LABELS)}")
+                          f"expected some of {known}")
     if cfg.data.dataset != "synthetic" and not cfg.data.root:
         raise ConfigError(f"{source}: data.root: data.dataset '{cfg.data.dataset}' needs the dataset folder")
     if len(set(cfg.data.labels)) != len(cfg.data.labels):

@@ -4,9 +4,12 @@
     python main_2D_DP.py train [--config FILE] [--name NAME] [--resume [--allow-budget-increase]]
                                [--audit-canaries M] [--set KEY=VALUE ...]
     python main_2D_DP.py predict EXPERIMENT_DIR [--split test|valid]
-    python main_2D_DP.py predict BUNDLE_DIR --config DATA_CONFIG [--split test|valid] [--out DIR] [--set ...]
+    python main_2D_DP.py predict EXPERIMENT_OR_BUNDLE --data DATA_CONFIG [--split test|valid|train|all]
+                               [--recalibrate SPLIT] [--out DIR] [--set ...]
+    python main_2D_DP.py predict EXPERIMENT_OR_BUNDLE --images FOLDER_OR_CSV [--out DIR]
     python main_2D_DP.py export EXPERIMENT_DIR OUT_DIR [--non-private]
     python main_2D_DP.py compare EXP_A EXP_B [--split test|valid] [--out DIR]
+    python main_2D_DP.py transfer --experiments DIR [DIR ...] --data CONFIG [CONFIG ...] [--split S] [--out DIR]
     python main_2D_DP.py sweep --epsilons inf,8,4,1 [--seeds K] [--audit [--audit-canaries M]] [--name NAME] [--config FILE]
                                [--set KEY=VALUE ...]
     python main_2D_DP.py audit EXPERIMENT_DIR [--reference-models K] [--checkpoint best|last]
@@ -34,15 +37,17 @@ from artifacts import Layout, OutputError, atomic_write_text, expect_folder, jso
 from config import InputError, check_name, load_config, merge, parse_overrides, validate
 from data.cache import check_bad_share, prepare
 from data.dataset import cache_location, describe, load_table, preprocessing
-from evaluation.report import sweep_report
+from evaluation.report import sweep_report, transfer_report
 from evaluation.bootstrap import format_p, resampling
+from evaluation.transfer import matrix, transfer_matrix
 from evaluation.sweep import (add_q_values, audit_columns, log_sweep_hparams, paired_differences, run_resamples,
                               sweep_row, trends)
 from models import resolve_device
 from privacy.ledger import Ledger, describe as describe_ledger, ledger_root
 from privacy.release import FILES as RELEASE_FILES, export_bundle, is_bundle
-from Prediction_DP import (audit_experiment, compare_experiments, format_audit, format_comparison, format_metrics,
-                           load_experiment_config, predict_bundle, predict_experiment)
+from Prediction_DP import (SPLIT_CHOICES, audit_experiment, compare_experiments, format_audit, format_comparison,
+                           format_metrics, load_experiment_config, load_source, predict_experiment, predict_external,
+                           predict_images)
 from Train_Valid_DP import TrainingStopped, check_resume_compatible, train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "config.yaml"
@@ -115,24 +120,43 @@ def inside(target_dir: Path, name: str, what: str) -> Path:
     return folder
 
 
-def run_predict(source: Path, split: str, config: Path | None = None, overrides: list[str] = (),
-                out: Path | None = None) -> None:
-    """Score a split with an experiment's best.pt or, given a data config, with a release bundle."""
+def run_predict(source: Path, split: str, data: Path | None = None, overrides: list[str] = (),
+                out: Path | None = None, recalibrate: str | None = None) -> Path:
+    """Score a split of an experiment's own dataset with its best.pt or, given a data config, a split
+    of another dataset with an experiment or a release bundle (external validation); return the
+    folder written."""
     expect_folder(out, "--out")
-    if is_bundle(source):
-        if config is None:
-            raise InputError(f"{source} is a release bundle, which holds no data settings: give --config naming the "
+    if data is None:
+        if is_bundle(source):
+            raise InputError(f"{source} is a release bundle, which holds no data settings: give --data naming the "
                              f"dataset to score (its labels and preprocessing come from the bundle)")
-        out = out or source.parent / f"{source.name}_predictions"
-        metrics = predict_bundle(source, load_config(config, overrides), split, out)
-    else:
-        if config is not None or overrides or out is not None:
-            raise InputError("--config, --set and --out are for release bundles; an experiment scores its own dataset "
-                             "into its own folder")
+        if overrides or out is not None or recalibrate is not None or split not in ("test", "valid"):
+            raise InputError("--set, --out, --recalibrate and --split train/all are for scoring another dataset "
+                             "(--data CONFIG); an experiment scores its own test or valid split into its own folder")
         metrics, out = predict_experiment(source, split), source
+    else:
+        metrics, out = predict_external(load_source(source), load_config(data, overrides), split, recalibrate, out)
+        absent = metrics["data"]["absent"]
+        if absent:
+            print(f"labels absent from this dataset, not scored: {', '.join(absent)}")
     print(format_metrics(metrics))
     print(f"wrote in {out}: predictions/{split}.csv, results/{split}_metrics.json, "
           f"results/{split}_fairness.json and .csv, {Layout(out).report(split).name}")
+    return out
+
+
+def run_images(source: Path, images: Path, out: Path | None = None) -> Path:
+    """Score new, unlabelled images (a folder or a CSV listing them) with an experiment or a release
+    bundle, at the model's own thresholds; return the folder written."""
+    expect_folder(out, "--out")
+    result, out = predict_images(load_source(source), images, out)
+    counts = result["counts"]
+    kinds = ", ".join(f"{kind}: {n}" for kind, n in counts["bad_per_reason"].items())
+    reasons = f" ({kinds})" if kinds else ""
+    ignored = f", {counts['other_files_ignored']} other files ignored" if counts["other_files_ignored"] else ""
+    print(f"scored {counts['scored']} of {counts['images']} images, {counts['bad']} bad{reasons}{ignored}; "
+          f"{result['thresholds_from']}; wrote in {out}: scores.csv, bad_images.csv, inference.json")
+    return out
 
 
 def run_export(exp_dir: Path, out_dir: Path, non_private: bool) -> dict:
@@ -151,6 +175,32 @@ def run_compare(exp_a: Path, exp_b: Path, split: str, out: Path | None) -> None:
           f"{boot['resamples']} paired bootstrap resamples of {boot['unit']}s (seed {boot['seed']})")
     print(format_comparison(table))
     print(f"primary endpoint: {comparison['endpoints']['primary']}; {comparison['endpoints']['secondary']}")
+
+
+def run_transfer(experiments: list[Path], data: list[Path], split: str, overrides: list[str],
+                 out: Path | None) -> dict:
+    """Score every experiment (or bundle) on every dataset; write the transfer matrix as CSV, JSON and an
+    HTML report with its heat-map."""
+    expect_folder(out, "--out")
+    result = transfer_matrix(experiments, [load_config(path, overrides) for path in data], split)
+    out = out or Path(experiments[0]).parent / "transfer"
+    table = pd.DataFrame(result["table"])
+    values, low, high = (matrix(result, column) for column in ("auroc_mean", "ci95_low", "ci95_high"))
+    if (out / "transfer.json").exists():
+        print(f"replacing the transfer matrix in {out} (recomputed)")
+    atomic_write_text(out / "transfer.csv", table.to_csv(index=False))
+    atomic_write_text(out / "transfer.json", json_text(result))
+    atomic_write_text(out / "report.html", transfer_report(f"Transfer matrix ({split} split)", table, result,
+                                                           values, low, high))
+    shown = pd.DataFrame(values, index=[r["row"] for r in result["rows"]], columns=result["columns"])
+    print(f"mean AUROC, rows trained on, columns tested on ({split} split):")
+    print(shown.to_string(float_format=lambda v: f"{v:.3f}", na_rep="n/a"))
+    for pair in result["private_minus_non_private"]:
+        ci = pair["ci95"]
+        print(f"{pair['private']} minus {pair['non_private']} on {pair['tested_on']}: {pair['difference']:+.3f}"
+              + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}], p {format_p(pair['p_value'])}" if ci else ""))
+    print(f"wrote in {out}: transfer.csv, transfer.json, report.html")
+    return result
 
 
 def parse_epsilons(text: str) -> list[float]:
@@ -370,12 +420,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help="make M training images canaries for `audit`'s one-run epsilon bound (audit.canaries)")
     tr.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                     help="override config keys by dotted name, values parsed as YAML")
-    pr = sub.add_parser("predict", help="score a split with an experiment's best checkpoint or a release bundle")
-    pr.add_argument("experiment", type=Path, help="experiment folder, or release bundle (then --config is needed)")
-    pr.add_argument("--split", choices=["test", "valid"], default="test")
-    pr.add_argument("--config", type=Path, default=None, help="bundle only: the data config of the dataset to score")
-    pr.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides", help="bundle only")
-    pr.add_argument("--out", type=Path, default=None, help="bundle only (default <bundle>_predictions)")
+    pr = sub.add_parser("predict", help="score a split with an experiment's best checkpoint or a release bundle, "
+                                         "on its own dataset or (--data) another one")
+    pr.add_argument("experiment", type=Path,
+                    help="experiment folder, or release bundle (then --data or --images is needed)")
+    pr.add_argument("--split", choices=SPLIT_CHOICES, default=None,
+                    help="split scored (default test); train and all only of another dataset (--data)")
+    pr.add_argument("--data", "--config", type=Path, default=None, dest="data", metavar="CONFIG",
+                    help="score the dataset this config describes (external validation): its data section (reader, "
+                         "root, site, label_map, merge_sides...) with the model's labels and preprocessing")
+    pr.add_argument("--recalibrate", choices=["valid", "train", "test"], default=None, metavar="SPLIT",
+                    help="with --data: choose the thresholds on this split of the other dataset (left out of scoring) "
+                         "instead of the model's own")
+    pr.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                    help="with --data: override keys of that config")
+    pr.add_argument("--out", type=Path, default=None,
+                    help="with --data: output folder (default <experiment>/external/<dataset>-<site>-<split>, or "
+                         "<bundle>_external/... beside a bundle); with --images: a new folder (default "
+                         "<experiment>/inference/<name of PATH>, or <bundle>_inference/<name> beside a bundle)")
+    pr.add_argument("--images", type=Path, default=None, metavar="PATH",
+                    help="score new, unlabelled images: a folder (walked recursively: PNG, JPEG, DICOM) or a CSV "
+                         "with a 'path' column and optional patient_id, sex, age carried to the output")
     ex = sub.add_parser("export", help="the release bundle: weights, model config and a model card")
     ex.add_argument("experiment", type=Path)
     ex.add_argument("out", type=Path)
@@ -387,6 +452,15 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--split", choices=["test", "valid"], default="test")
     co.add_argument("--out", type=Path, default=None,
                     help="output folder (default <parent of A>/comparisons/<A>__vs__<B>__<split>)")
+    tf = sub.add_parser("transfer", help="the transfer matrix: every experiment (or bundle) scored on every dataset")
+    tf.add_argument("--experiments", nargs="+", type=Path, required=True, metavar="DIR",
+                    help="experiment folders or release bundles (rows; DP next to non-private when trained alike)")
+    tf.add_argument("--data", nargs="+", type=Path, required=True, metavar="CONFIG",
+                    help="data configs of the datasets to test on (columns), as for predict --data")
+    tf.add_argument("--split", choices=SPLIT_CHOICES, default="test")
+    tf.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                    help="override keys of every data config")
+    tf.add_argument("--out", type=Path, default=None, help="output folder (default <parent of the first>/transfer)")
     sw = sub.add_parser("sweep", help="one experiment per privacy budget and seed, each budget against non-private")
     sw.add_argument("--epsilons", required=True, help="comma-separated budgets; inf = non-private (e.g. inf,8,4,1)")
     sw.add_argument("--name", default="sweep", help="sweep folder under output.target_dir (default: sweep)")
@@ -447,8 +521,15 @@ def main(argv: list[str] | None = None) -> int:
             run_train(args.config, args.name, args.resume, args.overrides, args.allow_budget_increase)
         elif args.command == "audit":
             run_audit(args.experiment, args.reference_models, args.checkpoint)
+        elif args.command == "predict" and args.images is not None:
+            given = [flag for flag, value in (("--data", args.data), ("--split", args.split),
+                                              ("--recalibrate", args.recalibrate), ("--set", args.overrides)) if value]
+            if given:
+                raise InputError(f"{', '.join(given)} cannot be combined with --images: new images have no split, "
+                                 f"labels or data config (their preprocessing is the model's)")
+            run_images(args.experiment, args.images, args.out)
         elif args.command == "predict":
-            run_predict(args.experiment, args.split, args.config, args.overrides, args.out)
+            run_predict(args.experiment, args.split or "test", args.data, args.overrides, args.out, args.recalibrate)
         elif args.command == "export":
             run_export(args.experiment, args.out, args.non_private)
         elif args.command == "prepare":
@@ -461,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.seeds < 1:
                 raise InputError(f"--seeds: expected a positive number of runs per budget, got {args.seeds}")
             run_sweep(parse_epsilons(args.epsilons), args.name, args.config, args.overrides, args.audit, args.seeds)
+        elif args.command == "transfer":
+            run_transfer(args.experiments, args.data, args.split, args.overrides, args.out)
         elif args.command == "compare":
             run_compare(args.experiment_a, args.experiment_b, args.split, args.out)
         else:

@@ -200,8 +200,9 @@ def read_csv(root: Path, data: Data) -> tuple[pd.DataFrame, tuple[str, ...]]:
     raw = _read_csv(source, dtype=str, keep_default_na=False)
     named = {"path": columns.path, "patient_id": columns.patient_id, "sex": columns.sex, "age": columns.age,
              "split": columns.split, "view": columns.view}
-    label_columns = tuple(requested_columns(data, raw.columns))
-    _require(raw, [c for c in named.values() if c] + list(label_columns), source)
+    # a label without its column is named by load_table (an error, or absent when scoring another dataset)
+    label_columns = tuple(c for c in requested_columns(data, raw.columns) if c in raw.columns)
+    _require(raw, [c for c in named.values() if c], source)
 
     def column(key: str, default: str = "") -> pd.Series:
         return raw[named[key]].str.strip() if named[key] else pd.Series(default, index=raw.index)

@@ -30,6 +30,7 @@ class Table:
     frame: pd.DataFrame  # rows of one site, all splits; ``path`` relative to ``root``
     root: Path
     labels: list[str]
+    absent: list[str] = field(default_factory=list)  # asked-for labels the dataset does not have (absent_ok)
     # per label, how many source values were uncertain (-1) or blank before the label policy
     source_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     cache: Cache | None = None  # the complete preprocessing cache of these images, if prepared
@@ -46,9 +47,12 @@ def preprocessing(data: Data) -> Preprocessing:
     return Preprocessing(data.image_size, data.fit, data.histogram_equalization)
 
 
-def load_table(data: Data, seed: int, use_cache: bool = True) -> Table:
+def load_table(data: Data, seed: int, use_cache: bool = True, absent_ok: bool = False) -> Table:
     """Read the configured dataset (generating the synthetic one if needed) with the configured
     side merging, label names, views, label policy and patient split.
+
+    ``data.labels`` the dataset lacks are an error, or with ``absent_ok`` (scoring a model on another
+    dataset) left out of ``Table.labels`` and listed in ``Table.absent``.
 
     With ``use_cache``, a finished preprocessing cache of exactly these images is attached and the
     images it found bad are left out (refused above ``data.cache.max_bad_fraction``).
@@ -70,7 +74,8 @@ def load_table(data: Data, seed: int, use_cache: bool = True) -> Table:
     frame = frame.rename(columns=data.label_map)
     available = [data.label_map.get(label, label) for label in native]
     unknown = [label for label in data.labels if label not in available]
-    if unknown:
+    labels = [label for label in data.labels if label in available]
+    if unknown and not (absent_ok and labels):
         merge = "" if data.merge_sides else ", merge X_right/X_left with data.merge_sides"
         raise InputError(f"data.labels: {unknown} not in the {data.dataset} dataset; it has {available} "
                          f"(rename with data.label_map{merge})")
@@ -78,12 +83,12 @@ def load_table(data: Data, seed: int, use_cache: bool = True) -> Table:
     if frame.empty:
         raise InputError(f"data.views: no {data.dataset} image has a view in {data.views}")
     counts = {label: {"uncertain": int((frame[label] == -1).sum()), "blank": int(frame[label].isna().sum())}
-              for label in data.labels}
-    for label in data.labels:
+              for label in labels}
+    for label in labels:
         frame[label] = apply_label_policy(frame[label], data.uncertain, data.blank)
     frame = frame.reset_index(drop=True)
     frame["split"] = patient_split(frame["patient_id"], frame["split"], data.valid_fraction, data.test_fraction, seed)
-    table = Table(frame, root, list(data.labels), counts)
+    table = Table(frame, root, labels, unknown, counts)
     return attach_cache(table, data) if use_cache else table
 
 
@@ -202,6 +207,12 @@ def positive_weights(train: pd.DataFrame, labels: list[str]) -> torch.Tensor:
     return torch.tensor(negatives / positives, dtype=torch.float32)
 
 
+def as_input(image: np.ndarray) -> torch.Tensor:
+    """A preprocessed [S, S] uint8 image as the network's [1, S, S] float input in [0, 1] (one definition
+    for training, prediction and new images)."""
+    return torch.from_numpy(image).unsqueeze(0).float().div_(255.0)
+
+
 class CXRDataset(Dataset):
     """Grayscale radiographs as [1, S, S] float tensors in [0, 1] with their label vector.
 
@@ -237,7 +248,7 @@ class CXRDataset(Dataset):
             except BadImage as exc:
                 raise InputError(f"{self.root / self.paths[index]}: {exc}; `python main_2D_DP.py prepare` lists "
                                  f"such images and leaves them out") from None
-        x = torch.from_numpy(image).unsqueeze(0).float().div_(255.0)
+        x = as_input(image)
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, self.targets[index]

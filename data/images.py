@@ -45,7 +45,11 @@ def decode(path: Path, size_hint: int | None = None) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise BadImage("missing file")
-    if path.suffix.lower() in DICOM_SUFFIXES or _dicom_magic(path):
+    try:
+        dicom = path.suffix.lower() in DICOM_SUFFIXES or _dicom_magic(path)
+    except OSError as exc:  # e.g. no permission: a bad image, not a crash of prepare or training
+        raise BadImage(f"unreadable file: {exc.strerror or exc}") from None
+    if dicom:
         return _decode_dicom(path)
     try:
         with Image.open(path) as image:

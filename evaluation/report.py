@@ -7,6 +7,7 @@ import io
 import math
 
 import matplotlib
+import matplotlib.patches
 import matplotlib.ticker
 import numpy as np
 import pandas as pd
@@ -108,6 +109,11 @@ def threshold_source(metrics: dict) -> str:
         return f"thresholds by Youden's J on the {metrics['split']} split itself (optimistic)"
     if metrics["threshold_split"] == "bundle":
         return "thresholds of the release bundle (Youden's J on its experiment's validation split)"
+    if metrics["threshold_split"] == "experiment valid":
+        return "the model's own thresholds (Youden's J on its experiment's validation split)"
+    if metrics["threshold_split"].startswith("external "):
+        return (f"thresholds recalibrated by Youden's J on this dataset's {metrics['threshold_split'][9:]} split "
+                f"(whose images are not scored)")
     return f"thresholds by Youden's J on the {metrics['threshold_split']} split"
 
 
@@ -460,3 +466,61 @@ def _sweep_audit(private: pd.DataFrame, reference: pd.DataFrame):
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _heatmap(values: np.ndarray, low: np.ndarray, high: np.ndarray, rows: list[str], columns: list[str],
+             own: np.ndarray):
+    """Mean AUROC per (trained on, tested on), each cell annotated with its 95% interval; cells where
+    ``own`` (tested on the training data's own test split) are framed."""
+    height = 0.75 * len(rows) + 1.6
+    fig, ax = plt.subplots(figsize=(min(PAGE_WIDTH, 2.4 * len(columns) + 3.5), height))
+    finite = values[np.isfinite(values)]
+    image = ax.imshow(values, cmap="viridis", vmin=finite.min() if finite.size else 0.5,
+                      vmax=finite.max() if finite.size else 1.0, aspect="auto")
+    middle = (finite.min() + finite.max()) / 2 if finite.size else 0.75
+    for (i, j), value in np.ndenumerate(values):
+        text = "not estimable" if not np.isfinite(value) else (
+            f"{value:.3f}" + (f"\n[{low[i, j]:.3f}, {high[i, j]:.3f}]" if np.isfinite(low[i, j]) else ""))
+        ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                color="white" if np.isfinite(value) and value < middle else "black")
+        if own[i, j]:
+            ax.add_patch(matplotlib.patches.Rectangle((j - 0.48, i - 0.48), 0.96, 0.96, fill=False, lw=2, ec="red"))
+    ax.set_xticks(range(len(columns)), columns, fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set(xlabel="tested on", ylabel="trained on (experiment, privacy)",
+           title="Mean AUROC [95% CI]; framed: tested where trained (in distribution)")
+    fig.colorbar(image, ax=ax, label="mean AUROC", shrink=0.8)
+    fig.tight_layout()
+    return fig
+
+
+def transfer_report(title: str, table: pd.DataFrame, result: dict, values: np.ndarray, low: np.ndarray,
+                    high: np.ndarray) -> str:
+    """The transfer matrix as a heat-map and a table, and each private model against its non-private
+    counterpart per tested dataset (paired)."""
+    rows = [f"{r['row']}\n({r['trained_on']}" + (f" from {r['pretrained_from']}" if r["pretrained_from"] else "")
+            + (", non-private)" if not r["private"] else f", eps {r['epsilon']:.3g})") for r in result["rows"]]
+    shown = table.assign(**{"mean AUROC [95% CI]": [value_ci({"value": v, "ci95": [lo, hi] if np.isfinite(lo) else None})
+                                                    for v, lo, hi in zip(table["auroc_mean"], table["ci95_low"],
+                                                                         table["ci95_high"])]})
+    shown = shown[["trained_on", "pretrained_from", "experiment", "privacy", "tested_on", "in_distribution", "images", "labels_scored",
+                   "labels_absent", "mean AUROC [95% CI]"]]
+    note = (f"<p class='note'>Rows: the model and what it was trained on; columns: the dataset tested ({result['split']} "
+            f"split). {html.escape(result['note'])}. Each cell's own report, predictions and fairness are in its "
+            f"folder (the transfer.csv column <code>folder</code>).</p>")
+    own = np.array([[r["trained_on"] == c for c in result["columns"]] for r in result["rows"]])
+    sections = [("Transfer matrix", note + _figure(_heatmap(values, low, high, rows, result["columns"], own))
+                 + _table(shown))]
+    pairs = result["private_minus_non_private"]
+    if pairs:
+        boot = pairs[0]["bootstrap"]
+        frame = pd.DataFrame([{"tested on": p["tested_on"], "private model": p["private"],
+                               "non-private model": p["non_private"], "private": f"{p['auroc_private']:.3f}",
+                               "non-private": f"{p['auroc_non_private']:.3f}",
+                               "difference [95% CI]": value_ci({"value": p["difference"], "ci95": p["ci95"]}),
+                               "p": format_p(p["p_value"])} for p in pairs])
+        sections.append(("Private minus non-private, per tested dataset", (
+            f"<p class='note'>Models trained on the same data, scored on the same images: paired mean-AUROC "
+            f"difference, {boot['resamples']} bootstrap resamples of {boot['unit']}s; p-values unadjusted.</p>")
+            + _table(frame)))
+    return page(title, sections)

@@ -22,23 +22,29 @@ def data_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("dataset-cache")
 
 
+def write_tiny_config(folder: Path, data_cache: Path, **sections) -> Path:
+    """``folder/config.yaml``: a small, fast config training into ``folder/experiments/tiny``, with
+    ``sections`` overriding keys (for module-scoped experiments too, which cannot use ``tiny_config``)."""
+    raw = yaml.safe_load((REPO / "configs" / "config.yaml").read_text())
+    raw["data"].update(root=str(data_cache), image_size=32, labels=TINY_LABELS,
+                       synthetic={"public_patients": 30, "private_patients": 120})
+    raw["training"].update(epochs=2, logical_batch_size=16, physical_batch_size=8, device="cpu")
+    raw["output"]["target_dir"] = str(folder / "experiments")
+    raw["experiment"]["name"] = "tiny"
+    raw["dp"]["reproducible_noise"] = True  # runs are compared bitwise; tests of secret noise turn it off
+    for section, values in sections.items():
+        raw[section].update(values)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 @pytest.fixture
 def tiny_config(tmp_path, data_cache):
     """Write a small, fast config and return a function producing its path with extra overrides."""
 
     def make(**sections) -> Path:
-        raw = yaml.safe_load((REPO / "configs" / "config.yaml").read_text())
-        raw["data"].update(root=str(data_cache), image_size=32, labels=TINY_LABELS,
-                           synthetic={"public_patients": 30, "private_patients": 120})
-        raw["training"].update(epochs=2, logical_batch_size=16, physical_batch_size=8, device="cpu")
-        raw["output"]["target_dir"] = str(tmp_path / "experiments")
-        raw["experiment"]["name"] = "tiny"
-        raw["dp"]["reproducible_noise"] = True  # runs are compared bitwise; tests of secret noise turn it off
-        for section, values in sections.items():
-            raw[section].update(values)
-        path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(raw))
-        return path
+        return write_tiny_config(tmp_path, data_cache, **sections)
 
     return make
 

@@ -1,0 +1,181 @@
+"""`predict SOURCE --images PATH`: new, unlabelled images scored like the experiment's own test images,
+at the model's thresholds; bad files listed with their reason; earlier results never replaced."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import TINY_LABELS, write_tiny_config
+from data.dataset import load_table
+from main_2D_DP import main
+from Prediction_DP import load_experiment_config
+from test_native_adapters import write_dicom
+
+COPIED = 4  # test images copied as JPEG, of which the last goes into a subfolder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_cache):
+    """A tiny finished experiment with its test predictions and release bundle, and a folder of new
+    images: copies of test images (JPEG, one in a subfolder, one as PNG), DICOM files (one named
+    without a suffix), and bad or irrelevant files."""
+    root = tmp_path_factory.mktemp("images")
+    # non-private and few resamples: half the time of a DP run, and scoring does not depend on either
+    config = write_tiny_config(root, data_cache, training={"epochs": 1}, dp={"enabled": False},
+                               evaluation={"bootstrap": 20, "permutations": 0})
+    exp, bundle = root / "experiments" / "tiny", root / "bundle"
+    assert main(["train", "--config", str(config)]) == 0
+    assert main(["predict", str(exp)]) == 0
+    assert main(["export", str(exp), str(bundle), "--non-private"]) == 0
+    cfg = load_experiment_config(exp)
+    table = load_table(cfg.data, cfg.experiment.seed)
+    test = table.split("test").head(COPIED + 1)
+    folder = root / "new"
+    copied = {}  # path in the folder -> image_id of the experiment's test split
+    for i, (image_id, relative) in enumerate(zip(test["image_id"], test["path"])):
+        source = table.root / relative
+        if i < COPIED:
+            name = f"scan{i}.jpg" if i < COPIED - 1 else f"ward/b/scan{i}.jpg"
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, folder / name)
+        else:  # the same pixels, losslessly as PNG
+            name = "scan_png.png"
+            cv2.imwrite(str(folder / name), cv2.imread(str(source), cv2.IMREAD_GRAYSCALE))
+        copied[name] = image_id
+    pixels = cv2.imread(str(table.root / test["path"].iloc[0]), cv2.IMREAD_GRAYSCALE).astype(np.uint16) * 16
+    write_dicom(folder / "ward" / "chest.dcm", pixels)
+    write_dicom(folder / "ward" / "1.2.840.10008.99", pixels[::-1])  # PACS export: named by UID
+    data = (table.root / test["path"].iloc[0]).read_bytes()
+    (folder / "cut.jpg").write_bytes(data[: len(data) // 2])  # truncated
+    (folder / "notes.png").write_text("not an image")
+    (folder / "readme.txt").write_text("ignored")
+    (folder / ".hidden.png").write_text("skipped")
+    return SimpleNamespace(exp=exp, bundle=bundle, folder=folder, copied=copied, root=root)
+
+
+def _read(out: Path):
+    return (pd.read_csv(out / "scores.csv", keep_default_na=False), pd.read_csv(out / "bad_images.csv"),
+            json.loads((out / "inference.json").read_text()))
+
+
+def test_a_folder_is_scored_like_the_experiments_own_test_images_at_its_thresholds(trained, capsys):
+    assert main(["predict", str(trained.exp), "--images", str(trained.folder)]) == 0
+    out = trained.exp / "inference" / "new"
+    scores, bad, about = _read(out)
+    # walked in a stable order, a folder's files before its subfolders; hidden and non-image files left out
+    assert list(scores["path"]) == ["scan0.jpg", "scan1.jpg", "scan2.jpg", "scan_png.png", "ward/1.2.840.10008.99",
+                                    "ward/chest.dcm", "ward/b/scan3.jpg"]
+    assert list(scores.columns) == ["path", *[c for label in TINY_LABELS for c in (label, f"{label}_positive")]]
+    assert dict(zip(bad["path"], bad["reason"].str.split(":").str[0])) == {
+        "cut.jpg": "unreadable image", "notes.png": "unreadable image"}
+    assert "truncated" in bad.set_index("path")["reason"]["cut.jpg"]
+
+    # the same probabilities as predict gave these images through the experiment's dataset
+    test = pd.read_csv(trained.exp / "predictions" / "test.csv").set_index("image_id")
+    mine = scores.set_index("path").loc[list(trained.copied)]
+    for label in TINY_LABELS:
+        expected = test.loc[list(trained.copied.values()), f"{label}_score"].to_numpy()
+        assert np.allclose(mine[label].to_numpy(), expected, rtol=1e-5, atol=1e-6), label
+    # the binary calls at the experiment's own thresholds (Youden on its validation split)
+    metrics = json.loads((trained.exp / "results" / "test_metrics.json").read_text())
+    for label in TINY_LABELS:
+        threshold = metrics["labels"][label]["threshold"]
+        assert about["thresholds"][label] == pytest.approx(threshold)
+        assert (scores[f"{label}_positive"] == (scores[label] >= threshold).astype(int)).all()
+    assert scores[TINY_LABELS].apply(np.isfinite).all().all()
+
+    assert about["threshold_split"] == "experiment valid" and about["source"]["kind"] == "experiment"
+    assert about["counts"] == {"images": 9, "scored": 7, "bad": 2, "bad_per_reason": {"unreadable image": 2},
+                               "other_files_ignored": 1}
+    assert about["preprocessing"] == {"image_size": 32, "fit": "pad", "histogram_equalization": True}
+    assert about["privacy"].startswith("NOT PRIVATE")  # the experiment's privacy statement, whatever it is
+    printed = capsys.readouterr().out
+    assert "scored 7 of 9 images, 2 bad (unreadable image: 2), 1 other files ignored" in printed
+
+
+def test_a_csv_carries_patient_sex_and_age_and_is_checked_by_row(trained, capsys):
+    listing = trained.root / "lists" / "batch.csv"
+    listing.parent.mkdir(exist_ok=True)
+    first, second = sorted(trained.copied)[:2]
+    listing.write_text("path,patient_id,sex,age,note\n"
+                       f"../new/{first},p1,female,61,x\n"
+                       f"{trained.folder / second},p2,M,,y\n"
+                       "gone.png,p3,,40,z\n")
+    assert main(["predict", str(trained.exp), "--images", str(listing)]) == 0
+    scores, bad, about = _read(trained.exp / "inference" / "batch")
+    assert list(scores.columns[:4]) == ["path", "patient_id", "sex", "age"] and "note" not in scores
+    assert scores[["patient_id", "sex"]].values.tolist() == [["p1", "F"], ["p2", "M"]]
+    assert scores["age"].tolist() == ["61.0", ""]
+    assert bad.values.tolist() == [["gone.png", "missing file"]]
+    assert about["counts"]["scored"] == 2
+    test = pd.read_csv(trained.exp / "predictions" / "test.csv").set_index("image_id")
+    expected = test.loc[[trained.copied[first], trained.copied[second]], [f"{label}_score" for label in TINY_LABELS]]
+    assert np.allclose(scores[TINY_LABELS].to_numpy(float), expected.to_numpy(), rtol=1e-5, atol=1e-6)
+
+    for text, where in (("path,age\nscan0.jpg,200\n", "row 2, column 'age'"),
+                        ("path,sex\nscan0.jpg,F\nscan1.jpg,X\n", "row 3, column 'sex'"),
+                        ("path,sex\nscan0.jpg,F\n./scan0.jpg,F\n", "row 3, column 'path'"),
+                        ("file,age\nscan0.jpg,3\n", "missing column(s) ['path']")):
+        wrong = trained.folder.parent / "lists" / "wrong.csv"
+        wrong.write_text(text)
+        assert main(["predict", str(trained.exp), "--images", str(wrong), "--out", str(trained.root / "w")]) == 2
+        err = capsys.readouterr().err
+        assert str(wrong) in err and where in err, err
+
+
+def test_a_bundle_gives_the_same_scores_at_the_thresholds_it_carries(trained):
+    assert main(["predict", str(trained.bundle), "--images", str(trained.folder)]) == 0
+    scores, bad, about = _read(trained.root / "bundle_inference" / "new")
+    assert about["threshold_split"] == "bundle" and about["source"]["kind"] == "release bundle"
+    card = json.loads((trained.bundle / "model_card.json").read_text())
+    assert about["privacy"] == card["privacy"]["statement"]
+    metrics = json.loads((trained.exp / "results" / "test_metrics.json").read_text())
+    assert about["thresholds"] == {label: m["threshold"] for label, m in metrics["labels"].items()}
+    out = trained.root / "from_experiment"
+    assert main(["predict", str(trained.exp), "--images", str(trained.folder), "--out", str(out)]) == 0
+    theirs, _, _ = _read(out)
+    assert list(scores["path"]) == list(theirs["path"]) and len(bad) == 2
+    assert np.allclose(scores[TINY_LABELS].to_numpy(float), theirs[TINY_LABELS].to_numpy(float), rtol=1e-5, atol=1e-6)
+    positive = [f"{label}_positive" for label in TINY_LABELS]
+    assert (scores[positive] == theirs[positive]).all().all()
+
+
+def test_earlier_results_nonsense_options_and_unreadable_folders_are_refused(trained, capsys):
+    out = trained.root / "once"
+    assert main(["predict", str(trained.exp), "--images", str(trained.folder), "--out", str(out)]) == 0
+    before = (out / "scores.csv").read_text()
+    assert main(["predict", str(trained.exp), "--images", str(trained.folder), "--out", str(out)]) == 2
+    assert "--out" in capsys.readouterr().err and (out / "scores.csv").read_text() == before
+
+    for extra in (["--split", "test"], ["--data", str(trained.root / "config.yaml")], ["--recalibrate", "valid"],
+                  ["--set", "data.fit=crop"]):
+        assert main(["predict", str(trained.exp), "--images", str(trained.folder), *extra]) == 2
+        assert f"{extra[0]} cannot be combined with --images" in capsys.readouterr().err
+
+    broken = trained.root / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_text("text")
+    assert main(["predict", str(trained.exp), "--images", str(broken)]) == 2
+    assert "none of the 1 images is readable (unreadable image: 1)" in capsys.readouterr().err
+    assert not (trained.exp / "inference" / "broken").exists()
+    (broken / "a.png").unlink()
+    assert main(["predict", str(trained.exp), "--images", str(broken)]) == 2
+    assert "no image found" in capsys.readouterr().err
+    assert main(["predict", str(trained.exp), "--images", str(trained.root / "absent")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+    # the experiment's own training images: their scores are not covered by the privacy guarantee
+    cfg = load_experiment_config(trained.exp)
+    table = load_table(cfg.data, cfg.experiment.seed)
+    listed = trained.root / "training.csv"
+    pd.DataFrame({"path": [str(table.root / p) for p in table.split("train")["path"].head(2)]}).to_csv(listed,
+                                                                                                     index=False)
+    assert main(["predict", str(trained.exp), "--images", str(listed)]) == 2
+    assert "2 image(s) are training images of" in capsys.readouterr().err
