@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, TINY_LABELS
+from conftest import TINY_LABELS, write_tiny_config
 from main_2D_DP import main
 from Prediction_DP import load_experiment_config, youden_threshold
 from data.dataset import load_table
@@ -21,16 +21,11 @@ RENAMED = {"cardiomegaly": "Cardiomegaly", "pleural_effusion_right": "Effusion R
 def trained(tmp_path_factory, data_cache):
     """A non-private and a DP run on the private site, each predicted on its own test split."""
     root = tmp_path_factory.mktemp("external")
-    raw = yaml.safe_load((REPO / "configs" / "config.yaml").read_text())
-    raw["data"].update(root=str(data_cache), image_size=32, labels=TINY_LABELS,
-                       synthetic={"public_patients": 30, "private_patients": 120})
-    raw["training"].update(epochs=1, logical_batch_size=16, physical_batch_size=8, device="cpu")
-    raw["evaluation"].update(bootstrap=100, permutations=20)
-    raw["output"]["target_dir"] = str(root)
+    for site in ("public", "private"):  # the same settings, one per site of the built-in data
+        write_tiny_config(root, data_cache, data={"site": site}, training={"epochs": 1},
+                          evaluation={"bootstrap": 100, "permutations": 20},
+                          output={"target_dir": str(root)}).rename(root / f"{site}.yaml")
     config = root / "private.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    raw["data"]["site"] = "public"
-    (root / "public.yaml").write_text(yaml.safe_dump(raw))
     for name, privacy in (("np", "dp.enabled=false"), ("dp", "dp.epsilon=8")):
         assert main(["train", "--config", str(config), "--name", name, "--set", privacy]) == 0
         assert main(["predict", str(root / name)]) == 0
