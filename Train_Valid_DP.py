@@ -13,6 +13,11 @@ Each logical batch is split into physical chunks that fit in memory without spli
 logical batch. Non-private training shuffles images into logical batches of B and accumulates.
 Before every logical step the accountant's epsilon after that step is checked against the target.
 
+``training.precision`` bf16 (CPU or CUDA) runs the forward pass under autocast; the loss, the
+per-unit norms, clipping, the clipped sum, the noise and the optimizer stay fp32 (``autocast``).
+fp16 (CUDA, non-private only) adds a gradient scaler. ``training.channels_last`` changes only the
+memory layout; on CUDA the loader pins memory and copies without blocking (``loader_workers``).
+
 Noise and sampling draw from secret OS entropy unless ``dp.reproducible_noise`` (then from
 ``experiment.seed``); ``experiment.seed`` always fixes model initialisation, data and splits.
 
@@ -28,6 +33,7 @@ Those generator states are the secret behind the noise: ``last.pt`` is private, 
 from __future__ import annotations
 
 import math
+import os
 import time
 import uuid
 import warnings
@@ -70,11 +76,43 @@ CHECKPOINT_FORMAT = 3  # 3: logical batches of privacy units, secret generator s
 # Settings that may change on --resume; anything else would change the data, the model or the
 # privacy accounting of the run being continued (every per-sample method clips exactly alike).
 RESUMABLE_KEYS = {"training.epochs", "training.device", "training.checkpoint_every_steps", "training.compile",
-                  "training.distributed_timeout_s",
+                  "training.distributed_timeout_s", "training.precision", "training.channels_last",
+                  "training.loader_workers",
                   "dp.grad_sample_mode", "data.num_workers",
                   "output.target_dir", "output.ledger", "dp.total_budget", "experiment.name",
                   "evaluation.bootstrap", "evaluation.seed",
                   "evaluation.age_bins", "evaluation.min_subgroup_size"}
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(precision: str, device):
+    """The forward pass's autocast for ``training.precision`` (fp32: none). Only the model runs under
+    it: the loss takes the logits in fp32, and backward follows the dtypes of the forward. Parameters,
+    their gradients and the optimizer state stay fp32; under DP ``privacy.bookkeeping`` upcasts each
+    layer's bf16 activations and output gradients, so norms, clipping and the clipped sum are fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def loader_workers(setting: int | str, configured: int, device) -> int:
+    """Worker processes of the training DataLoader (``training.loader_workers``): a number as given;
+    ``auto`` keeps ``data.num_workers`` on the CPU (where the step, not loading, is the bottleneck),
+    and on CUDA takes min(8, the CPU cores left per process on this machine, less one for the process
+    itself), at least ``data.num_workers``: a 512 px image is one 0.25 MB row of the memory-mapped cache,
+    and a few processes read and augment them faster than one GPU trains (``bench/bench_gpu.py``)."""
+    if setting != "auto":
+        return int(setting)
+    if torch.device(device).type != "cuda":
+        return configured
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    per_process = cores // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return max(configured, min(8, per_process - 1))
 
 
 def build_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -192,7 +230,8 @@ class EmptySafeCollate:
 def train_one_epoch(model, criterion, optimizer, dataset: Dataset, units: list[np.ndarray], progress: EpochProgress,
                     device, physical_batch_size: int, backward, image_ids, desc: str, *, num_workers: int = 0,
                     loader_seed: int = 0, fixed_shape: bool = False, ranks: Ranks = Ranks(),
-                    step_allowed=lambda: True, after_step=lambda: None, epsilon_fn=None) -> EpochProgress:
+                    step_allowed=lambda: True, after_step=lambda: None, epsilon_fn=None, precision: str = "fp32",
+                    channels_last: bool = False, scaler: torch.amp.GradScaler | None = None) -> EpochProgress:
     """Take the logical steps of ``progress.batches`` not yet done, each split into physical chunks.
 
     A logical batch lists units (``units[u]``: the dataset rows of unit u); its images are loaded
@@ -211,14 +250,21 @@ def train_one_epoch(model, criterion, optimizer, dataset: Dataset, units: list[n
     non-finite by a step, stop training before anything of that step is saved. ``loader_seed``
     seeds the DataLoader's own draw (worker seeds), which would otherwise consume the global RNG
     and make a resumed epoch differ from an uninterrupted one.
+    ``precision`` (:func:`autocast`) and ``channels_last`` change how the forward pass runs, not what
+    is computed (beyond rounding). ``scaler`` (fp16, non-private only): the loss is scaled before backward and the
+    optimizer step is skipped, the scale lowered, when a gradient overflowed; the step still counts.
+    On CUDA batches are loaded into pinned memory and copied to the GPU without blocking.
     """
     model.train()
     dp = backward is not None
+    if scaler is not None and dp:
+        raise ValueError("a gradient scaler skips steps on overflow, which DP-SGD cannot account; use bf16")
+    cuda = torch.device(device).type == "cuda"
     todo = progress.batches[progress.done:]
     shares = [ranks.share(batch) for batch in todo]
     rows = [[int(i) for u in share for i in units[u]] for share in shares]
     epoch = DataLoader(dataset, batch_sampler=rows, collate_fn=EmptySafeCollate(dataset), num_workers=num_workers,
-                       generator=torch.Generator().manual_seed(loader_seed))
+                       generator=torch.Generator().manual_seed(loader_seed), pin_memory=cuda)
     bar = tqdm(total=len(progress.batches), initial=progress.done, desc=desc, leave=False, dynamic_ncols=True,
                disable=not ranks.main)
     for batch, share, step_rows, (x, y) in zip(todo, shares, rows, epoch):
@@ -237,21 +283,33 @@ def train_one_epoch(model, criterion, optimizer, dataset: Dataset, units: list[n
                 xc = torch.cat([xc, xc.new_zeros(pad, *xc.shape[1:])])
                 yc = torch.cat([yc, yc.new_full((pad, *yc.shape[1:]), float("nan"))])
                 in_chunk = torch.cat([in_chunk, in_chunk[-1:].expand(pad) if n else torch.zeros(pad, dtype=torch.long)])
-            xc, yc = xc.to(device), yc.to(device)
-            per_image = criterion(model(xc), yc)
+            xc, yc = xc.to(device, non_blocking=cuda), yc.to(device, non_blocking=cuda)
+            if channels_last:
+                xc = xc.contiguous(memory_format=torch.channels_last)
+            if precision == "fp32":
+                per_image = criterion(model(xc), yc)
+            else:
+                with autocast(precision, device):
+                    logits = model(xc)
+                per_image = criterion(logits.float(), yc)
             loss_sum = per_image.detach().sum()
             if dp:
                 backward(per_image, in_chunk, chunk.continues)
             else:  # the mean over the logical batch, accumulated chunk by chunk; DDP averages over ranks
                 with model.no_sync() if ranks.distributed and not last else nullcontext():
-                    (per_image.sum() * (ranks.world / max(batch_images, 1))).backward()
+                    loss = per_image.sum() * (ranks.world / max(batch_images, 1))
+                    (loss if scaler is None else scaler.scale(loss)).backward()
             if not torch.isfinite(loss_sum):
                 raise _stopped_at("loss", progress, desc, step_rows, image_ids)
             step_loss += torch.tensor([loss_sum.item(), n], dtype=torch.float64)
             if dp:  # clip and accumulate every chunk; noise and the update come with the last one
                 optimizer.signal_skip_step(do_skip=not last)
             if dp or last:
-                optimizer.step()
+                if scaler is None:
+                    optimizer.step()
+                else:  # unscales, and skips the step if a gradient is inf/nan
+                    scaler.step(optimizer)
+                    scaler.update()
                 optimizer.zero_grad(set_to_none=True)
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             raise _stopped_at("gradient", progress, desc, step_rows, image_ids)
@@ -458,6 +516,10 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
     run_seed = seed if reference is None else seed + 1000 * (reference + 1)
     torch.manual_seed(run_seed)
     device = resolve_device(cfg.training.device)
+    precision = cfg.training.precision
+    if precision == "fp16" and device.type != "cuda":
+        raise InputError(f"training.precision: fp16 needs CUDA (float16 autocast with a gradient scaler), training "
+                         f"runs on {device.type}; use bf16 or fp32")
 
     table = load_table(cfg.data, seed)
     frames = {split: table.split(split) for split in SPLITS}
@@ -481,6 +543,8 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
         fresh = load_pretrained(model, cfg.model.pretrained_checkpoint)
         print(f"initialised from {cfg.model.pretrained_checkpoint}; newly initialised: {fresh or 'none'}")
     model.to(device)
+    if cfg.training.channels_last:  # convolution weights (and, per batch, the images) as N, H, W, C in memory
+        model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.training.optimizer, model.parameters(), cfg.training.lr,
                                 cfg.training.weight_decay)
 
@@ -557,11 +621,15 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
             record = files.audit / "canaries.csv"
             atomic_write_text(record, check_record(record, canaries, required=False))
 
+    # fp16 (non-private, CUDA; config.py refuses it under DP): dynamic loss scaling against underflow
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     start_epoch, steps, best, best_epoch = 0, 0, -math.inf, None
     progress, budget_note = None, {}
     if ckpt is not None:
         core.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         if dp:
             accountant.history = [tuple(entry) for entry in ckpt["accountant_history"]]
         start_epoch, steps = ckpt["epoch"], ckpt["steps"]
@@ -610,7 +678,8 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
                 "noise_multiplier": cfg.derived.get("noise_multiplier"), "budget": budget_note,
                 "pos_weight": pos_weight.tolist(),
                 "accountant_history": [list(entry) for entry in accountant.history] if dp else [],
-                "rng": _rng_state(sampler_gen, noise_gen)}
+                "rng": _rng_state(sampler_gen, noise_gen),
+                **({"scaler": scaler.state_dict()} if scaler is not None else {})}
 
     for epoch in range(start_epoch, epochs):
         epoch_start = sampler_gen.get_state() if progress is None else ckpt["epoch_sampler_state"]
@@ -629,7 +698,10 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
         try:
             progress = train_one_epoch(forward, per_image_loss, optimizer, train_set, units, progress, device,
                                        cfg.training.physical_batch_size, backward, image_ids, f"epoch {epoch + 1}/{epochs}",
-                                       num_workers=cfg.data.num_workers, loader_seed=run_seed * 10_000 + epoch,
+                                       num_workers=loader_workers(cfg.training.loader_workers, cfg.data.num_workers,
+                                                                  device),
+                                       loader_seed=run_seed * 10_000 + epoch, precision=precision,
+                                       channels_last=cfg.training.channels_last, scaler=scaler,
                                        step_allowed=step_allowed,
                                        after_step=after_step, epsilon_fn=epsilon if dp else None,
                                        fixed_shape=cfg.training.compile, ranks=ranks)

@@ -142,6 +142,10 @@ class Training(_Section):
     checkpoint_every_steps: int = Field(100, ge=0)  # also write last.pt every N logical steps (0 = per epoch only)
     compile: bool = False  # torch.compile the training forward pass; batches padded to a fixed shape
     distributed_timeout_s: int = Field(900, ge=10)  # torchrun: a rank waiting longer on the others fails
+    # autocast of forward/backward; under DP the per-unit norms, clipping, noise and optimizer stay fp32
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False  # model and images in channels-last memory format (faster convolutions on GPUs)
+    loader_workers: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = "auto"  # training DataLoader processes
 
     @model_validator(mode="after")
     def _physical_fits_logical(self):
@@ -232,6 +236,22 @@ class Config(_Section):
         if self.training.compile and self.dp.enabled and self.dp.grad_sample_mode != "bookkeeping":
             raise ValueError(f"training.compile: true works non-private or with dp.grad_sample_mode bookkeeping, "
                              f"not with Opacus' '{self.dp.grad_sample_mode}' hooks")
+        return self
+
+    @model_validator(mode="after")
+    def _precision_fits(self):
+        precision, dp = self.training.precision, self.dp
+        if precision == "fp16" and self.training.device == "cpu":
+            raise ValueError("training.precision: fp16 needs CUDA (float16 autocast with a gradient scaler); on the "
+                             "CPU use bf16 or fp32")
+        if precision == "fp16" and dp.enabled:
+            raise ValueError("training.precision: fp16 is refused under DP: its gradient scaler skips steps whose "
+                             "gradients overflow, and whether a step overflows depends on the sampled patients, a "
+                             "release the accountant does not cover; use bf16 (fp32's range, no scaler)")
+        if precision != "fp32" and dp.enabled and dp.grad_sample_mode != "bookkeeping":
+            raise ValueError(f"training.precision: {precision} under DP needs dp.grad_sample_mode bookkeeping, which "
+                             f"computes the per-unit norms and the clipped sum in fp32; Opacus' "
+                             f"'{dp.grad_sample_mode}' computes them in {precision}")
         return self
 
     @model_validator(mode="after")

@@ -24,6 +24,12 @@ and embeddings always materialise: their per-example gradients are small.
 A unit with more images than one physical batch holds comes in pieces (``continues``): each piece's
 summed gradient is added to a carried buffer of the model's size, and the unit's last piece clips
 the whole sum. Noise, scaling and accounting stay Opacus'.
+
+Under bf16 autocast (``training.precision``) each layer's activations and output gradients arrive
+in bf16 and are upcast to the parameters' fp32 before anything above is computed: norms, clip
+factors and S are fp32, and bf16 moves a unit across C only if its norm is within rounding of C.
+Channels-last activations need nothing special (unfold and the weight-gradient products take any
+memory layout).
 """
 from __future__ import annotations
 
@@ -136,9 +142,16 @@ class _Layer:
         return None
 
     def backward(self, grad: torch.Tensor, units: _Units) -> None:
-        """Add this layer's squared per-unit norms to ``units.sq_norms``; keep what S will need."""
+        """Add this layer's squared per-unit norms to ``units.sq_norms``; keep what S will need.
+
+        Under autocast (``training.precision: bf16``) the activation and output gradient arrive in
+        bf16; both are upcast to the parameters' dtype (fp32) first, so every norm, clip factor and
+        weight-gradient product below is computed in fp32 (a no-op when they already match)."""
         a, self.activation = self.activation, None
         self.fired = True
+        dtype = next(iter(self.params.values())).dtype
+        grad = grad.to(dtype)
+        a = a.to(dtype) if a.is_floating_point() else a  # an Embedding's input is indices
         if a.shape[0] != units.size or grad.shape[0] != units.size:
             raise InputError(f"dp.grad_sample_mode bookkeeping: layer {self.name} sees tensors of shapes "
                              f"{tuple(a.shape)} and {tuple(grad.shape)} in a batch of {units.size}: the batch must "
@@ -285,7 +298,9 @@ class BookKeeping:
         size = per_example_losses.shape[0]
         index = torch.arange(size) if units is None else torch.as_tensor(units, dtype=torch.long)
         carried = continues or self._carry is not None
-        self._units = _Units(index.to(per_example_losses.device), carried, per_example_losses.dtype)
+        # squared norms in fp32 at least, whatever the losses' dtype (fp64 stays fp64)
+        norm_dtype = torch.promote_types(per_example_losses.dtype, torch.float32)
+        self._units = _Units(index.to(per_example_losses.device), carried, norm_dtype)
         try:
             if carried and self._units.count > 1:
                 raise RuntimeError("bookkeeping: a batch that continues a unit must hold that unit alone")
