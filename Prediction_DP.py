@@ -1,4 +1,5 @@
-"""Prediction and metrics: score a split of an experiment's dataset with its best checkpoint.
+"""Prediction and metrics: score a split of an experiment's dataset with its best checkpoint, another
+dataset (external validation) or new, unlabelled images with an experiment or a release bundle.
 
 Per label: AUROC (threshold-free), and accuracy, sensitivity, specificity, precision and F1 at the
 Youden threshold (argmax of TPR - FPR). The threshold is chosen on the validation split, never on
@@ -28,15 +29,10 @@ from data.dataset import Table, evaluation_loader, load_table
 from data.images import Preprocessing
 from data.unlabelled import CARRIED, ImageFiles, list_images
 from artifacts import Layout, atomic_write_text, json_text, load_checkpoint, read_json
-from evaluation.bootstrap import bootstrap_intervals, format_p, resampling
-from evaluation.compare import paired_auroc_comparison
+from evaluation.bootstrap import bootstrap_intervals, resampling
 from evaluation.fairness import fairness_report, fairness_table
-from evaluation.report import audit_sections, comparison_report, page, prediction_sections, threshold_source
-from models import MaskedBCEWithLogitsLoss, build_model, resolve_device
-from privacy import default_delta
-from privacy.audit import (attack_report, attack_table, canary_bound, lira_offline, membership_candidates,
-                           signed_logit)
-from privacy.canaries import check_record, draw_canaries, reference_patients
+from evaluation.report import page, prediction_sections, threshold_source
+from models import build_model, resolve_device
 from privacy.release import is_bundle, privacy_statement, read_bundle, rounded_count
 
 
@@ -550,7 +546,7 @@ def write_predictions(files: Layout, scored: Scored, source: Path, title: str,
                                min_negatives=evaluation.min_negatives, permutations=evaluation.permutations,
                                seed=evaluation.seed, no_finding=evaluation.no_finding_label)
     fairness.update(split=split, bootstrap=resampled)
-    _write_results(source, {
+    write_results(source, {
         files.predictions / f"{split}.csv": out.to_csv(index=False),
         files.results / f"{split}_metrics.json": json_text(metrics),
         files.results / f"{split}_fairness.json": json_text(fairness),
@@ -560,97 +556,12 @@ def write_predictions(files: Layout, scored: Scored, source: Path, title: str,
     return metrics, fairness
 
 
-def _write_results(checkpoint: Path, outputs: dict[Path, str]) -> None:
+def write_results(checkpoint: Path, outputs: dict[Path, str]) -> None:
+    """Write result files recomputed from ``checkpoint``, saying which earlier ones they replace."""
     for path, text in outputs.items():
         if path.exists():
             print(f"replacing {path} (recomputed from {checkpoint})")
         atomic_write_text(path, text)
-
-
-def audit_experiment(exp_dir: Path, reference_dirs: list[Path] = (), checkpoint: str = "best") -> dict:
-    """Membership inference against the model of ``checkpoint`` (best: the one predict uses; last: the
-    end of training) and, when it was trained with canaries, the one-run lower bound on epsilon
-    (``privacy.audit``). Writes, all private (``private/audit/``: scores of training images),
-    ``audit.json``, ``audit_attacks.csv``, per-image scores ``audit_scores.csv`` (and
-    ``audit_canaries.csv``) and ``report.html``; returns the audit. Reference runs are scored with
-    their best checkpoint.
-
-    The bound of a non-private run is computed at ``dp.delta`` if set, else at the delta a DP run on
-    the same data would get."""
-    exp_dir = Path(exp_dir)
-    best = load_trained(exp_dir, checkpoint)
-    cfg, labels, seed = best.cfg, best.labels, best.cfg.experiment.seed
-    if cfg.audit.reference is not None:
-        raise InputError(f"{exp_dir} is reference run {cfg.audit.reference} of an audit; audit the experiment itself")
-    files = Layout(exp_dir)
-    if not files.summary.is_file():
-        raise InputError(f"{exp_dir}: no private/summary.json; train the experiment to the end of an epoch first")
-    dp = read_json(files.summary)["dp"]
-    table = load_table(cfg.data, seed)
-    canaries = None
-    if cfg.audit.canaries:
-        canaries = draw_canaries(table.split("train"), labels, cfg.audit.canaries, seed)
-        check_record(files.audit / "canaries.csv", canaries, required=True)
-    candidates = membership_candidates(table.frame, labels, set() if canaries is None else set(canaries["image_id"]))
-    member = candidates["member"].to_numpy(bool)
-    loader = evaluation_loader(candidates, table, cfg.data, cfg.training.physical_batch_size)
-    logits, targets = predict_logits(best.model, loader, best.device, desc=f"{exp_dir.name} audit")
-    per_image_loss = MaskedBCEWithLogitsLoss(torch.tensor([cfg.derived["pos_weight"][label] for label in labels]),
-                                             reduction="none")
-    scores = {"loss": -per_image_loss(logits, targets).double().numpy()}
-    if reference_dirs:
-        phi, left_out = [], []
-        for ref_dir in reference_dirs:
-            ref = load_trained(ref_dir)
-            if ref.cfg.audit.reference is None or ref.cfg.data != cfg.data or ref.cfg.experiment.seed != seed:
-                raise InputError(f"{ref_dir}: not a reference run of {exp_dir} (another role, data or seed)")
-            ref_logits, ref_targets = predict_logits(ref.model, loader, ref.device, desc=f"reference {ref_dir.name}")
-            phi.append(signed_logit(ref_logits, ref_targets))
-            left_out.append(~reference_patients(candidates["patient_id"], ref.cfg.audit.reference, seed))
-        scores["lira_offline"] = lira_offline(signed_logit(logits, targets), np.stack(phi), np.stack(left_out))
-
-    evaluation = cfg.evaluation
-    weights, _, resampled = resampling(candidates["patient_id"].to_numpy(), evaluation.bootstrap, evaluation.seed,
-                                       evaluation.bootstrap_unit)
-    sex, age = candidates["sex"].to_numpy(), candidates["age"].to_numpy()
-    attacks = {name: attack_report(member, score, weights, sex, age, evaluation.age_bins, evaluation.min_subgroup_size)
-               for name, score in scores.items()}
-    audit = {"experiment": exp_dir.name, "checkpoint": checkpoint, "checkpoint_epoch": best.epoch,
-             "members": int(member.sum()), "nonmembers": int((~member).sum()), "member_split": "train",
-             "nonmember_split": "test",
-             "dp": {"enabled": dp["enabled"], "epsilon_spent": dp["epsilon_spent"], "delta": dp["delta"]},
-             "bootstrap": resampled,
-             "reference_runs": [str(path) for path in reference_dirs], "attacks": attacks,
-             "attacks_note": (f"Offline LiRA calibrated with {len(reference_dirs)} reference runs."
-                              if reference_dirs else "No reference runs: the calibrated attack (offline LiRA) needs "
-                              "`audit --reference-models K`."),
-             "canaries": None}
-    out = candidates[["image_id", "patient_id", "sex", "age", "member"]].assign(training_loss=-scores["loss"], **scores)
-    outputs = {files.audit / "audit_scores.csv": out.to_csv(index=False)}
-    if canaries is not None:
-        canary_loader = evaluation_loader(canaries.assign(path=table.split("train").set_index("image_id").loc[
-            canaries["image_id"], "path"].to_numpy()), table, cfg.data, cfg.training.physical_batch_size)
-        canary_logits, canary_targets = predict_logits(best.model, canary_loader, best.device, desc="canaries")
-        canary_score = -per_image_loss(canary_logits, canary_targets).double().numpy()
-        units = cfg.derived.get("n_train_units", cfg.derived["n_train"])  # folders from before privacy units: images
-        delta = dp["delta"] if dp["enabled"] else cfg.dp.delta or default_delta(units)
-        audit["canaries"] = canary_bound(canary_score, canaries["included"].to_numpy(), delta)
-        audit["canaries"]["exceeds_accounted_epsilon"] = bool(
-            dp["enabled"] and audit["canaries"]["epsilon_lower_bound"] > dp["epsilon_spent"])
-        canary_scores = canaries[["image_id", "patient_id", "included"]].assign(score=canary_score)
-        outputs[files.audit / "audit_canaries.csv"] = canary_scores.to_csv(index=False)
-    outputs[files.audit / "audit.json"] = json_text(audit)
-    attack_rows = attack_table(audit)
-    outputs[files.audit / "audit_attacks.csv"] = attack_rows.to_csv(index=False)
-    outputs[files.audit / "report.html"] = page(f"{exp_dir.name}: privacy audit (private)", audit_sections(
-        audit, attack_rows, out, canary_scores if canaries is not None else None))
-    _write_results(files.checkpoint(checkpoint), outputs)
-    with SummaryWriter(str(files.tensorboard)) as writer:
-        for name, attack in attacks.items():
-            writer.add_scalar(f"audit/{name}/attack_auroc", attack["overall"]["auroc"]["value"], best.epoch)
-        if audit["canaries"]:
-            writer.add_scalar("audit/epsilon_lower_bound", audit["canaries"]["epsilon_lower_bound"], best.epoch)
-    return audit
 
 
 def _log_scalars(tensorboard: Path, split: str, metrics: dict, fairness: dict) -> None:
@@ -664,61 +575,6 @@ def _log_scalars(tensorboard: Path, split: str, metrics: dict, fairness: dict) -
                 if entry["value"] is not None:
                     writer.add_scalar(f"{split}/fairness/{attribute}/{name.replace(':', '/')}", entry["value"],
                                       metrics["checkpoint_epoch"])
-
-
-def compare_experiments(exp_a: Path, exp_b: Path, split: str = "test", out_dir: Path | None = None):
-    """Score two experiments on the same images and compare their AUROCs, paired.
-
-    Writes ``comparison.json`` and ``comparison.csv`` to ``out_dir`` (default
-    ``<parent of A>/comparisons/<A>__vs__<B>__<split>``); returns (comparison, table).
-    """
-    exp_a, exp_b = Path(exp_a), Path(exp_b)
-    a, b = score_split(exp_a, split), score_split(exp_b, split)
-    if a.labels != b.labels:
-        raise InputError(f"cannot compare: {exp_a} predicts {a.labels} but {exp_b} predicts {b.labels}")
-    ids_a, ids_b = a.frame["image_id"], b.frame["image_id"]
-    if (len(ids_a) != len(ids_b) or not (ids_a.to_numpy() == ids_b.to_numpy()).all()
-            or not np.array_equal(a.truth, b.truth, equal_nan=True)):
-        raise InputError(f"cannot compare: the {split} splits differ ({exp_a}: {len(ids_a)} images, {exp_b}: "
-                         f"{len(ids_b)} images, {len(set(ids_a) ^ set(ids_b))} image ids in only one, or "
-                         f"different labels for the same images); compare experiments on the same dataset")
-    evaluation = a.cfg.evaluation
-    if not evaluation.bootstrap:
-        raise InputError(f"{Layout(exp_a).config}: evaluation.bootstrap is 0; compare needs resamples")
-    weights, units, resampled = resampling(a.frame["patient_id"].to_numpy(), evaluation.bootstrap, evaluation.seed,
-                                           evaluation.bootstrap_unit)
-    result = paired_auroc_comparison(a.truth, a.scores, b.scores, a.labels, weights,
-                                     units if evaluation.bootstrap_unit == "patient" else None)
-    comparison = {"experiment_a": str(exp_a), "experiment_b": str(exp_b), "split": split, "n_images": len(ids_a),
-                  "bootstrap": {**resampled, "paired": True}, **result}
-
-    rows = []
-    for label, m in [("mean (primary endpoint)", None), *result["labels"].items()]:
-        boot = m["bootstrap"] if m else result["auroc_mean"]
-        ci = boot["ci95"] or [None, None]
-        rows.append({"label": label, "auroc_a": m["auroc_a"] if m else result["auroc_mean_a"],
-                     "auroc_b": m["auroc_b"] if m else result["auroc_mean_b"], "difference": boot["difference"],
-                     "ci95_low": ci[0], "ci95_high": ci[1], "p_bootstrap": boot["p_value"],
-                     "p_holm": boot.get("p_holm"), "p_a_not_better": boot["p_a_not_better"],
-                     "p_delong": m["delong"].get("p_value") if m else None,
-                     "p_delong_image_level": m["delong_image_level"].get("p_value") if m else None})
-    table = pd.DataFrame(rows)
-    out_dir = Path(out_dir) if out_dir else exp_a.parent / "comparisons" / f"{exp_a.name}__vs__{exp_b.name}__{split}"
-    if (out_dir / "comparison.json").exists():
-        print(f"replacing the comparison in {out_dir} (recomputed)")
-    atomic_write_text(out_dir / "comparison.json", json_text(comparison))
-    atomic_write_text(out_dir / "comparison.csv", table.to_csv(index=False))
-    atomic_write_text(out_dir / "report.html", comparison_report(
-        f"A = {exp_a.name} vs B = {exp_b.name} ({split} split, {len(ids_a)} images)",
-        a.labels, a.truth, a.scores, b.scores, table))
-    return comparison, table
-
-
-def format_comparison(table: pd.DataFrame) -> str:
-    shown = table.copy()
-    for column in [c for c in table.columns if c.startswith("p_")]:
-        shown[column] = [format_p(v) for v in table[column]]
-    return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a")
 
 
 def format_metrics(metrics: dict) -> str:
@@ -742,31 +598,4 @@ def format_metrics(metrics: dict) -> str:
         b = metrics["bootstrap"]
         rows.append(f"(95% intervals from {b['resamples']} bootstrap resamples of {b['units']} {b['unit']}s, seed "
                     f"{b['seed']}: percentile, Wilson for proportions with few events; {threshold_source(metrics)})")
-    return "\n".join(rows)
-
-
-def format_audit(audit: dict) -> str:
-    """Headline of an audit: each attack's AUROC and TPR at low FPR, then the canary bound."""
-    def value(metric):
-        ci = metric["ci95"]
-        return f"{metric['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-
-    rows = [f"membership inference: {audit['members']} members (train) vs {audit['nonmembers']} non-members (test)"]
-    for name, attack in audit["attacks"].items():
-        overall = attack["overall"]
-        tprs = ", ".join(f"TPR at {float(k.rsplit('_', 1)[1]):.1%} FPR {value(m)}" for k, m in overall.items()
-                         if k.startswith("tpr_at_fpr_"))
-        rows.append(f"  {name:13s} AUROC {value(overall['auroc'])}; {tprs}")
-    rows.append(f"  ({audit['attacks_note']})")
-    bound, dp = audit["canaries"], audit["dp"]
-    if bound:
-        accounted = f"accounted epsilon {dp['epsilon_spent']:.3f}" if dp["enabled"] else "non-private run"
-        rows.append(f"one-run audit: {bound['canaries']} canaries, {bound['correct']} of {bound['guesses']} guesses "
-                    f"right; epsilon >= {bound['epsilon_lower_bound']:.3f} at 95% confidence "
-                    f"(delta {bound['delta']:g}); {accounted}")
-        if bound["exceeds_accounted_epsilon"]:
-            rows.append("WARNING: the empirical lower bound exceeds the accounted epsilon: the privacy accounting or "
-                        "the training does not hold what it claims (or a 5% chance event); investigate before release")
-    else:
-        rows.append("one-run audit: no canaries (train --audit-canaries M to get an epsilon lower bound)")
     return "\n".join(rows)

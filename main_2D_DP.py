@@ -37,17 +37,18 @@ from artifacts import Layout, OutputError, atomic_write_text, expect_folder, jso
 from config import InputError, check_name, load_config, merge, parse_overrides, validate
 from data.cache import check_bad_share, prepare
 from data.dataset import cache_location, describe, load_table, preprocessing
-from evaluation.report import sweep_report, transfer_report
 from evaluation.bootstrap import format_p, resampling
+from evaluation.compare_experiments import compare_experiments, format_comparison
+from evaluation.report import sweep_report, transfer_report
 from evaluation.transfer import matrix, transfer_matrix
 from evaluation.sweep import (add_q_values, audit_columns, log_sweep_hparams, paired_differences, run_resamples,
                               sweep_row, trends)
 from models import resolve_device
 from privacy.ledger import Ledger, describe as describe_ledger, ledger_root
 from privacy.release import FILES as RELEASE_FILES, export_bundle, is_bundle
-from Prediction_DP import (SPLIT_CHOICES, audit_experiment, compare_experiments, format_audit, format_comparison,
-                           format_metrics, load_experiment_config, load_source, predict_experiment, predict_external,
-                           predict_images)
+from privacy.audit_experiment import audit_experiment, format_audit
+from Prediction_DP import (SPLIT_CHOICES, format_metrics, load_experiment_config, load_source, predict_experiment,
+                           predict_external, predict_images)
 from Train_Valid_DP import TrainingStopped, check_resume_compatible, train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "config.yaml"

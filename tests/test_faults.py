@@ -247,7 +247,7 @@ def test_train_interrupted_says_what_was_kept_and_how_to_continue(tiny_config, m
 @pytest.mark.parametrize("command", ["prepare", "sweep", "audit"])
 def test_other_long_commands_interrupted_exit_130_with_a_hint(tiny_config, monkeypatch, capsys, command):
     import data.cache
-    import Prediction_DP
+    import privacy.audit_experiment
 
     path = tiny_config(training={"epochs": 1})
     args = {"prepare": ["prepare", "--config", str(path)],
@@ -255,7 +255,7 @@ def test_other_long_commands_interrupted_exit_130_with_a_hint(tiny_config, monke
             "audit": ["audit", str(_exp(path))]}[command]
     if command == "audit":
         assert main(["train", "--config", str(path)]) == 0
-        _interrupt_at(monkeypatch, Prediction_DP, "predict_logits", 1, _ctrl_c)
+        _interrupt_at(monkeypatch, privacy.audit_experiment, "predict_logits", 1, _ctrl_c)
     elif command == "prepare":
         _interrupt_at(monkeypatch, data.cache, "preprocess", 5, _ctrl_c)
     else:

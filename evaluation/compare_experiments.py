@@ -1,0 +1,70 @@
+"""Two experiments scored on the same images and compared, paired (:mod:`evaluation.compare`):
+the orchestration behind ``compare``, with its files and report."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from artifacts import Layout, atomic_write_text, json_text
+from config import InputError
+from evaluation.bootstrap import format_p, resampling
+from evaluation.compare import paired_auroc_comparison
+from evaluation.report import comparison_report
+from Prediction_DP import score_split
+
+
+def compare_experiments(exp_a: Path, exp_b: Path, split: str = "test", out_dir: Path | None = None):
+    """Score two experiments on the same images and compare their AUROCs, paired.
+
+    Writes ``comparison.json`` and ``comparison.csv`` to ``out_dir`` (default
+    ``<parent of A>/comparisons/<A>__vs__<B>__<split>``); returns (comparison, table).
+    """
+    exp_a, exp_b = Path(exp_a), Path(exp_b)
+    a, b = score_split(exp_a, split), score_split(exp_b, split)
+    if a.labels != b.labels:
+        raise InputError(f"cannot compare: {exp_a} predicts {a.labels} but {exp_b} predicts {b.labels}")
+    ids_a, ids_b = a.frame["image_id"], b.frame["image_id"]
+    if (len(ids_a) != len(ids_b) or not (ids_a.to_numpy() == ids_b.to_numpy()).all()
+            or not np.array_equal(a.truth, b.truth, equal_nan=True)):
+        raise InputError(f"cannot compare: the {split} splits differ ({exp_a}: {len(ids_a)} images, {exp_b}: "
+                         f"{len(ids_b)} images, {len(set(ids_a) ^ set(ids_b))} image ids in only one, or "
+                         f"different labels for the same images); compare experiments on the same dataset")
+    evaluation = a.cfg.evaluation
+    if not evaluation.bootstrap:
+        raise InputError(f"{Layout(exp_a).config}: evaluation.bootstrap is 0; compare needs resamples")
+    weights, units, resampled = resampling(a.frame["patient_id"].to_numpy(), evaluation.bootstrap, evaluation.seed,
+                                           evaluation.bootstrap_unit)
+    result = paired_auroc_comparison(a.truth, a.scores, b.scores, a.labels, weights,
+                                     units if evaluation.bootstrap_unit == "patient" else None)
+    comparison = {"experiment_a": str(exp_a), "experiment_b": str(exp_b), "split": split, "n_images": len(ids_a),
+                  "bootstrap": {**resampled, "paired": True}, **result}
+
+    rows = []
+    for label, m in [("mean (primary endpoint)", None), *result["labels"].items()]:
+        boot = m["bootstrap"] if m else result["auroc_mean"]
+        ci = boot["ci95"] or [None, None]
+        rows.append({"label": label, "auroc_a": m["auroc_a"] if m else result["auroc_mean_a"],
+                     "auroc_b": m["auroc_b"] if m else result["auroc_mean_b"], "difference": boot["difference"],
+                     "ci95_low": ci[0], "ci95_high": ci[1], "p_bootstrap": boot["p_value"],
+                     "p_holm": boot.get("p_holm"), "p_a_not_better": boot["p_a_not_better"],
+                     "p_delong": m["delong"].get("p_value") if m else None,
+                     "p_delong_image_level": m["delong_image_level"].get("p_value") if m else None})
+    table = pd.DataFrame(rows)
+    out_dir = Path(out_dir) if out_dir else exp_a.parent / "comparisons" / f"{exp_a.name}__vs__{exp_b.name}__{split}"
+    if (out_dir / "comparison.json").exists():
+        print(f"replacing the comparison in {out_dir} (recomputed)")
+    atomic_write_text(out_dir / "comparison.json", json_text(comparison))
+    atomic_write_text(out_dir / "comparison.csv", table.to_csv(index=False))
+    atomic_write_text(out_dir / "report.html", comparison_report(
+        f"A = {exp_a.name} vs B = {exp_b.name} ({split} split, {len(ids_a)} images)",
+        a.labels, a.truth, a.scores, b.scores, table))
+    return comparison, table
+
+
+def format_comparison(table: pd.DataFrame) -> str:
+    shown = table.copy()
+    for column in [c for c in table.columns if c.startswith("p_")]:
+        shown[column] = [format_p(v) for v in table[column]]
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a")
