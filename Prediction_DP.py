@@ -32,7 +32,8 @@ from artifacts import Layout, atomic_write_text, json_text, load_checkpoint, rea
 from evaluation.bootstrap import bootstrap_intervals, resampling
 from evaluation.fairness import fairness_report, fairness_table
 from evaluation.report import page, prediction_sections, threshold_source
-from models import build_model, resolve_device
+from models import build_model
+from parallel import resolve_device
 from privacy.release import is_bundle, privacy_statement, read_bundle, rounded_count
 
 

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from opacus.accountants import IAccountant, create_accountant
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.grad_sample.utils import prepare_module
@@ -61,8 +62,8 @@ from artifacts import (ExperimentLock, Layout, atomic_write_text, json_text, loa
                        save_checkpoint)
 from config import Config, InputError, config_yaml, read_yaml
 from data.dataset import SPLITS, CXRDataset, evaluation_loader, load_table, positive_weights, preprocessing
-from models import PER_IMAGE_MODELS, MaskedBCEWithLogitsLoss, build_model, load_pretrained, resolve_device
-from parallel import Ranks
+from models import PER_IMAGE_MODELS, build_model, load_pretrained
+from parallel import Ranks, resolve_device
 from Prediction_DP import auroc_per_label, mean_auroc, predict_scores
 from privacy import check_delta, default_delta, noise_multiplier_for, pld_epsilons, secret_seed
 from privacy.bookkeeping import BookKeeping
@@ -82,6 +83,29 @@ RESUMABLE_KEYS = {"training.epochs", "training.device", "training.checkpoint_eve
                   "output.target_dir", "output.ledger", "dp.total_budget", "experiment.name",
                   "evaluation.bootstrap", "evaluation.seed",
                   "evaluation.age_bins", "evaluation.min_subgroup_size"}
+
+
+class MaskedBCEWithLogitsLoss(nn.Module):
+    """BCE with logits that ignores unlabelled entries (NaN targets).
+
+    loss = sum_{i,l} m_il * bce(x_il, y_il) / (B * L), with m_il = 0 where y_il is NaN: exactly
+    ``nn.BCEWithLogitsLoss(reduction='mean')`` when nothing is masked, and a mean over the batch of
+    per-image terms, which is what Opacus' ``loss_reduction='mean'`` assumes for per-sample gradients.
+    ``reduction = 'none'`` gives those per-image terms, sum_l m_il * bce(x_il, y_il) / L (what
+    training differentiates: per-sample clipping needs each image's own loss).
+    """
+
+    def __init__(self, pos_weight: torch.Tensor, reduction: str = "mean"):
+        super().__init__()
+        self.register_buffer("pos_weight", pos_weight)
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        labelled = ~torch.isnan(target)
+        loss = F.binary_cross_entropy_with_logits(logits, torch.where(labelled, target, 0.0),
+                                                  pos_weight=self.pos_weight, reduction="none")
+        per_image = (loss * labelled).sum(dim=1) / max(target.shape[1], 1)
+        return per_image if self.reduction == "none" else per_image.sum() / max(len(per_image), 1)
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

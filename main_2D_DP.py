@@ -43,7 +43,6 @@ from evaluation.report import sweep_report, transfer_report
 from evaluation.transfer import matrix, transfer_matrix
 from evaluation.sweep import (add_q_values, audit_columns, log_sweep_hparams, paired_differences, run_resamples,
                               sweep_row, trends)
-from models import resolve_device
 from privacy.ledger import Ledger, describe as describe_ledger, ledger_root
 from privacy.release import FILES as RELEASE_FILES, export_bundle, is_bundle
 from privacy.audit_experiment import audit_experiment, format_audit
@@ -70,7 +69,8 @@ def run_train(config: Path | None, name: str | None, resume: bool, overrides: li
     # the name as a YAML string: `--name null`, `--name 42` or `--name 2024-06-01` are names, not values
     overrides = list(overrides) + ([f"experiment.name={json.dumps(check_name(name, '--name'))}"] if name else [])
     cfg = load_config(config or DEFAULT_CONFIG, overrides)
-    ranks = parallel.start(resolve_device(cfg.training.device).type == "cuda", cfg.training.distributed_timeout_s)
+    cuda = parallel.resolve_device(cfg.training.device).type == "cuda"
+    ranks = parallel.start(cuda, cfg.training.distributed_timeout_s)
     try:
         checked = _resolve_experiment(cfg, config, resume, overrides) if ranks.main else None
     except InputError as exc:

@@ -16,6 +16,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from config import InputError
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -69,3 +71,10 @@ def from_main(ranks: Ranks, value):
 def finish(ranks: Ranks) -> None:
     if ranks.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is an input error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("training.device: cuda requested but no CUDA device is available")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")

@@ -55,9 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.cache import Cache  # noqa: E402
 from data.dataset import CXRDataset  # noqa: E402
 from data.images import Preprocessing  # noqa: E402
-from models import MaskedBCEWithLogitsLoss, build_model  # noqa: E402
+from models import build_model  # noqa: E402
 from privacy import bookkeeping  # noqa: E402
-from Train_Valid_DP import autocast, build_optimizer, loader_workers, privatize  # noqa: E402
+from Train_Valid_DP import MaskedBCEWithLogitsLoss, autocast, build_optimizer, loader_workers, privatize  # noqa: E402
 
 LABELS = 8
 warnings.filterwarnings("ignore", message="Secure RNG turned off")

@@ -13,12 +13,12 @@ from config import InputError
 from data.dataset import evaluation_loader, load_table
 from evaluation.bootstrap import resampling
 from evaluation.report import audit_sections, page
-from models import MaskedBCEWithLogitsLoss
 from privacy import default_delta
 from privacy.audit import (attack_report, attack_table, canary_bound, lira_offline, membership_candidates,
                            signed_logit)
 from privacy.canaries import check_record, draw_canaries, reference_patients
 from Prediction_DP import load_trained, predict_logits, write_results
+from Train_Valid_DP import MaskedBCEWithLogitsLoss
 
 
 def audit_experiment(exp_dir: Path, reference_dirs: list[Path] = (), checkpoint: str = "best") -> dict:

@@ -21,10 +21,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from main_2D_DP import main
-from models import MaskedBCEWithLogitsLoss, build_model
+from models import build_model
 from privacy import bookkeeping
 from privacy.bookkeeping import BookKeeping
-from Train_Valid_DP import EpochProgress, loader_workers, train_one_epoch
+from Train_Valid_DP import EpochProgress, MaskedBCEWithLogitsLoss, loader_workers, train_one_epoch
 
 EPS_BF16 = 2.0 ** -8
 
