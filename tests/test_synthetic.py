@@ -56,16 +56,16 @@ def test_grades_3_and_4_are_positive():
 def _case():
     rng = np.random.default_rng(1)
     case = synthetic.sample_patient_cases(rng, "public", 123)[0]
-    case.grades = {label: 1 for label in synthetic.LABELS}
+    case.severity = {label: 0.0 for label in synthetic.LABELS}
     case.noise = 0.0
     return case
 
 
-def _difference(label: str, grade: int = 4) -> np.ndarray:
+def _difference(label: str, severity: float = 1.0) -> np.ndarray:
     """Pixels the finding adds: the same patient and noise drawn with and without it."""
     base = _case()
     sick = copy.deepcopy(base)
-    sick.grades[label] = grade
+    sick.severity[label] = severity
     return synthetic.render(sick, SIZE).astype(float) - synthetic.render(base, SIZE).astype(float)
 
 
@@ -115,7 +115,57 @@ def test_congestion_is_perihilar_and_bilateral():
 
 
 @pytest.mark.parametrize("label", synthetic.LABELS)
-def test_higher_grade_is_more_visible(label):
-    amounts = [np.abs(_difference(label, grade)).sum() for grade in (2, 3, 4)]
-    assert amounts[0] < amounts[1] < amounts[2]
-    assert np.abs(_difference(label, 5)).sum() == 0  # "not assessable" draws nothing
+def test_more_severe_is_more_visible(label):
+    amounts = [np.abs(_difference(label, severity)).sum() for severity in (0.15, 0.4, 0.7, 1.0)]
+    assert amounts[0] < amounts[1] < amounts[2] < amounts[3]
+
+
+def test_the_grade_is_the_readers_and_is_not_drawn():
+    case = _case()
+    case.severity["cardiomegaly"] = 0.8
+    image = synthetic.render(case, SIZE)
+    for grade in (1, 4, 5):  # "not assessable" or a miss changes the label, never the pixels
+        case.grades = {label: grade for label in synthetic.LABELS}
+        assert np.array_equal(synthetic.render(case, SIZE), image)
+
+
+def _read(severity: float, n: int = 4000, site: str = "public") -> np.ndarray:
+    rng = np.random.default_rng(0)
+    truth = {label: severity for label in synthetic.LABELS}
+    return np.array([list(synthetic.read_grades(rng, truth, site).values()) for _ in range(n)])
+
+
+def test_readers_disagree_most_on_borderline_findings():
+    positive = {s: np.isin(_read(s), [3, 4]).mean() for s in (0.0, 0.1, 0.42, 0.95)}
+    assert positive[0.0] < 0.02 and positive[0.1] < 0.05  # absent or trivial: rarely called
+    assert 0.3 < positive[0.42] < 0.7  # borderline: a coin flip between readers
+    assert 0.85 < positive[0.95] < 0.99  # gross: called, but now and then missed
+    grades = _read(0.42)
+    assert 0.01 < (grades == 5).mean() < 0.04  # "not assessable" whatever is there
+    assert (grades == 2).mean() > 0.2  # the grade-2 zone is wide
+
+
+def test_labels_follow_the_drawn_truth():
+    frame, cases = synthetic.build_master_list({"public": 300, "private": 300}, seed=0)
+    for label in synthetic.LABELS:
+        severity = np.array([case.severity[label] for case in cases])
+        positive = frame[label].isin([3, 4]).to_numpy()
+        assert positive[severity > 0.7].mean() > 0.8 > 0.05 > positive[severity < 0.15].mean()
+
+
+def test_sites_differ_in_acquisition():
+    frame, cases = synthetic.build_master_list({"public": 300, "private": 300}, seed=0)
+    private = frame["site"].to_numpy() == "private"
+    ap = frame["view"].to_numpy() == "AP"
+    assert ap[private].mean() > ap[~private].mean() + 0.2  # more bedside (AP) films
+    public_case = next(c for c in cases if c.site == "public")
+    private_case = next(c for c in cases if c.site == "private")
+    assert public_case.marker is None and private_case.marker is not None
+
+    def grain(case):  # high-frequency energy: quantum noise
+        image = synthetic.render(case, SIZE).astype(float)
+        return np.abs(np.diff(image, axis=1)).mean()
+
+    noisier = [grain(c) for c in cases if c.site == "private"][:30]
+    cleaner = [grain(c) for c in cases if c.site == "public"][:30]
+    assert np.mean(noisier) > 1.15 * np.mean(cleaner)
