@@ -23,8 +23,8 @@ NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Pat
 def _radiograph(seed: int, cardiomegaly: bool, size: int = 48) -> np.ndarray:
     case = synthetic.sample_patient_cases(np.random.default_rng(seed), "public", seed)[0]
     case = copy.deepcopy(case)
-    case.grades = {label: 1 for label in synthetic.LABELS}
-    case.grades["cardiomegaly"] = 4 if cardiomegaly else 1
+    case.severity = {label: 0.0 for label in synthetic.LABELS}  # what is drawn (grades are the reader's)
+    case.severity["cardiomegaly"] = 1.0 if cardiomegaly else 0.0
     return synthetic.render(case, size)
 
 
