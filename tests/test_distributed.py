@@ -11,6 +11,8 @@ import pytest
 import torch
 import yaml
 
+from config import load_config
+from data.dataset import load_table
 from main_2D_DP import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,13 +67,17 @@ def test_two_processes_train_and_resume_what_one_process_trains(tiny_config):
 
 
 def test_two_processes_train_non_private_what_one_process_trains(tiny_config):
-    # 124 training images in batches of 41: the last batch has one image, rank 1's share is empty
-    path = tiny_config(dp={"enabled": False}, training={"optimizer": "sgd", "lr": 0.05, "logical_batch_size": 41})
+    # a batch size that leaves one image for the last batch: rank 1's share of it is empty
+    cfg = load_config(tiny_config())
+    n_train = len(load_table(cfg.data, cfg.experiment.seed).split("train"))
+    batch = next((b for b in range(n_train // 2, 7, -1) if n_train % b == 1), n_train - 1)
+    path = tiny_config(dp={"enabled": False}, training={"optimizer": "sgd", "lr": 0.05, "logical_batch_size": batch})
     experiments = path.parent / "experiments"
     assert main(["train", "--config", str(path), "--name", "one"]) == 0
     run = torchrun("train", "--config", str(path), "--name", "two")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert yaml.safe_load((experiments / "two" / "private" / "config.yaml").read_text())["derived"]["n_train"] % 41 == 1
+    derived = yaml.safe_load((experiments / "two" / "private" / "config.yaml").read_text())["derived"]
+    assert derived["n_train"] == n_train and n_train % batch == 1
     assert_same_model(experiments / "one", experiments / "two")
 
 
