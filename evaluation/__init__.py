@@ -1,1 +1,1 @@
-"""Statistics on predictions: bootstrap confidence intervals (and, to come, comparisons and fairness)."""
+"""Statistics on predictions: bootstrap intervals, paired comparisons, fairness, sweeps, transfer, and their reports."""

@@ -1,4 +1,4 @@
-"""Self-contained HTML reports (figures embedded as PNG data URIs) for predict, audit, compare and sweep."""
+"""Self-contained HTML reports (figures embedded as PNG data URIs) for predict, audit, compare, sweep and transfer."""
 from __future__ import annotations
 
 import base64
