@@ -344,7 +344,8 @@ def score_external(source: Source, data: Config, split: str = "test", recalibrat
                              f"split, or another dataset")
     device = resolve_device(cfg.training.device)
     model, batch = source.model.to(device), cfg.training.physical_batch_size
-    groups = {label: side_groups(source.labels, cfg.data.merge_sides)[label] for label in present}
+    every = side_groups(source.labels, cfg.data.merge_sides)
+    groups = {label: every[label] for label in present}
     truth, scores = score_frame(model, device, frame, table, cfg.data, batch, f"{source.path.name} on {split}")
     scores = merge_columns(scores, groups)
     if recalibrate:
