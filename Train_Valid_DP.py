@@ -39,10 +39,11 @@ import uuid
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -60,8 +61,8 @@ from tqdm import tqdm
 import parallel
 from artifacts import (ExperimentLock, Layout, atomic_write_text, json_text, load_checkpoint, read_json,
                        save_checkpoint)
-from config import Config, InputError, config_yaml, read_yaml
-from data.dataset import SPLITS, CXRDataset, evaluation_loader, load_table, positive_weights, preprocessing
+from config import DP, Audit, Config, Data, InputError, config_yaml, read_yaml
+from data.dataset import SPLITS, CXRDataset, Table, evaluation_loader, load_table, positive_weights, preprocessing
 from models import PER_IMAGE_MODELS, build_model, load_pretrained
 from parallel import Ranks, resolve_device
 from Prediction_DP import auroc_per_label, mean_auroc, predict_scores
@@ -523,89 +524,119 @@ def train(cfg: Config, exp_dir: Path, resume: bool = False, allow_budget_increas
         return _train(cfg, exp_dir, resume, allow_budget_increase, ranks)
 
 
-def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool, ranks: Ranks) -> dict:
-    files = Layout(exp_dir)
-    last_path, best_path = files.last, files.best
-    ckpt = load_checkpoint(last_path) if resume and last_path.is_file() else None
-    if resume and ckpt is None:
-        if ranks.main:
-            print(f"{last_path} not written yet: starting {exp_dir.name} from the beginning")
-    if ckpt is not None and ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{last_path}: checkpoint format {ckpt.get('format')!r}, expected {CHECKPOINT_FORMAT} "
-                         f"(written by another DP-CXR version); start a new experiment")
-    seed, dp, labels = cfg.experiment.seed, cfg.dp.enabled, list(cfg.data.labels)
-    reference = cfg.audit.reference
-    # The seed fixes the data and split; a reference run of an audit draws its own initialisation,
-    # batches and noise, as an independently trained model would.
-    run_seed = seed if reference is None else seed + 1000 * (reference + 1)
-    torch.manual_seed(run_seed)
-    device = resolve_device(cfg.training.device)
-    precision = cfg.training.precision
-    if precision == "fp16" and device.type != "cuda":
-        raise InputError(f"training.precision: fp16 needs CUDA (float16 autocast with a gradient scaler), training "
-                         f"runs on {device.type}; use bf16 or fp32")
+@dataclass
+class TrainingData:
+    """What a run trains and validates on (:func:`_training_data`)."""
 
-    table = load_table(cfg.data, seed)
+    table: Table
+    train: pd.DataFrame  # the training split as trained: with canaries, or a reference run's half
+    valid: pd.DataFrame
+    n_test: int
+    canaries: pd.DataFrame | None
+    units: list[np.ndarray]  # rows of each privacy unit (each image, for non-private training)
+    n_patients: int
+    n_units: int
+
+
+def _training_data(data: Data, dp: bool, unit: str, audit: Audit, seed: int) -> TrainingData:
+    """The dataset's splits (none may be empty), the audit's canaries or reference half applied,
+    and the training rows grouped into units: ``unit`` under DP, single images otherwise."""
+    table = load_table(data, seed)
     frames = {split: table.split(split) for split in SPLITS}
     for split, frame in frames.items():
         if len(frame) == 0:
-            raise InputError(f"{table.root}: the {split} split of site '{cfg.data.site}' is empty")
-    train_frame, valid_frame = frames["train"], frames["valid"]
-    canaries = draw_canaries(train_frame, labels, cfg.audit.canaries, seed) if cfg.audit.canaries else None
+            raise InputError(f"{table.root}: the {split} split of site '{data.site}' is empty")
+    train_frame, labels = frames["train"], list(data.labels)
+    canaries = draw_canaries(train_frame, labels, audit.canaries, seed) if audit.canaries else None
     if canaries is not None:
         train_frame = with_canaries(train_frame, canaries, labels)
-    if reference is not None:
-        train_frame = reference_training_split(table.frame, reference, seed)
-    n_train = len(train_frame)
-    unit = cfg.dp.unit  # what a DP run protects; non-private training shuffles images
+    if audit.reference is not None:
+        train_frame = reference_training_split(table.frame, audit.reference, seed)
     n_patients = int(train_frame["patient_id"].nunique())
-    n_units = n_patients if unit == "patient" else n_train
-    units = unit_rows(train_frame["patient_id"], unit if dp else "image")
+    return TrainingData(table, train_frame, frames["valid"], len(frames["test"]), canaries,
+                        unit_rows(train_frame["patient_id"], unit if dp else "image"), n_patients,
+                        n_patients if unit == "patient" else len(train_frame))
 
-    model = build_model(cfg.model.name, len(labels), cfg.model.activation, cfg.data.image_size)
-    if cfg.model.pretrained_checkpoint and ckpt is None:
+
+def _model_and_optimizer(cfg: Config, n_labels: int, device, initialise: bool):
+    """The model on ``device`` (from ``model.pretrained_checkpoint`` when ``initialise``) and its optimizer."""
+    model = build_model(cfg.model.name, n_labels, cfg.model.activation, cfg.data.image_size)
+    if cfg.model.pretrained_checkpoint and initialise:
         fresh = load_pretrained(model, cfg.model.pretrained_checkpoint)
         print(f"initialised from {cfg.model.pretrained_checkpoint}; newly initialised: {fresh or 'none'}")
     model.to(device)
     if cfg.training.channels_last:  # convolution weights (and, per batch, the images) as N, H, W, C in memory
         model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.training.optimizer, model.parameters(), cfg.training.lr,
-                                cfg.training.weight_decay)
+    return model, build_optimizer(cfg.training.optimizer, model.parameters(), cfg.training.lr,
+                                  cfg.training.weight_decay)
 
-    train_set = CXRDataset(train_frame, table.root, labels, preprocessing(cfg.data), table.cache,
+
+def _generators(secret: bool, run_seed: int, device, ranks: Ranks) -> tuple[torch.Generator, torch.Generator, int]:
+    """Generators of the batches and the noise, and the seed of the label-count noise: secret OS
+    entropy (rank 0's, shared by every rank), or derived from the run's seed (reproducible noise)."""
+    seeds = parallel.from_main(ranks, [secret_seed() for _ in range(3)] if secret and ranks.main else None)
+    sampler_seed, noise_seed, count_seed = seeds if secret else (run_seed + 1, run_seed + 2, run_seed + 3)
+    return (torch.Generator().manual_seed(sampler_seed), torch.Generator(device=device).manual_seed(noise_seed),
+            count_seed)
+
+
+@dataclass
+class Trainer:
+    """The objects a run's steps, validation and checkpoints use (:func:`_set_up`)."""
+
+    forward: nn.Module  # what the training step calls: wrapped for DP or DDP, perhaps compiled
+    core: nn.Module  # the plain module, whose weights are validated and saved
+    optimizer: torch.optim.Optimizer
+    backward: Callable | None  # DP: backward of the per-image losses (clipped sums); None: plain
+    accountant: IAccountant | None
+    train_set: CXRDataset
+    sampler: UnitSampler
+    sampler_gen: torch.Generator
+    noise_gen: torch.Generator | None
+    pos_weight: torch.Tensor
+    criterion: nn.Module  # validation: mean over images
+    per_image_loss: nn.Module
+    delta: float | None
+    planned: int  # steps of all epochs
+    noise_multiplier: float | None  # sigma of DP-SGD (None: non-private)
+    scaler: torch.amp.GradScaler | None
+
+    def history(self) -> list:
+        return self.accountant.history if self.accountant is not None else []
+
+
+def _set_up(cfg: Config, data: TrainingData, ckpt: dict | None, device, ranks: Ranks, run_seed: int) -> Trainer:
+    """Model, sampler, loss and (under DP) Opacus' optimizer and accountant, with sigma solved for the
+    target; fills ``cfg.derived`` with the facts of the run (sizes, privacy parameters)."""
+    dp, unit, labels = cfg.dp.enabled, cfg.dp.unit, list(cfg.data.labels)
+    model, optimizer = _model_and_optimizer(cfg, len(labels), device, initialise=ckpt is None)
+    train_set = CXRDataset(data.train, data.table.root, labels, preprocessing(cfg.data), data.table.cache,
                            cfg.data.augment_flip)
     if dp:
         check_allowed(model, PER_IMAGE_MODELS)
         check_batch_independence(model, tuple(train_set[0][0].shape), device)
-    # DP noise, sampling and label counts: secret OS entropy (rank 0's, shared by every rank), unless reproducible
     secret = dp and not cfg.dp.reproducible_noise
-    seeds = parallel.from_main(ranks, [secret_seed() for _ in range(3)] if secret and ranks.main else None)
-    sampler_seed, noise_seed, count_seed = seeds if secret else (run_seed + 1, run_seed + 2, run_seed + 3)
-    sampler_gen = torch.Generator().manual_seed(sampler_seed)
-    noise_gen = torch.Generator(device=device).manual_seed(noise_seed) if dp else None
+    sampler_gen, noise_gen, count_seed = _generators(secret, run_seed, device, ranks)
     batch_size = cfg.training.logical_batch_size
-    if dp and batch_size > n_units:
+    if dp and batch_size > data.n_units:
         raise InputError(f"training.logical_batch_size = {batch_size} expected {unit}s per step, but the training "
-                         f"split has {n_units} {unit}s (the sample rate B/N must be at most 1)")
-    sampler = UnitSampler(len(units), batch_size, sampler_gen, poisson=dp)
+                         f"split has {data.n_units} {unit}s (the sample rate B/N must be at most 1)")
+    sampler = UnitSampler(len(data.units), batch_size, sampler_gen, poisson=dp)
     planned = cfg.training.epochs * sampler.steps_per_epoch
-    valid_loader = evaluation_loader(valid_frame, table, cfg.data, cfg.training.physical_batch_size)
-    cfg = cfg.model_copy(deep=True)
-    accountant, delta, backward = None, None, None
+    delta = None
     if dp:
-        delta = cfg.dp.delta if cfg.dp.delta is not None else default_delta(n_units)
-        check_delta(delta, n_units, unit, cfg.dp.allow_large_delta)
+        delta = cfg.dp.delta if cfg.dp.delta is not None else default_delta(data.n_units)
+        check_delta(delta, data.n_units, unit, cfg.dp.allow_large_delta)
         cfg.dp.delta = delta
-    pos_weight, spent_before = _positive_weights(cfg, train_frame, labels, units, sampler.sample_rate, planned,
+    pos_weight, spent_before = _positive_weights(cfg, data.train, labels, data.units, sampler.sample_rate, planned,
                                                  torch.Generator().manual_seed(count_seed), ckpt)
-    criterion = MaskedBCEWithLogitsLoss(pos_weight).to(device)  # validation: mean over images
-    per_image_loss = MaskedBCEWithLogitsLoss(pos_weight, reduction="none").to(device)
-    cfg.derived = {"n_train": n_train, "n_valid": len(valid_frame), "n_test": len(frames["test"]),
-                   "n_train_patients": n_patients, "privacy_unit": unit, "n_train_units": n_units,
-                   "dataset_folder": str(table.root),
-                   "preprocessing_cache": str(table.cache.images.parent) if table.cache else None,
+    cfg.derived = {"n_train": len(data.train), "n_valid": len(data.valid), "n_test": data.n_test,
+                   "n_train_patients": data.n_patients, "privacy_unit": unit, "n_train_units": data.n_units,
+                   "dataset_folder": str(data.table.root),
+                   "preprocessing_cache": str(data.table.cache.images.parent) if data.table.cache else None,
                    "pos_weight": dict(zip(labels, map(float, pos_weight))), "steps_per_epoch": sampler.steps_per_epoch,
                    "pos_weight_source": _weights_source(cfg, spent_before or (ckpt or {}).get("accountant_history"))}
+    accountant, backward = None, None
     if dp:
         setup = privatize(DPDDP(model) if ranks.distributed else model, optimizer, sample_rate=sampler.sample_rate,
                           expected_batch_size=batch_size, steps=planned, accountant=cfg.dp.accountant,
@@ -621,175 +652,205 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
                   "does not hold against anyone who knows the seed (for tests and debugging only)")
     elif ranks.distributed:
         model = DDP(model)
-    core = model._module if dp and cfg.dp.grad_sample_mode != "bookkeeping" else model  # plain nn.Module
-    core = core.module if ranks.distributed else core
+    core = model._module if dp and cfg.dp.grad_sample_mode != "bookkeeping" else model  # Opacus' GradSampleModule
+    core = core.module if ranks.distributed else core  # (DP)DDP's
     forward = model
     if cfg.training.compile:  # training forward pass only; a fresh cache, not a graph of an earlier run's model
         torch._dynamo.reset()
         forward = torch.compile(model)
+    # fp16 (non-private, CUDA; config.py refuses it under DP): dynamic loss scaling against underflow
+    scaler = torch.amp.GradScaler(device.type) if cfg.training.precision == "fp16" else None
+    return Trainer(forward, core, optimizer, backward, accountant, train_set, sampler, sampler_gen,
+                   noise_gen if dp else None, pos_weight, MaskedBCEWithLogitsLoss(pos_weight).to(device),
+                   MaskedBCEWithLogitsLoss(pos_weight, reduction="none").to(device), delta, planned,
+                   cfg.derived.get("noise_multiplier"), scaler)
+
+
+def _open_records(cfg: Config, files: Layout, data: TrainingData, trainer: Trainer, ckpt: dict | None,
+                  ranks: Ranks) -> Booking | None:
+    """The run's id and ledger entry; the ``dp.total_budget`` check before anything is written; then the
+    resolved config (and the audit's canary record) in the experiment folder."""
+    n_train = len(data.train)
     saved = read_yaml(files.config).get("derived", {}) if ranks.main and ckpt is not None else {}
     if saved.get("n_train", n_train) != n_train:
         raise InputError(f"--resume: the training split now has {n_train} images, the run started with "
                          f"{saved['n_train']} (data or preprocessing cache changed); start a new experiment")
     cfg.derived["run_id"] = parallel.from_main(ranks, saved.get("run_id") or uuid.uuid4().hex[:12])
-    booking = _booking(cfg, exp_dir, table, unit, delta, ranks)
-    if booking is not None and cfg.dp.total_budget is not None:  # before anything is written
-        done = [tuple(entry) for entry in ckpt["accountant_history"]] if ckpt is not None and dp else spent_before
-        left = planned - (ckpt["steps"] if ckpt is not None else 0)
-        booking.check(done + ([(cfg.derived["noise_multiplier"], sampler.sample_rate, left)] if dp and left else []),
-                      planned, cfg.dp.total_budget)
+    booking = _booking(cfg, files.root, data.table, cfg.dp.unit, trainer.delta, ranks)
+    dp = cfg.dp.enabled
+    if booking is not None and cfg.dp.total_budget is not None:
+        done = [tuple(entry) for entry in ckpt["accountant_history"]] if ckpt is not None and dp \
+            else trainer.history()
+        left = trainer.planned - (ckpt["steps"] if ckpt is not None else 0)
+        booking.check(done + ([(cfg.derived["noise_multiplier"], trainer.sampler.sample_rate, left)]
+                              if dp and left else []), trainer.planned, cfg.dp.total_budget)
     if ranks.main:
-        exp_dir.mkdir(parents=True, exist_ok=True)
+        files.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(files.config, config_yaml(cfg))
-        if canaries is not None:
+        if data.canaries is not None:
             record = files.audit / "canaries.csv"
-            atomic_write_text(record, check_record(record, canaries, required=False))
+            atomic_write_text(record, check_record(record, data.canaries, required=False))
+    return booking
 
-    # fp16 (non-private, CUDA; config.py refuses it under DP): dynamic loss scaling against underflow
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    start_epoch, steps, best, best_epoch = 0, 0, -math.inf, None
-    progress, budget_note = None, {}
-    if ckpt is not None:
-        core.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        if dp:
-            accountant.history = [tuple(entry) for entry in ckpt["accountant_history"]]
-        start_epoch, steps = ckpt["epoch"], ckpt["steps"]
-        best, best_epoch = ckpt["best_valid_auroc_mean"], ckpt["best_epoch"]
-        budget_note = ckpt.get("budget", {})
-        if ckpt["step_in_epoch"]:  # redraw the interrupted epoch's batches, then continue after those taken
-            sampler_gen.set_state(ckpt["epoch_sampler_state"])
-            progress = EpochProgress(sampler.draw_epoch(), ckpt["step_in_epoch"], *ckpt["epoch_loss"])
-        _set_rng_state(ckpt["rng"], sampler_gen, noise_gen)
+
+@dataclass
+class RunState:
+    """Where a run stands: what ``last.pt`` records besides the trainer's objects."""
+
+    epoch: int = 0  # epochs completed
+    steps: int = 0
+    best: float = -math.inf  # best validation AUROC, and its epoch (None: no best.pt yet)
+    best_epoch: int | None = None
+    progress: EpochProgress | None = None  # the current epoch's batches and how many are done
+    epoch_start: object = None  # the sampler's state before the current epoch's batches were drawn
+    budget_note: dict = field(default_factory=dict)
+    stopped: str | None = None
+
+
+def _resume(trainer: Trainer, ckpt: dict | None) -> RunState:
+    """Load ``last.pt`` into the trainer (weights, optimizer, accountant, every RNG) and return where
+    it stood; an interrupted epoch's batches are redrawn from the sampler state it began with."""
+    if ckpt is None:
+        return RunState()
+    trainer.core.load_state_dict(ckpt["model"])
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    if trainer.scaler is not None and ckpt.get("scaler"):
+        trainer.scaler.load_state_dict(ckpt["scaler"])
+    if trainer.accountant is not None:
+        trainer.accountant.history = [tuple(entry) for entry in ckpt["accountant_history"]]
+    run = RunState(ckpt["epoch"], ckpt["steps"], ckpt["best_valid_auroc_mean"], ckpt["best_epoch"],
+                   budget_note=ckpt.get("budget", {}))
+    if ckpt["step_in_epoch"]:
+        trainer.sampler_gen.set_state(ckpt["epoch_sampler_state"])
+        run.progress = EpochProgress(trainer.sampler.draw_epoch(), ckpt["step_in_epoch"], *ckpt["epoch_loss"])
+        run.epoch_start = ckpt["epoch_sampler_state"]
+    _set_rng_state(ckpt["rng"], trainer.sampler_gen, trainer.noise_gen)
+    return run
+
+
+def _budget_steps(dp: DP, trainer: Trainer, run: RunState, allow_increase: bool, ranks: Ranks) -> float:
+    """The privacy budget guard: the step count at which training must stop to stay within
+    ``dp.epsilon`` (inf without a target or with ``--allow-budget-increase``, which is recorded)."""
+    if not dp.enabled or dp.epsilon is None:
+        return math.inf
+    if allow_increase:
+        run.budget_note = {"increase_allowed": True, "target_epsilon": dp.epsilon}
         if ranks.main:
-            print(f"resuming {exp_dir.name} after {steps} steps "
-                  f"(epoch {start_epoch + 1}, step {ckpt['step_in_epoch']})")
-
-    def epsilon() -> float:
-        return accountant.get_epsilon(delta)
-
-    # The privacy budget guard: how many more steps fit within the target epsilon.
-    guarded = dp and cfg.dp.epsilon is not None and not allow_budget_increase
-    if dp and cfg.dp.epsilon is not None and allow_budget_increase:
-        budget_note = {"increase_allowed": True, "target_epsilon": cfg.dp.epsilon}
-        if ranks.main:
-            print(f"--allow-budget-increase: training may spend more than the target epsilon {cfg.dp.epsilon:g}; "
+            print(f"--allow-budget-increase: training may spend more than the target epsilon {dp.epsilon:g}; "
                   f"the epsilon spent is recorded in summary.json")
-    budget_steps = steps + steps_within_budget(
-        cfg.dp.accountant, accountant.history, cfg.derived["noise_multiplier"], cfg.derived["sample_rate"],
-        cfg.dp.epsilon, delta, planned - steps) if guarded else math.inf
-    if planned > budget_steps:
-        if ranks.main:
-            print(f"privacy budget: epsilon {cfg.dp.epsilon:g} allows {budget_steps} steps, {planned} are planned; "
-                  f"training stops at step {budget_steps} (--allow-budget-increase to go beyond)")
+        return math.inf
+    steps = run.steps + steps_within_budget(dp.accountant, trainer.accountant.history,
+                                            trainer.noise_multiplier, trainer.sampler.sample_rate,
+                                            dp.epsilon, trainer.delta, trainer.planned - run.steps)
+    if trainer.planned > steps and ranks.main:
+        print(f"privacy budget: epsilon {dp.epsilon:g} allows {steps} steps, {trainer.planned} are planned; "
+              f"training stops at step {steps} (--allow-budget-increase to go beyond)")
+    return steps
 
-    writer = SummaryWriter(str(files.tensorboard), purge_step=steps + 1 if ckpt else None) if ranks.main else None
-    valid_truth = valid_frame[labels].to_numpy()
-    epochs, started = cfg.training.epochs, time.time()
-    every = cfg.training.checkpoint_every_steps
-    image_ids = train_frame["image_id"].tolist()
-    summary, stopped = {}, None
 
-    def state(epoch: int, progress: EpochProgress, epoch_start) -> dict:
-        """Everything to continue exactly from here (only tensors and plain values: safe to load)."""
-        return {"format": CHECKPOINT_FORMAT, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                "labels": labels, "model_name": cfg.model.name, "epoch": epoch + progress.complete,
-                "steps": steps, "step_in_epoch": 0 if progress.complete else progress.done,
-                "epoch_sampler_state": epoch_start, "epoch_loss": [progress.loss_sum, progress.seen],
-                "best_valid_auroc_mean": best, "best_epoch": best_epoch,
-                "noise_multiplier": cfg.derived.get("noise_multiplier"), "budget": budget_note,
-                "pos_weight": pos_weight.tolist(),
-                "accountant_history": [list(entry) for entry in accountant.history] if dp else [],
-                "rng": _rng_state(sampler_gen, noise_gen),
-                **({"scaler": scaler.state_dict()} if scaler is not None else {})}
+def _save_last(trainer: Trainer, run: RunState, model_name: str, labels: list[str], path: Path,
+               booking: Booking) -> None:
+    """``last.pt``: everything to continue exactly from here (only tensors and plain values: safe to
+    load), and the steps taken so far in the ledger."""
+    progress = run.progress
+    save_checkpoint({
+        "format": CHECKPOINT_FORMAT, "model": trainer.core.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+        "labels": labels, "model_name": model_name, "epoch": run.epoch + progress.complete, "steps": run.steps,
+        "step_in_epoch": 0 if progress.complete else progress.done, "epoch_sampler_state": run.epoch_start,
+        "epoch_loss": [progress.loss_sum, progress.seen], "best_valid_auroc_mean": run.best,
+        "best_epoch": run.best_epoch,
+        "noise_multiplier": trainer.noise_multiplier,
+        "budget": run.budget_note, "pos_weight": trainer.pos_weight.tolist(),
+        "accountant_history": [list(entry) for entry in trainer.history()],
+        "rng": _rng_state(trainer.sampler_gen, trainer.noise_gen),
+        **({"scaler": trainer.scaler.state_dict()} if trainer.scaler is not None else {})}, path)
+    booking.record(trainer.history(), run.steps)
 
-    for epoch in range(start_epoch, epochs):
-        epoch_start = sampler_gen.get_state() if progress is None else ckpt["epoch_sampler_state"]
-        progress = progress or EpochProgress(sampler.draw_epoch())
 
-        def step_allowed() -> bool:
-            return steps < budget_steps
+def _train_epoch(cfg: Config, trainer: Trainer, run: RunState, data: TrainingData, files: Layout,
+                 booking: Booking | None, device, ranks: Ranks, run_seed: int, budget_steps: float) -> None:
+    """The steps of epoch ``run.epoch`` not yet taken, within the budget; ``last.pt`` every
+    ``training.checkpoint_every_steps`` steps. A non-finite loss stops training with the batch's
+    image ids written to a private file."""
+    if run.progress is None:
+        run.epoch_start = trainer.sampler_gen.get_state()
+        run.progress = EpochProgress(trainer.sampler.draw_epoch())
+    every, labels = cfg.training.checkpoint_every_steps, list(cfg.data.labels)
 
-        def after_step() -> None:
-            nonlocal steps
-            steps += 1
-            if ranks.main and every and steps % every == 0 and not progress.complete:
-                save_checkpoint(state(epoch, progress, epoch_start), last_path)
-                booking.record(accountant.history if dp else [], steps)
+    def after_step() -> None:
+        run.steps += 1
+        if ranks.main and every and run.steps % every == 0 and not run.progress.complete:
+            _save_last(trainer, run, cfg.model.name, labels, files.last, booking)
 
-        try:
-            progress = train_one_epoch(forward, per_image_loss, optimizer, train_set, units, progress, device,
-                                       cfg.training.physical_batch_size, backward, image_ids, f"epoch {epoch + 1}/{epochs}",
-                                       num_workers=loader_workers(cfg.training.loader_workers, cfg.data.num_workers,
-                                                                  device),
-                                       loader_seed=run_seed * 10_000 + epoch, precision=precision,
-                                       channels_last=cfg.training.channels_last, scaler=scaler,
-                                       step_allowed=step_allowed,
-                                       after_step=after_step, epsilon_fn=epsilon if dp else None,
-                                       fixed_shape=cfg.training.compile, ranks=ranks)
-        except TrainingStopped as exc:
-            good = last_path if last_path.is_file() else "none yet"
-            batch = files.private / f"stopped_batch_rank{ranks.rank}.txt"
-            atomic_write_text(batch, "\n".join(exc.images) + "\n")
-            raise TrainingStopped(f"{exc}; its image ids are in {batch} (private); last good checkpoint: {good} "
-                                  f"(check the learning rate and these images)") from None
-        if not progress.complete:
-            stopped = f"privacy budget reached: epsilon {epsilon():.4f} of target {cfg.dp.epsilon:g} at step {steps}"
-        if not ranks.main:  # validation, logs and checkpoints are rank 0's
-            progress = None
-            if stopped:
-                break
-            continue
-        scores, valid_loss = predict_scores(core, valid_loader, device, criterion, desc="valid")
-        per_label = auroc_per_label(valid_truth, scores, labels)
-        auroc_mean = mean_auroc(per_label)
-        eps = epsilon() if dp else None
+    dp = trainer.accountant is not None
+    try:
+        train_one_epoch(trainer.forward, trainer.per_image_loss, trainer.optimizer, trainer.train_set, data.units,
+                        run.progress, device, cfg.training.physical_batch_size, trainer.backward,
+                        data.train["image_id"].tolist(), f"epoch {run.epoch + 1}/{cfg.training.epochs}",
+                        num_workers=loader_workers(cfg.training.loader_workers, cfg.data.num_workers, device),
+                        loader_seed=run_seed * 10_000 + run.epoch, precision=cfg.training.precision,
+                        channels_last=cfg.training.channels_last, scaler=trainer.scaler,
+                        step_allowed=lambda: run.steps < budget_steps, after_step=after_step,
+                        epsilon_fn=(lambda: trainer.accountant.get_epsilon(trainer.delta)) if dp else None,
+                        fixed_shape=cfg.training.compile, ranks=ranks)
+    except TrainingStopped as exc:
+        good = files.last if files.last.is_file() else "none yet"
+        batch = files.private / f"stopped_batch_rank{ranks.rank}.txt"
+        atomic_write_text(batch, "\n".join(exc.images) + "\n")
+        raise TrainingStopped(f"{exc}; its image ids are in {batch} (private); last good checkpoint: {good} "
+                              f"(check the learning rate and these images)") from None
+    if not run.progress.complete:
+        run.stopped = (f"privacy budget reached: epsilon {trainer.accountant.get_epsilon(trainer.delta):.4f} of "
+                       f"target {cfg.dp.epsilon:g} at step {run.steps}")
 
-        writer.add_scalar("train/loss", progress.loss, steps)
-        writer.add_scalar("valid/loss", valid_loss, steps)
-        writer.add_scalar("valid/auroc_mean", auroc_mean, steps)
-        for label, value in per_label.items():
-            writer.add_scalar(f"valid/auroc/{label}", value, steps)
-        if dp:
-            writer.add_scalar("privacy/epsilon", eps, steps)
-        writer.flush()
 
-        # NaN (no label with both classes) never wins, but the first epoch always gives a best.pt
-        if auroc_mean > best or best_epoch is None:
-            best, best_epoch = (auroc_mean if auroc_mean > best else best), epoch + 1
-            save_checkpoint({"format": CHECKPOINT_FORMAT, "model": core.state_dict(), "labels": labels,
-                             "model_name": cfg.model.name, "epoch": epoch + 1,
-                             "valid_auroc_mean": auroc_mean}, best_path)
-        save_checkpoint(state(epoch, progress, epoch_start), last_path)
-        booking.record(accountant.history if dp else [], steps)
-        if budget_note:
-            budget_note["epsilon_spent"] = eps
-        summary = {
-            "experiment": exp_dir.name, "epochs_completed": epoch + progress.complete, "epochs_planned": epochs,
-            "steps": steps, "best_valid_auroc_mean": best, "best_epoch": best_epoch,
-            "last_valid_auroc_mean": auroc_mean, "last_valid_loss": valid_loss, "last_train_loss": progress.loss,
-            "stopped": stopped,
-            "dp": privacy_summary(cfg, accountant.history if dp else [], eps, steps,
-                                  final=bool(stopped) or epoch + 1 == epochs, budget_note=budget_note)}
-        _write_summary(exp_dir, summary)
-        privacy = f", epsilon {eps:.3f}" if dp else ""
-        tqdm.write(f"epoch {epoch + 1}/{epochs}: train loss{' (private, not noised)' if dp else ''} "
-                   f"{progress.loss:.4f}, valid loss {valid_loss:.4f}, "
-                   f"valid AUROC {auroc_mean:.4f}{privacy} ({time.time() - started:.0f} s)")
-        progress = None
-        if stopped:
-            print(f"stopped: {stopped}; the remaining steps were not taken "
-                  f"(resume with --allow-budget-increase to spend more, which summary.json records)")
-            break
-    if not ranks.main:
-        return {}
-    writer.close()
-    if not summary:  # resumed a finished run: nothing to do, report what is there
-        summary = read_json(files.summary)
-    dp_info = summary["dp"]
+def _validate_and_save(cfg: Config, trainer: Trainer, run: RunState, valid_loader, valid_truth: np.ndarray,
+                       files: Layout, booking: Booking, writer: SummaryWriter, device, started: float) -> dict:
+    """After an epoch (rank 0): validation AUROC and losses to TensorBoard, ``best.pt`` when the mean
+    AUROC improved, ``last.pt``, the ledger and ``summary.json``; returns the summary."""
+    labels, dp, epochs = list(cfg.data.labels), trainer.accountant is not None, cfg.training.epochs
+    progress, epoch, steps = run.progress, run.epoch, run.steps
+    scores, valid_loss = predict_scores(trainer.core, valid_loader, device, trainer.criterion, desc="valid")
+    per_label = auroc_per_label(valid_truth, scores, labels)
+    auroc_mean = mean_auroc(per_label)
+    eps = trainer.accountant.get_epsilon(trainer.delta) if dp else None
+
+    writer.add_scalar("train/loss", progress.loss, steps)
+    writer.add_scalar("valid/loss", valid_loss, steps)
+    writer.add_scalar("valid/auroc_mean", auroc_mean, steps)
+    for label, value in per_label.items():
+        writer.add_scalar(f"valid/auroc/{label}", value, steps)
     if dp:
+        writer.add_scalar("privacy/epsilon", eps, steps)
+    writer.flush()
+
+    # NaN (no label with both classes) never wins, but the first epoch always gives a best.pt
+    if auroc_mean > run.best or run.best_epoch is None:
+        run.best, run.best_epoch = (auroc_mean if auroc_mean > run.best else run.best), epoch + 1
+        save_checkpoint({"format": CHECKPOINT_FORMAT, "model": trainer.core.state_dict(), "labels": labels,
+                         "model_name": cfg.model.name, "epoch": epoch + 1, "valid_auroc_mean": auroc_mean}, files.best)
+    _save_last(trainer, run, cfg.model.name, labels, files.last, booking)
+    if run.budget_note:
+        run.budget_note["epsilon_spent"] = eps
+    summary = {
+        "experiment": files.root.name, "epochs_completed": epoch + progress.complete, "epochs_planned": epochs,
+        "steps": steps, "best_valid_auroc_mean": run.best, "best_epoch": run.best_epoch,
+        "last_valid_auroc_mean": auroc_mean, "last_valid_loss": valid_loss, "last_train_loss": progress.loss,
+        "stopped": run.stopped,
+        "dp": privacy_summary(cfg, trainer.history(), eps, steps, final=bool(run.stopped) or epoch + 1 == epochs,
+                              budget_note=run.budget_note)}
+    _write_summary(files.root, summary)
+    privacy = f", epsilon {eps:.3f}" if dp else ""
+    tqdm.write(f"epoch {epoch + 1}/{epochs}: train loss{' (private, not noised)' if dp else ''} "
+               f"{progress.loss:.4f}, valid loss {valid_loss:.4f}, "
+               f"valid AUROC {auroc_mean:.4f}{privacy} ({time.time() - started:.0f} s)")
+    return summary
+
+
+def _report(summary: dict) -> None:
+    """The end of training in the job log: the privacy statement and the best validation AUROC."""
+    dp_info = summary["dp"]
+    if dp_info["enabled"]:
         print(f"DP-SGD: {dp_info['statement']}")
         print(f"noise multiplier {dp_info['noise_multiplier']:.4f}, sample rate {dp_info['sample_rate']:.5f}; "
               f"replace-one adjacency (PLD): epsilon {dp_info['pld_epsilon']['replace_one']:.4f}")
@@ -799,4 +860,56 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
         print("validation AUROC not estimable: no label has both classes in the validation split")
     else:
         print(f"best validation AUROC {summary['best_valid_auroc_mean']:.4f} (epoch {summary['best_epoch']})")
+
+
+def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool, ranks: Ranks) -> dict:
+    """The stages of a run, top to bottom: data; model, sampler and privacy; the run's records; resume;
+    budget guard; then per epoch its steps and (rank 0) validation and checkpoints."""
+    files = Layout(exp_dir)
+    ckpt = load_checkpoint(files.last) if resume and files.last.is_file() else None
+    if resume and ckpt is None and ranks.main:
+        print(f"{files.last} not written yet: starting {exp_dir.name} from the beginning")
+    if ckpt is not None and ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{files.last}: checkpoint format {ckpt.get('format')!r}, expected {CHECKPOINT_FORMAT} "
+                         f"(written by another DP-CXR version); start a new experiment")
+    cfg = cfg.model_copy(deep=True)  # the run's facts go into cfg.derived
+    seed, reference = cfg.experiment.seed, cfg.audit.reference
+    # The seed fixes the data and split; a reference run of an audit draws its own initialisation,
+    # batches and noise, as an independently trained model would.
+    run_seed = seed if reference is None else seed + 1000 * (reference + 1)
+    torch.manual_seed(run_seed)
+    device = resolve_device(cfg.training.device)
+    if cfg.training.precision == "fp16" and device.type != "cuda":
+        raise InputError(f"training.precision: fp16 needs CUDA (float16 autocast with a gradient scaler), training "
+                         f"runs on {device.type}; use bf16 or fp32")
+
+    data = _training_data(cfg.data, cfg.dp.enabled, cfg.dp.unit, cfg.audit, seed)
+    trainer = _set_up(cfg, data, ckpt, device, ranks, run_seed)
+    booking = _open_records(cfg, files, data, trainer, ckpt, ranks)
+    run = _resume(trainer, ckpt)
+    if ckpt is not None and ranks.main:
+        print(f"resuming {exp_dir.name} after {run.steps} steps (epoch {run.epoch + 1}, step {ckpt['step_in_epoch']})")
+    budget_steps = _budget_steps(cfg.dp, trainer, run, allow_budget_increase, ranks)
+
+    valid_loader = evaluation_loader(data.valid, data.table, cfg.data, cfg.training.physical_batch_size)
+    valid_truth = data.valid[list(cfg.data.labels)].to_numpy()
+    writer = SummaryWriter(str(files.tensorboard), purge_step=run.steps + 1 if ckpt else None) if ranks.main else None
+    started, summary = time.time(), {}
+    for epoch in range(run.epoch, cfg.training.epochs):
+        run.epoch = epoch
+        _train_epoch(cfg, trainer, run, data, files, booking, device, ranks, run_seed, budget_steps)
+        if ranks.main:  # validation, logs and checkpoints are rank 0's
+            summary = _validate_and_save(cfg, trainer, run, valid_loader, valid_truth, files, booking, writer,
+                                         device, started)
+        run.progress = None
+        if run.stopped:
+            if ranks.main:
+                print(f"stopped: {run.stopped}; the remaining steps were not taken "
+                      f"(resume with --allow-budget-increase to spend more, which summary.json records)")
+            break
+    if not ranks.main:
+        return {}
+    writer.close()
+    summary = summary or read_json(files.summary)  # a finished run resumed: nothing to do, report what is there
+    _report(summary)
     return summary
