@@ -604,6 +604,10 @@ class Trainer:
     def history(self) -> list:
         return self.accountant.history if self.accountant is not None else []
 
+    def epsilon(self) -> float | None:
+        """Epsilon spent so far at the run's delta (None: non-private)."""
+        return self.accountant.get_epsilon(self.delta) if self.accountant is not None else None
+
 
 def _set_up(cfg: Config, data: TrainingData, ckpt: dict | None, device, ranks: Ranks, run_seed: int) -> Trainer:
     """Model, sampler, loss and (under DP) Opacus' optimizer and accountant, with sigma solved for the
@@ -791,7 +795,7 @@ def _train_epoch(cfg: Config, trainer: Trainer, run: RunState, data: TrainingDat
                         loader_seed=run_seed * 10_000 + run.epoch, precision=cfg.training.precision,
                         channels_last=cfg.training.channels_last, scaler=trainer.scaler,
                         step_allowed=lambda: run.steps < budget_steps, after_step=after_step,
-                        epsilon_fn=(lambda: trainer.accountant.get_epsilon(trainer.delta)) if dp else None,
+                        epsilon_fn=trainer.epsilon if dp else None,
                         fixed_shape=cfg.training.compile, ranks=ranks)
     except TrainingStopped as exc:
         good = files.last if files.last.is_file() else "none yet"
@@ -800,7 +804,7 @@ def _train_epoch(cfg: Config, trainer: Trainer, run: RunState, data: TrainingDat
         raise TrainingStopped(f"{exc}; its image ids are in {batch} (private); last good checkpoint: {good} "
                               f"(check the learning rate and these images)") from None
     if not run.progress.complete:
-        run.stopped = (f"privacy budget reached: epsilon {trainer.accountant.get_epsilon(trainer.delta):.4f} of "
+        run.stopped = (f"privacy budget reached: epsilon {trainer.epsilon():.4f} of "
                        f"target {cfg.dp.epsilon:g} at step {run.steps}")
 
 
@@ -813,7 +817,7 @@ def _validate_and_save(cfg: Config, trainer: Trainer, run: RunState, valid_loade
     scores, valid_loss = predict_scores(trainer.core, valid_loader, device, trainer.criterion, desc="valid")
     per_label = auroc_per_label(valid_truth, scores, labels)
     auroc_mean = mean_auroc(per_label)
-    eps = trainer.accountant.get_epsilon(trainer.delta) if dp else None
+    eps = trainer.epsilon()
 
     writer.add_scalar("train/loss", progress.loss, steps)
     writer.add_scalar("valid/loss", valid_loss, steps)
