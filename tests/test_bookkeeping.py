@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from conftest import assert_tensors_close
 from config import InputError
 from models import ViT, build_model
 from privacy import bookkeeping
@@ -38,9 +39,7 @@ def naive_clipped_sum(model: nn.Module, loss_of, units, max_norm: float | None =
 
 
 def assert_close(got, want, what):
-    for k, (g, w) in enumerate(zip(got, want)):
-        scale = w.abs().max().clamp(min=1e-12)
-        assert (g - w).abs().max() <= 1e-5 * scale, f"{what}: parameter {k} off by {(g - w).abs().max() / scale:.2e}"
+    assert_tensors_close(got, want, 1e-5, what)
 
 
 class Layers(nn.Module):
@@ -263,8 +262,7 @@ def test_patient_level_dp_step_matches_naive_loop(name):
     train_one_epoch(setup.model, criterion, setup.optimizer, TensorDataset(x, y), units, progress, "cpu", 4,
                     setup.backward, list(range(n)), "test")
     steps = [(b - p.detach()) * 4 for b, p in zip(before, model.parameters())]
-    for k, (got, w) in enumerate(zip(steps, want)):
-        assert (got - w).abs().max() <= 1e-12 * w.abs().max().clamp(min=1e-12), f"{name}: parameter {k}"
+    assert_tensors_close(steps, want, 1e-12, name)
     assert setup.accountant.history == [(0.0, 0.5, 1)]
 
 
@@ -356,8 +354,7 @@ def test_random_allowed_models_clip_each_patient_to_c(seed, monkeypatch):
     want, _, max_norm = naive_clipped_sum(model, loss_of, units)
     clipper = BookKeeping(model, max_norm)
     full = _engine_clipped_sum(clipper, model, loss_of, units)
-    for k, (got, w) in enumerate(zip(full, want)):
-        assert (got - w).abs().max() <= 1e-9 * w.abs().max().clamp(min=1e-12), f"{model}: parameter {k}"
+    assert_tensors_close(full, want, 1e-9, str(model))
     for left_out in range(len(units)):
         rest = _engine_clipped_sum(clipper, model, loss_of, units[:left_out] + units[left_out + 1:])
         moved = math.sqrt(sum(float(((f - r) ** 2).sum()) for f, r in zip(full, rest)))
