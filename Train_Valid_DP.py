@@ -32,6 +32,8 @@ Those generator states are the secret behind the noise: ``last.pt`` is private, 
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import time
@@ -54,6 +56,8 @@ from opacus.optimizers import (DPOptimizerFastGradientClipping, DistributedDPOpt
                                get_optimizer_class)
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -61,9 +65,11 @@ from tqdm import tqdm
 import parallel
 from artifacts import (ExperimentLock, Layout, atomic_write_text, json_text, load_checkpoint, read_json,
                        save_checkpoint)
-from config import DP, Audit, Config, Data, InputError, config_yaml, read_yaml
-from data.dataset import SPLITS, CXRDataset, Table, evaluation_loader, load_table, positive_weights, preprocessing
-from models import PER_IMAGE_MODELS, build_model, load_pretrained
+from config import DP, PUBLIC_PRETRAINING, Audit, Config, Data, InputError, config_yaml, read_yaml, validate
+from data.augment import augmentation
+from data.dataset import (SPLITS, CXRDataset, Table, default_cache_dir, evaluation_loader, load_table,
+                          positive_weights, preprocessing)
+from models import PER_IMAGE_MODELS, build_model, load_pretrained, set_trainable
 from parallel import Ranks, resolve_device
 from Prediction_DP import auroc_per_label, mean_auroc, predict_scores
 from privacy import check_delta, default_delta, noise_multiplier_for, pld_epsilons, secret_seed
@@ -72,9 +78,9 @@ from privacy.canaries import check_record, draw_canaries, reference_training_spl
 from privacy.ledger import Booking, Ledger, ledger_root
 from privacy.per_sample import check_allowed, check_batch_independence
 from privacy.pos_weight import label_count_noise, noised_positive_weights
-from privacy.units import UnitSampler, plan_chunks, unit_rows
+from privacy.units import UnitSampler, plan_chunks, unit_rows, with_views
 
-CHECKPOINT_FORMAT = 3  # 3: logical batches of privacy units, secret generator states
+CHECKPOINT_FORMAT = 4  # 3: logical batches of privacy units, secret generator states; 4: schedule, weight average
 # Settings that may change on --resume; anything else would change the data, the model or the
 # privacy accounting of the run being continued (every per-sample method clips exactly alike).
 RESUMABLE_KEYS = {"training.epochs", "training.device", "training.checkpoint_every_steps", "training.compile",
@@ -146,6 +152,34 @@ def build_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
+def learning_rate_schedule(optimizer: torch.optim.Optimizer, schedule: str, warmup: int, steps: int) -> LambdaLR:
+    """The learning rate at logical step t, as a factor of ``training.lr``: a linear warm-up
+    (t + 1) / w over the first w steps, then constant or a cosine 0.5 (1 + cos(pi (t - w) / (T - w)))
+    down to 0 at the last of the T planned steps. It depends only on the step count, a public
+    quantity, so under DP it costs no privacy (unlike a schedule reacting to the training loss)."""
+    def factor(t: int) -> float:
+        if t < warmup:
+            return (t + 1) / warmup
+        if schedule == "constant" or steps <= warmup:
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(t - warmup, steps - warmup) / (steps - warmup)))
+
+    return LambdaLR(optimizer, factor)
+
+
+def weight_average(model: nn.Module, decay: float) -> AveragedModel:
+    """Exponential moving average of the weights after every logical step t = 0, 1, ...:
+    w_avg <- d_t w_avg + (1 - d_t) w with d_t = min(decay, (1 + t) / (10 + t)) (De et al. 2022's
+    warm-up, so early iterates do not linger). Under DP-SGD the average is post-processing of the
+    noised iterates, which the accountant already covers: it costs no privacy. Built before the DP
+    engine hooks the model, so the copy carries no hooks."""
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
+        t = float(updates)
+        torch._foreach_lerp_(averaged, current, 1 - min(decay, (1 + t) / (10 + t)))
+
+    return AveragedModel(model, multi_avg_fn=update)
 
 
 @dataclass
@@ -256,7 +290,8 @@ def train_one_epoch(model, criterion, optimizer, dataset: Dataset, units: list[n
                     device, physical_batch_size: int, backward, image_ids, desc: str, *, num_workers: int = 0,
                     loader_seed: int = 0, fixed_shape: bool = False, ranks: Ranks = Ranks(),
                     step_allowed=lambda: True, after_step=lambda: None, epsilon_fn=None, precision: str = "fp32",
-                    channels_last: bool = False, scaler: torch.amp.GradScaler | None = None) -> EpochProgress:
+                    channels_last: bool = False, scaler: torch.amp.GradScaler | None = None,
+                    views: int = 1) -> EpochProgress:
     """Take the logical steps of ``progress.batches`` not yet done, each split into physical chunks.
 
     A logical batch lists units (``units[u]``: the dataset rows of unit u); its images are loaded
@@ -266,6 +301,9 @@ def train_one_epoch(model, criterion, optimizer, dataset: Dataset, units: list[n
     sum and adds noise once, at the last chunk of the logical batch (what Opacus'
     BatchMemoryManager does); an empty Poisson batch still takes a (noise-only) step. Non-private
     (``backward`` None): gradients of the chunks are accumulated, weighted by size.
+    ``views`` K (augmentation multiplicity): the dataset's items are K augmented views of each image
+    and ``units`` list them all; each view's loss counts 1/K, so a unit's gradient is the sum over its
+    images of the mean over their views, clipped as one: the sensitivity stays C.
     ``fixed_shape`` pads every chunk to ``physical_batch_size`` with blank images, counted in the
     chunk's last unit, whose labels are all unlabelled (NaN): their loss and gradient are exactly
     zero, so a compiled model sees one shape under Poisson sampling without changing the update.
@@ -319,7 +357,7 @@ def train_one_epoch(model, criterion, optimizer, dataset: Dataset, units: list[n
                 per_image = criterion(logits.float(), yc)
             loss_sum = per_image.detach().sum()
             if dp:
-                backward(per_image, in_chunk, chunk.continues)
+                backward(per_image / views, in_chunk, chunk.continues)
             else:  # the mean over the logical batch, accumulated chunk by chunk; DDP averages over ranks
                 with model.no_sync() if ranks.distributed and not last else nullcontext():
                     loss = per_image.sum() * (ranks.world / max(batch_images, 1))
@@ -558,17 +596,81 @@ def _training_data(data: Data, dp: bool, unit: str, audit: Audit, seed: int) -> 
                         n_patients if unit == "patient" else len(train_frame))
 
 
-def _model_and_optimizer(cfg: Config, n_labels: int, device, initialise: bool):
-    """The model on ``device`` (from ``model.pretrained_checkpoint`` when ``initialise``) and its optimizer."""
+def _model_and_optimizer(cfg: Config, n_labels: int, device, start: str | Path | None):
+    """The model on ``device`` (initialised from ``start``, a checkpoint, unless None), with only
+    ``training.trainable`` left trainable; its optimizer over those parameters; the moving average of
+    its weights (``training.ema``, or None); and the number of trained values."""
     model = build_model(cfg.model.name, n_labels, cfg.model.activation, cfg.data.image_size)
-    if cfg.model.pretrained_checkpoint and initialise:
-        fresh = load_pretrained(model, cfg.model.pretrained_checkpoint)
-        print(f"initialised from {cfg.model.pretrained_checkpoint}; newly initialised: {fresh or 'none'}")
+    if start is not None:
+        fresh = load_pretrained(model, start)
+        print(f"initialised from {start}; newly initialised: {fresh or 'none'}")
+    trained = set_trainable(model, cfg.training.trainable)
     model.to(device)
     if cfg.training.channels_last:  # convolution weights (and, per batch, the images) as N, H, W, C in memory
         model.to(memory_format=torch.channels_last)
-    return model, build_optimizer(cfg.training.optimizer, model.parameters(), cfg.training.lr,
-                                  cfg.training.weight_decay)
+    ema = weight_average(model, cfg.training.ema) if cfg.training.ema else None
+    optimizer = build_optimizer(cfg.training.optimizer, [p for p in model.parameters() if p.requires_grad],
+                                cfg.training.lr, cfg.training.weight_decay)
+    return model, optimizer, ema, trained
+
+
+# Settings of a run that change where or how fast it runs, not what it learns
+RUNTIME_KEYS = {"device", "checkpoint_every_steps", "compile", "distributed_timeout_s", "loader_workers",
+                "channels_last", "precision"}
+
+
+def public_pretraining(cfg: Config) -> tuple[Config, Path]:
+    """The non-private run behind ``model.pretrained_checkpoint: public``, and its folder in the cache.
+
+    It trains on ``pretraining.site`` of the configured dataset with the config's data and model
+    settings, ``pretraining.training`` (device settings from ``training``), one view per image and no
+    DP; its folder is named by a fingerprint of everything that changes what it learns, so one
+    recipe is trained once and reused by every run (and sweep) that starts from it.
+    """
+    pre = cfg.pretraining
+    training = pre.training.model_copy(update={key: getattr(cfg.training, key) for key in RUNTIME_KEYS})
+    data = cfg.data.model_copy(update={"site": pre.site})
+    learned = {"data": data.model_dump(exclude={"num_workers", "cache"}),
+               "model": cfg.model.model_dump(exclude={"pretrained_checkpoint"}),
+               "training": training.model_dump(exclude=RUNTIME_KEYS), "seed": cfg.experiment.seed}
+    fingerprint = hashlib.sha256(json.dumps(learned, sort_keys=True).encode()).hexdigest()[:12]
+    name = f"{cfg.data.dataset}-{pre.site}_{cfg.model.name}_{fingerprint}"
+    folder = Path(pre.dir).expanduser() if pre.dir else default_cache_dir() / "pretrained"
+    config = validate({"experiment": {"name": name, "seed": cfg.experiment.seed}, "data": data.model_dump(),
+                       "model": {**cfg.model.model_dump(), "pretrained_checkpoint": None},
+                       "training": training.model_dump(), "dp": {"enabled": False},
+                       "evaluation": cfg.evaluation.model_dump(),
+                       "output": {"target_dir": str(folder),
+                                  "ledger": str(ledger_root(cfg.output.target_dir, cfg.output.ledger))}},
+                      source="pretraining")
+    return config, folder / name
+
+
+def _start_weights(cfg: Config, data: TrainingData, ranks: Ranks) -> tuple[Path | None, dict]:
+    """Where a new run's weights start (a checkpoint, or None from scratch) and what to record of it;
+    ``public`` trains the public model first unless the cache has it, and refuses one whose
+    patients are among this run's training patients (they would be trained on without privacy)."""
+    start = cfg.model.pretrained_checkpoint
+    if start != PUBLIC_PRETRAINING:
+        return (Path(start) if start else None), {"pretrained_checkpoint": start}
+    pre_cfg, folder = public_pretraining(cfg)
+    public = load_table(pre_cfg.data, pre_cfg.experiment.seed)
+    shared = set(public.frame["patient_id"].astype(str)) & set(data.train["patient_id"].astype(str))
+    if shared:
+        raise InputError(f"pretraining.site '{cfg.pretraining.site}' has {len(shared)} of this run's training patients "
+                         f"(e.g. {sorted(shared)[0]!r}); pretraining on them would not be private: choose a site "
+                         f"with other patients, or model.pretrained_checkpoint: null")
+    files = Layout(folder)
+    done = files.summary.is_file() and read_json(files.summary).get("epochs_completed") == pre_cfg.training.epochs
+    if not done:
+        if ranks.main:
+            print(f"pretraining (non-private) on the {cfg.pretraining.site} site, once for these settings: {folder}")
+        train(pre_cfg, folder, resume=files.last.is_file(), ranks=ranks)
+        parallel.from_main(ranks, None)  # every rank waits for rank 0's best.pt
+    elif ranks.main:
+        print(f"pretrained model (non-private, {cfg.pretraining.site} site) from the cache: {folder}")
+    return folder, {"pretrained_checkpoint": PUBLIC_PRETRAINING, "pretrained_folder": str(folder),
+                    "pretrained_site": cfg.pretraining.site, "pretrained_patients": int(public.frame["patient_id"].nunique())}
 
 
 def _generators(secret: bool, run_seed: int, device, ranks: Ranks) -> tuple[torch.Generator, torch.Generator, int]:
@@ -600,6 +702,15 @@ class Trainer:
     planned: int  # steps of all epochs
     noise_multiplier: float | None  # sigma of DP-SGD (None: non-private)
     scaler: torch.amp.GradScaler | None
+    units: list[np.ndarray]  # each unit's items of ``train_set`` (all views of all its images)
+    views: int  # augmented views of each image per step (dp.augmult)
+    schedule: LambdaLR
+    ema: AveragedModel | None  # the moving average of the weights, or None
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights that are validated, saved as best.pt and used for prediction: the average, if any."""
+        return self.core if self.ema is None else self.ema.module
 
     def history(self) -> list:
         return self.accountant.history if self.accountant is not None else []
@@ -609,13 +720,15 @@ class Trainer:
         return self.accountant.get_epsilon(self.delta) if self.accountant is not None else None
 
 
-def _set_up(cfg: Config, data: TrainingData, ckpt: dict | None, device, ranks: Ranks, run_seed: int) -> Trainer:
-    """Model, sampler, loss and (under DP) Opacus' optimizer and accountant, with sigma solved for the
-    target; fills ``cfg.derived`` with the facts of the run (sizes, privacy parameters)."""
-    dp, unit, labels = cfg.dp.enabled, cfg.dp.unit, list(cfg.data.labels)
-    model, optimizer = _model_and_optimizer(cfg, len(labels), device, initialise=ckpt is None)
+def _set_up(cfg: Config, data: TrainingData, ckpt: dict | None, device, ranks: Ranks, run_seed: int,
+            start: str | Path | None) -> Trainer:
+    """Model (from ``start`` on a new run), sampler, loss and (under DP) Opacus' optimizer and accountant,
+    with sigma solved for the target; fills ``cfg.derived`` with the facts of the run (sizes, privacy
+    parameters)."""
+    dp, unit, labels, views = cfg.dp.enabled, cfg.dp.unit, list(cfg.data.labels), cfg.dp.augmult
+    model, optimizer, ema, trained = _model_and_optimizer(cfg, len(labels), device, start if ckpt is None else None)
     train_set = CXRDataset(data.train, data.table.root, labels, preprocessing(cfg.data), data.table.cache,
-                           cfg.data.augment_flip)
+                           augmentation(cfg.training.augment, labels, cfg.data.image_size), views)
     if dp:
         check_allowed(model, PER_IMAGE_MODELS)
         check_batch_independence(model, tuple(train_set[0][0].shape), device)
@@ -639,6 +752,7 @@ def _set_up(cfg: Config, data: TrainingData, ckpt: dict | None, device, ranks: R
                    "dataset_folder": str(data.table.root),
                    "preprocessing_cache": str(data.table.cache.images.parent) if data.table.cache else None,
                    "pos_weight": dict(zip(labels, map(float, pos_weight))), "steps_per_epoch": sampler.steps_per_epoch,
+                   "trained_values": trained,
                    "pos_weight_source": _weights_source(cfg, spent_before or (ckpt or {}).get("accountant_history"))}
     accountant, backward = None, None
     if dp:
@@ -664,10 +778,11 @@ def _set_up(cfg: Config, data: TrainingData, ckpt: dict | None, device, ranks: R
         forward = torch.compile(model)
     # fp16 (non-private, CUDA; config.py refuses it under DP): dynamic loss scaling against underflow
     scaler = torch.amp.GradScaler(device.type) if cfg.training.precision == "fp16" else None
+    schedule = learning_rate_schedule(optimizer, cfg.training.schedule, cfg.training.warmup_steps, planned)
     return Trainer(forward, core, optimizer, backward, accountant, train_set, sampler, sampler_gen,
                    noise_gen if dp else None, pos_weight, MaskedBCEWithLogitsLoss(pos_weight).to(device),
                    MaskedBCEWithLogitsLoss(pos_weight, reduction="none").to(device), delta, planned,
-                   cfg.derived.get("noise_multiplier"), scaler)
+                   cfg.derived.get("noise_multiplier"), scaler, with_views(data.units, views), views, schedule, ema)
 
 
 def _open_records(cfg: Config, files: Layout, data: TrainingData, trainer: Trainer, ckpt: dict | None,
@@ -680,6 +795,7 @@ def _open_records(cfg: Config, files: Layout, data: TrainingData, trainer: Train
         raise InputError(f"--resume: the training split now has {n_train} images, the run started with "
                          f"{saved['n_train']} (data or preprocessing cache changed); start a new experiment")
     cfg.derived["run_id"] = parallel.from_main(ranks, saved.get("run_id") or uuid.uuid4().hex[:12])
+    cfg.derived.update({key: value for key, value in saved.items() if key.startswith("pretrained_")})  # resumed
     booking = _booking(cfg, files.root, data.table, cfg.dp.unit, trainer.delta, ranks)
     dp = cfg.dp.enabled
     if booking is not None and cfg.dp.total_budget is not None:
@@ -718,6 +834,9 @@ def _resume(trainer: Trainer, ckpt: dict | None) -> RunState:
         return RunState()
     trainer.core.load_state_dict(ckpt["model"])
     trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    trainer.schedule.load_state_dict(ckpt["schedule"])
+    if trainer.ema is not None:
+        trainer.ema.load_state_dict(ckpt["ema"])
     if trainer.scaler is not None and ckpt.get("scaler"):
         trainer.scaler.load_state_dict(ckpt["scaler"])
     if trainer.accountant is not None:
@@ -766,7 +885,8 @@ def _save_last(trainer: Trainer, run: RunState, model_name: str, labels: list[st
         "noise_multiplier": trainer.noise_multiplier,
         "budget": run.budget_note, "pos_weight": trainer.pos_weight.tolist(),
         "accountant_history": [list(entry) for entry in trainer.history()],
-        "rng": _rng_state(trainer.sampler_gen, trainer.noise_gen),
+        "rng": _rng_state(trainer.sampler_gen, trainer.noise_gen), "schedule": trainer.schedule.state_dict(),
+        **({"ema": trainer.ema.state_dict()} if trainer.ema is not None else {}),
         **({"scaler": trainer.scaler.state_dict()} if trainer.scaler is not None else {})}, path)
     booking.record(trainer.history(), run.steps)
 
@@ -783,14 +903,18 @@ def _train_epoch(cfg: Config, trainer: Trainer, run: RunState, data: TrainingDat
 
     def after_step() -> None:
         run.steps += 1
+        trainer.schedule.step()
+        if trainer.ema is not None:
+            trainer.ema.update_parameters(trainer.core)
         if ranks.main and every and run.steps % every == 0 and not run.progress.complete:
             _save_last(trainer, run, cfg.model.name, labels, files.last, booking)
 
     dp = trainer.accountant is not None
     try:
-        train_one_epoch(trainer.forward, trainer.per_image_loss, trainer.optimizer, trainer.train_set, data.units,
+        train_one_epoch(trainer.forward, trainer.per_image_loss, trainer.optimizer, trainer.train_set, trainer.units,
                         run.progress, device, cfg.training.physical_batch_size, trainer.backward,
-                        data.train["image_id"].tolist(), f"epoch {run.epoch + 1}/{cfg.training.epochs}",
+                        np.repeat(data.train["image_id"].to_numpy(), trainer.views).tolist(),
+                        f"epoch {run.epoch + 1}/{cfg.training.epochs}", views=trainer.views,
                         num_workers=loader_workers(cfg.training.loader_workers, cfg.data.num_workers, device),
                         loader_seed=run_seed * 10_000 + run.epoch, precision=cfg.training.precision,
                         channels_last=cfg.training.channels_last, scaler=trainer.scaler,
@@ -814,7 +938,7 @@ def _validate_and_save(cfg: Config, trainer: Trainer, run: RunState, valid_loade
     AUROC improved, ``last.pt``, the ledger and ``summary.json``; returns the summary."""
     labels, dp, epochs = list(cfg.data.labels), trainer.accountant is not None, cfg.training.epochs
     progress, epoch, steps = run.progress, run.epoch, run.steps
-    scores, valid_loss = predict_scores(trainer.core, valid_loader, device, trainer.criterion, desc="valid")
+    scores, valid_loss = predict_scores(trainer.evaluated, valid_loader, device, trainer.criterion, desc="valid")
     per_label = auroc_per_label(valid_truth, scores, labels)
     auroc_mean = mean_auroc(per_label)
     eps = trainer.epsilon()
@@ -831,7 +955,7 @@ def _validate_and_save(cfg: Config, trainer: Trainer, run: RunState, valid_loade
     # NaN (no label with both classes) never wins, but the first epoch always gives a best.pt
     if auroc_mean > run.best or run.best_epoch is None:
         run.best, run.best_epoch = (auroc_mean if auroc_mean > run.best else run.best), epoch + 1
-        save_checkpoint({"format": CHECKPOINT_FORMAT, "model": trainer.core.state_dict(), "labels": labels,
+        save_checkpoint({"format": CHECKPOINT_FORMAT, "model": trainer.evaluated.state_dict(), "labels": labels,
                          "model_name": cfg.model.name, "epoch": epoch + 1, "valid_auroc_mean": auroc_mean}, files.best)
     _save_last(trainer, run, cfg.model.name, labels, files.last, booking)
     if run.budget_note:
@@ -888,7 +1012,9 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
                          f"runs on {device.type}; use bf16 or fp32")
 
     data = _training_data(cfg.data, cfg.dp.enabled, cfg.dp.unit, cfg.audit, seed)
-    trainer = _set_up(cfg, data, ckpt, device, ranks, run_seed)
+    start, started_from = _start_weights(cfg, data, ranks) if ckpt is None else (None, {})
+    trainer = _set_up(cfg, data, ckpt, device, ranks, run_seed, start)
+    cfg.derived.update(started_from)
     booking = _open_records(cfg, files, data, trainer, ckpt, ranks)
     run = _resume(trainer, ckpt)
     if ckpt is not None and ranks.main:

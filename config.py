@@ -105,7 +105,6 @@ class Data(_Section):
     labels: list[str] = Field(default_factory=lambda: list(STUDY_LABELS), min_length=1)
     histogram_equalization: bool = True
     fit: Literal["pad", "crop"] = "pad"  # non-square images: keep the aspect, pad the short side or centre-crop
-    augment_flip: bool = False
     num_workers: int = Field(0, ge=0)
     uncertain: Literal["ignore", "zero", "one"] = "ignore"
     blank: Literal["zero", "ignore"] = "zero"
@@ -121,11 +120,33 @@ class Data(_Section):
     cache: CacheOptions = Field(default_factory=CacheOptions)
     synthetic: SyntheticData = Field(default_factory=SyntheticData)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _flip_moved(cls, raw):
+        if isinstance(raw, dict) and "augment_flip" in raw:
+            raise ValueError("data.augment_flip moved to training.augment.flip, which also swaps the right/left labels")
+        return raw
+
+
+PUBLIC_PRETRAINING = "public"  # model.pretrained_checkpoint: pretrain on the public site (``pretraining``)
+
 
 class Model(_Section):
     name: Literal["resnet9", "resnet18", "resnet34", "resnet50", "vit"] = "resnet9"
     activation: Literal["mish", "relu"] = "mish"
+    # 'public' (pretrain non-privately, cached), a local .pt/.pth or experiment folder, or None (from scratch)
     pretrained_checkpoint: Optional[UserPath] = None
+
+
+class Augment(_Section):
+    """Random changes of each training image (``data/augment.py``); 0 / false turns a part off."""
+
+    crop: float = Field(0.0, ge=0, lt=1)  # random resized crop keeping an area share drawn from [1 - crop, 1]
+    rotate: float = Field(0.0, ge=0, le=30)  # degrees, drawn from [-rotate, rotate]
+    translate: float = Field(0.0, ge=0, le=0.25)  # share of the side, drawn per axis from [-translate, translate]
+    brightness: float = Field(0.0, ge=0, lt=1)  # factor drawn from [1 - b, 1 + b]
+    contrast: float = Field(0.0, ge=0, lt=1)
+    flip: bool = False  # horizontal flip that swaps every X_right/X_left label pair
 
 
 class Training(_Section):
@@ -146,6 +167,12 @@ class Training(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False  # model and images in channels-last memory format (faster convolutions on GPUs)
     loader_workers: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = "auto"  # training DataLoader processes
+    # which parameters train: all, the normalisation layers and the head, the head, or modules by name prefix
+    trainable: Union[Literal["all", "norms_and_head", "head"], Annotated[list[str], Field(min_length=1)]] = "all"
+    schedule: Literal["constant", "cosine"] = "constant"  # learning rate after the warm-up
+    warmup_steps: int = Field(0, ge=0)  # linear warm-up of the learning rate over this many logical steps
+    ema: Optional[float] = Field(None, gt=0, lt=1)  # decay of the weights' moving average (null = none)
+    augment: Augment = Field(default_factory=Augment)
 
     @model_validator(mode="after")
     def _physical_fits_logical(self):
@@ -170,6 +197,7 @@ class DP(_Section):
     reproducible_noise: bool = False  # noise and sampling seeded from experiment.seed (tests, debugging only)
     secure_mode: bool = True  # Opacus' noise robust to floating-point attacks (a sum of Gaussian draws)
     label_count_share: float = Field(0.05, gt=0, lt=1)  # of the budget (as zCDP rho), for the counts behind pos_weight
+    augmult: int = Field(1, ge=1, le=64)  # augmented views of each image per step, averaged before the clip
 
     @model_validator(mode="after")
     def _one_noise_source(self):
@@ -206,6 +234,16 @@ class Evaluation(_Section):
         return self
 
 
+class Pretraining(_Section):
+    """``model.pretrained_checkpoint: public``: a non-private run on another site of the same dataset (the
+    data, model and device settings of the config, its own training settings), trained once and cached by
+    its settings' fingerprint (``Train_Valid_DP.public_pretraining``)."""
+
+    site: Literal["public", "private", "all"] = "public"
+    dir: Optional[UserPath] = None  # cache of pretrained runs; null = ~/.cache/dp-cxr/pretrained
+    training: Training = Field(default_factory=Training)
+
+
 class Output(_Section):
     target_dir: UserPath = "experiments"
     ledger: Optional[UserPath] = None  # the privacy ledger's folder; null = <target_dir>/privacy_ledger
@@ -223,6 +261,7 @@ class Config(_Section):
     data: Data = Field(default_factory=Data)
     model: Model = Field(default_factory=Model)
     training: Training = Field(default_factory=Training)
+    pretraining: Pretraining = Field(default_factory=Pretraining)
     dp: DP = Field(default_factory=DP)
     evaluation: Evaluation = Field(default_factory=Evaluation)
     output: Output = Field(default_factory=Output)
@@ -266,6 +305,28 @@ class Config(_Section):
         if self.audit.canaries and self.audit.reference is not None:
             raise ValueError("audit.canaries is for the audited run; a reference run (audit.reference) has none")
         return self
+
+
+SIDES = ("_right", "_left")
+
+
+def side_partner(label: str) -> str | None:
+    """``x_left`` for ``x_right`` and vice versa; None for a label without a side."""
+    for own, other in (SIDES, SIDES[::-1]):
+        if label.endswith(own):
+            return label[: -len(own)] + other
+    return None
+
+
+def flip_permutation(labels: list[str]) -> list[int]:
+    """Where each label's value goes when the image is mirrored: its side partner, or itself. A sided
+    label whose partner is not among ``labels`` cannot follow the flip: refused."""
+    unpaired = [label for label in labels if side_partner(label) not in (None, *labels)]
+    if unpaired:
+        raise ConfigError(f"training.augment.flip: a horizontal flip swaps the patient's sides, but {unpaired} would "
+                          f"keep their side while the image changes it (their partners are not in data.labels); "
+                          f"add the partner labels or set training.augment.flip: false")
+    return [labels.index(side_partner(label) or label) for label in labels]
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
@@ -371,6 +432,11 @@ def validate(raw: dict, source: str = "config") -> Config:
         raise ConfigError(f"{source}: data.root: data.dataset '{cfg.data.dataset}' needs the dataset folder")
     if len(set(cfg.data.labels)) != len(cfg.data.labels):
         raise ConfigError(f"{source}: data.labels: duplicate labels in {cfg.data.labels}")
+    if cfg.training.augment.flip:
+        flip_permutation(cfg.data.labels)
+    if cfg.model.pretrained_checkpoint == PUBLIC_PRETRAINING and cfg.pretraining.site == cfg.data.site:
+        raise ConfigError(f"{source}: pretraining.site: the public pretraining must use another site than data.site "
+                          f"('{cfg.data.site}'), whose patients it would train on without privacy")
     weights = cfg.training.pos_weight
     if isinstance(weights, list) and (len(weights) != len(cfg.data.labels) or min(weights) <= 0):
         raise ConfigError(f"{source}: training.pos_weight: expected counts, none or {len(cfg.data.labels)} positive "

@@ -217,27 +217,30 @@ class CXRDataset(Dataset):
     """Grayscale radiographs as [1, S, S] float tensors in [0, 1] with their label vector.
 
     Pixels come from the preprocessing cache when there is one, else from ``preprocess`` (the same
-    function that filled the cache); augmentation is at most a horizontal flip.
+    function that filled the cache). For training, ``augment`` (``training.augment``) changes each image
+    and ``views`` K lists every image K times in a row (item i is image i // K), each item its own
+    random draw: augmentation multiplicity.
     """
 
     def __init__(self, frame: pd.DataFrame, root: Path, labels: list[str], prep: Preprocessing,
-                 cache: Cache | None = None, augment_flip: bool = False):
+                 cache: Cache | None = None, augment=None, views: int = 1):
         self.paths = frame["path"].tolist()
         self.root = Path(root)
         self.targets = torch.tensor(frame[labels].to_numpy(np.float32))
         self.prep = prep
         self.cache_file = cache.images if cache else None
         self.rows = frame["path"].map(cache.rows).to_numpy() if cache else None
-        self.flip = augment_flip
+        self.augment, self.views = augment, views
         self._images = None  # opened lazily, so that DataLoader workers each map the file themselves
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.paths) * self.views
 
     def __getstate__(self):
         return {**self.__dict__, "_images": None}
 
     def __getitem__(self, index: int):
+        index //= self.views
         if self.cache_file is not None:
             if self._images is None:
                 self._images = np.load(self.cache_file, mmap_mode="r")
@@ -248,10 +251,8 @@ class CXRDataset(Dataset):
             except BadImage as exc:
                 raise InputError(f"{self.root / self.paths[index]}: {exc}; `python main_2D_DP.py prepare` lists "
                                  f"such images and leaves them out") from None
-        x = as_input(image)
-        if self.flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, self.targets[index]
+        x, y = as_input(image), self.targets[index]
+        return (x, y) if self.augment is None else self.augment(x, y)
 
 
 def evaluation_loader(frame: pd.DataFrame, table: Table, data: Data, batch_size: int) -> DataLoader:

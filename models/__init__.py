@@ -27,6 +27,36 @@ def build_model(name: str, num_classes: int, activation: str, image_size: int) -
     return resnet(name, num_classes, activation)
 
 
+NORMS = (nn.GroupNorm, nn.LayerNorm)
+HEAD = "fc"  # every model's last layer
+
+
+def set_trainable(model: nn.Module, trainable: str | list[str]) -> int:
+    """Freeze every parameter outside ``training.trainable`` and return how many values still train.
+
+    ``all``; ``head`` (the last layer); ``norms_and_head`` (GroupNorm/LayerNorm scales and shifts and the
+    last layer: under DP-SGD the noise grows with the number of trained values, so fine-tuning a few
+    thousand of them from a good start costs far less accuracy than all millions); or module-name
+    prefixes (``[layer4, fc]``). Frozen layers get no gradient and no noise.
+    """
+    if trainable == "all":
+        return sum(p.requires_grad_(True).numel() for p in model.parameters())
+    prefixes = [HEAD] if trainable in ("head", "norms_and_head") else list(trainable)
+    if trainable == "norms_and_head":
+        prefixes += [name for name, module in model.named_modules() if isinstance(module, NORMS)]
+    unknown = [prefix for prefix in prefixes
+               if not any(name.startswith(f"{prefix}.") for name, _ in model.named_parameters())]
+    if unknown:
+        tops = sorted({name.split(".")[0] for name, _ in model.named_parameters()})
+        raise InputError(f"training.trainable: {unknown} name no parameter of this {type(model).__name__} "
+                         f"(its top-level modules: {tops})")
+    count = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(name.startswith(f"{prefix}.") for prefix in prefixes))
+        count += param.numel() if param.requires_grad else 0
+    return count
+
+
 def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
     """Initialise ``model`` from a local file; returns the names of layers left at random init.
 

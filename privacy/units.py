@@ -34,6 +34,16 @@ def unit_rows(patient_ids: pd.Series, unit: str) -> list[np.ndarray]:
     return np.split(order, np.cumsum(np.bincount(codes))[:-1])
 
 
+def with_views(units: list[np.ndarray], views: int) -> list[np.ndarray]:
+    """Each unit's rows as items of a dataset that lists every image ``views`` times in a row
+    (``CXRDataset(views=K)``: row r is items r*K ... r*K + K-1): augmentation multiplicity. A unit
+    keeps all the views of all its images, so it is still clipped as one."""
+    if views == 1:
+        return units
+    offsets = np.arange(views)
+    return [(rows[:, None] * views + offsets).ravel() for rows in units]
+
+
 class UnitSampler:
     """The logical batches of an epoch, as lists of unit indices, drawn from ``generator``.
 

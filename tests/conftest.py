@@ -31,6 +31,8 @@ def write_tiny_config(folder: Path, data_cache: Path, **sections) -> Path:
                        synthetic={"public_patients": 30, "private_patients": 120})
     raw["training"].update(epochs=2, logical_batch_size=16, physical_batch_size=8, device="cpu")
     raw["output"]["target_dir"] = str(folder / "experiments")
+    raw["model"]["pretrained_checkpoint"] = None  # from scratch: the public pretraining has tests of its own
+    raw["pretraining"]["dir"] = str(folder / "pretrained")
     raw["experiment"]["name"] = "tiny"
     raw["dp"]["reproducible_noise"] = True  # runs are compared bitwise; tests of secret noise turn it off
     for section, values in sections.items():

@@ -1,6 +1,7 @@
 """Exact per-unit clipping: book-keeping and Opacus' engines against a naive loop, per image and per patient."""
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -16,7 +17,7 @@ from models import ViT, build_model
 from privacy import bookkeeping
 from privacy.bookkeeping import BookKeeping
 from privacy.per_sample import check_allowed, check_batch_independence
-from privacy.units import UnitSampler, plan_chunks, unit_rows
+from privacy.units import UnitSampler, plan_chunks, unit_rows, with_views
 from Train_Valid_DP import EpochProgress, MaskedBCEWithLogitsLoss, privatize, train_one_epoch
 
 
@@ -254,16 +255,54 @@ def test_patient_level_dp_step_matches_naive_loop(name):
     want, norms, max_norm = naive_clipped_sum(model, lambda idx: criterion(model(x[idx]), y[idx]), units)
     assert ((max_norm / (norms + 1e-6)) < 1).sum() >= 3  # half the patients get clipped
 
+    assert_tensors_close(_dp_step(model, criterion, TensorDataset(x, y), units, max_norm), want, 1e-12, name)
+
+
+def _dp_step(model, criterion, dataset, units, max_norm, views=1):
+    """The update of one noise-free DP-SGD step of a copy of ``model`` through the training loop, times
+    the expected batch (4): the clipped sum it applied."""
+    model = copy.deepcopy(model)  # the engine hooks the model it trains
     before = [p.detach().clone() for p in model.parameters()]
     setup = privatize(model, torch.optim.SGD(model.parameters(), lr=1.0), sample_rate=0.5, expected_batch_size=4,
                       steps=1, accountant="rdp", max_grad_norm=max_norm, grad_sample_mode="bookkeeping",
                       noise_multiplier=0.0)
-    progress = EpochProgress([list(range(len(units)))])
-    train_one_epoch(setup.model, criterion, setup.optimizer, TensorDataset(x, y), units, progress, "cpu", 4,
-                    setup.backward, list(range(n)), "test")
-    steps = [(b - p.detach()) * 4 for b, p in zip(before, model.parameters())]
-    assert_tensors_close(steps, want, 1e-12, name)
+    train_one_epoch(setup.model, criterion, setup.optimizer, dataset, units, EpochProgress([list(range(len(units)))]),
+                    "cpu", 4, setup.backward, list(range(len(dataset))), "test", views=views)
     assert setup.accountant.history == [(0.0, 0.5, 1)]
+    return [(b - p.detach()) * 4 for b, p in zip(before, model.parameters())]
+
+
+def test_augmentation_multiplicity_averages_views_before_the_patients_clip():
+    """dp.augmult K: each image's K views' gradients are averaged, a patient's images summed, then
+    clipped as one, against a naive loop; so leaving out a patient moves the update by at most C, as
+    without views. Views of one patient span several physical chunks (4 items per chunk)."""
+    views = 3
+    torch.manual_seed(0)
+    images = _patients(PATIENT_SIZES)
+    n = sum(PATIENT_SIZES)
+    x, y = torch.randn(n, views, 1, 16, 16).double(), (torch.rand(n, 3) > 0.5).double()
+    model = build_model("resnet9", 3, "mish", 16).double()
+    criterion = MaskedBCEWithLogitsLoss(torch.tensor([2.0, 1.0, 3.0], dtype=torch.float64), reduction="none")
+    mean_over_views = lambda idx: torch.stack([criterion(model(x[idx, k]), y[idx])  # noqa: E731
+                                              for k in range(views)]).mean(0)
+    want, norms, max_norm = naive_clipped_sum(model, mean_over_views, images)
+    assert ((max_norm / (norms + 1e-6)) < 1).sum() >= 3  # half the patients get clipped
+
+    class Views(torch.utils.data.Dataset):  # item i: view i % K of image i // K, as CXRDataset(views=K) lists them
+        def __len__(self):
+            return n * views
+
+        def __getitem__(self, i):
+            return x[i // views, i % views], y[i // views]
+
+    units = with_views(images, views)
+    assert [len(u) for u in units] == [views * len(u) for u in images]
+    full = _dp_step(model, criterion, Views(), units, max_norm, views)
+    assert_tensors_close(full, want, 1e-12, "augmult")
+    for left_out in (int(np.argmax(PATIENT_SIZES)), 0):
+        rest = _dp_step(model, criterion, Views(), units[:left_out] + units[left_out + 1:], max_norm, views)
+        moved = math.sqrt(sum(float(((f - r) ** 2).sum()) for f, r in zip(full, rest)))
+        assert moved <= max_norm + 1e-9
 
 
 class _Centre(nn.Module):
