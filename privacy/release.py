@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from artifacts import Layout, atomic_write_text, json_text, load_checkpoint, read_json
-from config import Config, InputError
+from config import PUBLIC_PRETRAINING, Config, InputError
 from privacy.ledger import Ledger
 
 BUNDLE_FORMAT = 1
@@ -94,9 +94,28 @@ def model_card(cfg: Config, summary: dict, metrics: dict, parameters: int, epoch
         "training": {"dataset": cfg.data.dataset, "site": cfg.data.site, "epochs": summary["epochs_completed"],
                      "checkpoint": f"best mean validation AUROC, epoch {epoch}", "optimizer": training.optimizer,
                      "learning_rate": training.lr, "logical_batch_size": training.logical_batch_size,
-                     "pretrained_from": Path(cfg.model.pretrained_checkpoint).name if cfg.model.pretrained_checkpoint
-                     else None},
+                     "pretrained_from": _start(cfg), **recipe(cfg)},
         "privacy": privacy, "evaluation": evaluation}
+
+
+def _start(cfg: Config) -> str | None:
+    """Where the weights started, without a path of the training machine."""
+    start, d = cfg.model.pretrained_checkpoint, cfg.derived
+    if start == PUBLIC_PRETRAINING:
+        return (f"a non-private model pretrained on the {d['pretrained_site']} site of {cfg.data.dataset} (about "
+                f"{rounded_count(d['pretrained_patients']):,} other patients, not covered by this statement)")
+    return Path(start).name if start else None
+
+
+def recipe(cfg: Config) -> dict:
+    """The training choices a reader of the card needs besides the privacy parameters."""
+    training, augment = cfg.training, cfg.training.augment
+    changes = {k: v for k, v in augment.model_dump().items() if v}
+    return {"trainable": training.trainable if isinstance(training.trainable, str) else list(training.trainable),
+            "augmentation": changes or None, "augmented_views_per_image": cfg.dp.augmult,
+            "schedule": f"{training.schedule}, {training.warmup_steps} warm-up steps",
+            "weight_average": (f"exponential moving average of the weights, decay {training.ema:g}; post-processing "
+                               f"of the noised iterates, so it costs no privacy" if training.ema else None)}
 
 
 def card_markdown(card: dict) -> str:
@@ -125,9 +144,12 @@ def card_markdown(card: dict) -> str:
               f"parameters, input {model['input']}.", f"- Labels: {', '.join(model['labels'])}.", "",
               "## Training", "",
               f"- Data: {training['dataset']}, site {training['site']}; epochs: {training['epochs']}, "
-              f"{training['optimizer']} at learning rate {training['learning_rate']:g}, logical batch "
-              f"{training['logical_batch_size']}; {training['checkpoint']}; initialised from "
-              f"{training['pretrained_from'] or 'random weights'}.", ""]
+              f"{training['optimizer']} at learning rate {training['learning_rate']:g} ({training['schedule']}), "
+              f"logical batch {training['logical_batch_size']}; {training['checkpoint']}; initialised from "
+              f"{training['pretrained_from'] or 'random weights'}; trained: {training['trainable']}.",
+              f"- Augmentation: {training['augmentation'] or 'none'}; {training['augmented_views_per_image']} "
+              f"view(s) of each image per step, averaged before the clip.",
+              f"- Weights released: {training['weight_average'] or 'the last iterate of the chosen epoch'}.", ""]
     if evaluation:
         def ci(interval):
             return f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
