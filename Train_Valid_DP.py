@@ -625,18 +625,21 @@ def public_pretraining(cfg: Config) -> tuple[Config, Path]:
     It trains on ``pretraining.site`` of the configured dataset with the config's data and model
     settings, ``pretraining.training`` (device settings from ``training``), one view per image and no
     DP; its folder is named by a fingerprint of everything that changes what it learns, so one
-    recipe is trained once and reused by every run (and sweep) that starts from it.
+    recipe is trained once and reused by every run (and sweep) that starts from it, whatever its
+    ``experiment.seed`` when ``data.split_seed`` fixes the data (its seed is the data's).
     """
     pre = cfg.pretraining
     training = pre.training.model_copy(update={key: getattr(cfg.training, key) for key in RUNTIME_KEYS})
-    data = cfg.data.model_copy(update={"site": pre.site})
+    # the seed of the data: runs that differ only in experiment.seed (sweep --seeds) share one public model
+    seed = cfg.data.split_seed if cfg.data.split_seed is not None else cfg.experiment.seed
+    data = cfg.data.model_copy(update={"site": pre.site, "split_seed": seed})
     learned = {"data": data.model_dump(exclude={"num_workers", "cache"}),
                "model": cfg.model.model_dump(exclude={"pretrained_checkpoint"}),
-               "training": training.model_dump(exclude=RUNTIME_KEYS), "seed": cfg.experiment.seed}
+               "training": training.model_dump(exclude=RUNTIME_KEYS), "seed": seed}
     fingerprint = hashlib.sha256(json.dumps(learned, sort_keys=True).encode()).hexdigest()[:12]
     name = f"{cfg.data.dataset}-{pre.site}_{cfg.model.name}_{fingerprint}"
     folder = Path(pre.dir).expanduser() if pre.dir else default_cache_dir() / "pretrained"
-    config = validate({"experiment": {"name": name, "seed": cfg.experiment.seed}, "data": data.model_dump(),
+    config = validate({"experiment": {"name": name, "seed": seed}, "data": data.model_dump(),
                        "model": {**cfg.model.model_dump(), "pretrained_checkpoint": None},
                        "training": training.model_dump(), "dp": {"enabled": False},
                        "evaluation": cfg.evaluation.model_dump(),

@@ -8,6 +8,9 @@ ResNet9 (GroupNorm, Mish), 8 labels, one logical step = one physical batch (224 
 Opacus' ``ghost`` clipping. ``bookkeeping-patients`` clips patients of 1, 2, 3, 1, 2, 3... images
 (ghost norms over the pairs of a patient's images) and ``bookkeeping-secure`` adds Opacus' secure
 noise (a sum of Gaussian draws): together what a default DP-CXR run does.
+``--augmult K`` (augmentation multiplicity, ``dp.augmult``): the physical batch holds K views of each
+of batch/K images, a patient's unit being all views of its images, each view's loss weighted 1/K; the
+non-private step runs the same views, so the ratio is the price of DP at K views.
 A method ending in ``+compile`` (``non-private+compile``, ``bookkeeping+compile``) runs its forward
 pass through ``torch.compile`` (``training.compile``); its compile time, spent in the warm-up, is
 printed. One compiled method per run: Dynamo's cache is per code object, so a second compiled ResNet9
@@ -57,7 +60,7 @@ METHODS = ("non-private", "bookkeeping", "bookkeeping-patients", "bookkeeping-se
 class Step:
     """One method's model, optimizer and loss on a fixed batch; ``run()`` takes one optimizer step."""
 
-    def __init__(self, method: str, size: int, batch: int, device: torch.device):
+    def __init__(self, method: str, size: int, batch: int, device: torch.device, augmult: int = 1):
         method, _, compiled = method.partition("+")
         torch.manual_seed(0)
         self.x = torch.rand(batch, 1, size, size, device=device)
@@ -78,10 +81,13 @@ class Step:
             setup = privatize(model, optimizer, sample_rate=0.01, expected_batch_size=batch, steps=1, accountant="rdp",
                               max_grad_norm=1.5, grad_sample_mode=engine, noise_multiplier=1.0,
                               secure_mode=variant == "secure")
-            sizes = [1 + i % 3 for i in range(batch)]  # patients of 1, 2, 3 images, cut at the batch
-            units = torch.arange(batch).repeat_interleave(torch.tensor(sizes))[:batch] if variant == "patients" else None
+            images = batch // augmult  # each seen in augmult views, consecutive in the batch
+            sizes = [1 + i % 3 for i in range(images)]  # patients of 1, 2, 3 images, cut at the batch
+            patient = torch.arange(images).repeat_interleave(torch.tensor(sizes))[:images]
+            units = (patient if variant == "patients" else torch.arange(images)).repeat_interleave(augmult)
+            units = None if units.equal(torch.arange(batch)) else units
             model, optimizer = setup.model, setup.optimizer
-            self.backward = lambda per_image: setup.backward(per_image, units, False)
+            self.backward = lambda per_view: setup.backward(per_view / augmult, units, False)
         self.model = torch.compile(model) if compiled else model
         self.optimizer, self.criterion = optimizer, criterion
 
@@ -96,11 +102,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def peak_memory(method: str, size: int, batch: int, device_name: str, queue) -> None:
+def peak_memory(method: str, size: int, batch: int, device_name: str, augmult: int, queue) -> None:
     """Child process: peak memory (bytes) of two steps of ``method``: CUDA memory allocated beyond the
     model and data, or on CPU the peak resident set of the whole process."""
     device = torch.device(device_name)
-    step = Step(method, size, batch, device)
+    step = Step(method, size, batch, device, augmult)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
@@ -123,10 +129,10 @@ def _peak_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_memory(method: str, size: int, batch: int, device: torch.device) -> float:
+def measure_memory(method: str, size: int, batch: int, device: torch.device, augmult: int) -> float:
     context = mp.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=peak_memory, args=(method, size, batch, str(device), queue))
+    child = context.Process(target=peak_memory, args=(method, size, batch, str(device), augmult, queue))
     child.start()
     result = queue.get()
     child.join()
@@ -153,6 +159,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--augmult", type=int, default=1, help="views per image in the batch (dp.augmult)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated; at most one ending in +compile")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
     args = parser.parse_args()
@@ -163,7 +170,9 @@ def main() -> None:
         parser.error("--methods: one +compile method per run (each needs a process of its own)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    steps = {m: Step(m, size, batch, device) for m in methods}
+    if batch % args.augmult:
+        parser.error(f"--batch {batch} must hold whole images of --augmult {args.augmult} views")
+    steps = {m: Step(m, size, batch, device, args.augmult) for m in methods}
     for method, step in steps.items():
         start = time.perf_counter()
         step.run()  # warm-up (and compilation)
@@ -178,7 +187,7 @@ def main() -> None:
             _sync(device)
             times[method].append(time.perf_counter() - start)
     del steps
-    memory = {m: measure_memory(m, size, batch, device) for m in methods}
+    memory = {m: measure_memory(m, size, batch, device, args.augmult) for m in methods}
     rate = loader_rate(size, batch)
 
     base_time, base_memory = statistics.median(times[methods[0]]), memory[methods[0]]
@@ -193,7 +202,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     device_text = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    header = (f"\n## ResNet9, {size} px, physical batch {batch}, {device_text}\n\n"
+    views = f" ({batch // args.augmult} images x {args.augmult} views)" if args.augmult > 1 else ""
+    header = (f"\n## ResNet9, {size} px, physical batch {batch}{views}, {device_text}\n\n"
               f"{datetime.date.today()}, {platform.processor() or platform.machine()}, Python "
               f"{platform.python_version()}, torch {torch.__version__}, opacus {opacus.__version__}; "
               f"`{' '.join(['python bench/bench_dp.py', *sys.argv[1:]])}`\n\n")
