@@ -69,13 +69,14 @@ class Ledger:
 
     def total(self, entries: list[dict], accountant: str, delta: float | None = None) -> tuple[float, str]:
         """epsilon of all ``entries`` composed with one ``accountant`` at ``delta`` (None: the largest
-        delta of the runs), for each patient, and how it came about."""
+        delta of the runs), for each patient, and how it came about (runs named by their folder's name, not
+        its path: the note goes on model cards, which name no path of the training machine)."""
         private = [e for e in entries if e["private"]]
         if len(private) < len(entries):
-            names = ", ".join(e["experiment"] for e in entries if not e["private"])
+            names = ", ".join(Path(e["experiment"]).name for e in entries if not e["private"])
             return math.inf, f"non-private training on these patients ({names})"
         if self.dataset["most_images_per_patient"] > 1:
-            per_image = [e["experiment"] for e in entries if e["unit"] == "image"]
+            per_image = [Path(e["experiment"]).name for e in entries if e["unit"] == "image"]
             if per_image:
                 return math.inf, (f"image-level DP runs ({', '.join(per_image)}) bound no patient with several "
                                   f"images")

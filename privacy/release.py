@@ -12,11 +12,14 @@
   the test metrics with their intervals.
 
 Nothing else: no config (exact dataset sizes and paths), no summary (un-noised training loss), no
-resume checkpoint (secret noise state), no audit. Exact counts stay private: N is given to two significant digits (at least to
-the ten) and the sample rate to two (the accountant used the exact values).
+resume checkpoint (secret noise state), no audit, no path of the training machine. Exact counts stay
+private: N is given to two significant digits (at least to the ten), and so is every number that the
+accountant derives from it (sample rate, noise multiplier, epsilons; epsilons rounded up): with the steps,
+their exact values would give N back (the accountant used the exact values).
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -36,6 +39,18 @@ def _rounded(value: float) -> float:
     return float(f"{value:.2g}")
 
 
+def rounded_up(epsilon: float | None) -> float | None:
+    """An epsilon to two significant digits, rounded up: a published guarantee may be looser than the
+    proven one, never tighter, and no finer than what hides the exact number of training units."""
+    if epsilon is None or not math.isfinite(epsilon) or epsilon <= 0:
+        return epsilon
+    near = _rounded(epsilon)
+    if near >= epsilon:
+        return near
+    unit = 10.0 ** (math.floor(math.log10(epsilon)) - 1)
+    return _rounded(math.ceil(epsilon / unit) * unit)
+
+
 def rounded_count(n: int) -> int:
     """Two significant digits, and at least to the ten."""
     return max(10, int(round(n, -max(1, len(str(int(n))) - 2))))
@@ -47,11 +62,11 @@ def is_bundle(path: Path) -> bool:
 
 def privacy_statement(dp: dict) -> str:
     """The one-sentence privacy statement of a run's ``summary.json`` ``dp`` section, fit for release
-    (no exact count of training patients)."""
+    (no exact count of training patients, epsilon rounded up: :func:`rounded_up`)."""
     if not dp["enabled"]:
         return "NOT PRIVATE: trained without differential privacy; no privacy guarantee"
     reproducible = dp["noise"].startswith("reproducible")
-    return (f"({dp['epsilon_spent']:.4g}, {dp['delta']:g})-DP for each training {dp['unit']} "
+    return (f"({rounded_up(dp['epsilon_spent']):g}, {dp['delta']:g})-DP for each training {dp['unit']} "
             f"(add/remove adjacency, {dp['accountant'].upper()} accountant)"
             + ("; WARNING: the noise was seeded from a configuration value (reproducible mode), so the guarantee "
                "does not hold against anyone who knows that seed" if reproducible else "; the noise was secret"))
@@ -65,17 +80,21 @@ def model_card(cfg: Config, summary: dict, metrics: dict, parameters: int, epoch
     if private:
         unit = dp["unit"]
         privacy.update(
-            unit=unit, epsilon=dp["epsilon_spent"], delta=dp["delta"],
+            unit=unit, epsilon=rounded_up(dp["epsilon_spent"]), delta=dp["delta"],
             adjacency=f"add or remove one {unit} (all of the {unit}'s training images)",
             accountant=f"{dp['accountant'].upper()} (Opacus), Poisson sampling",
-            epsilon_pld=dp["pld_epsilon"],
+            epsilon_pld={k: rounded_up(v) for k, v in dp["pld_epsilon"].items()} if dp["pld_epsilon"] else None,
             units=f"about {rounded_count(dp['units']):,} training {unit}s", sample_rate=_rounded(dp["sample_rate"]),
-            steps=summary["steps"], noise_multiplier=dp["noise_multiplier"], max_grad_norm=dp["max_grad_norm"],
-            noise=dp["noise"], secure_mode=dp["secure_mode"], covers=f"the training {unit}s",
+            steps=summary["steps"], noise_multiplier=_rounded(dp["noise_multiplier"]),
+            max_grad_norm=dp["max_grad_norm"], noise=dp["noise"], secure_mode=dp["secure_mode"],
+            covers=f"the training {unit}s",
             does_not_cover=["validation patients: they chose the checkpoint and the decision thresholds",
                             "test patients: their metrics below are published by the researcher's choice",
                             "other models trained on the same patients: see ledger_total"],
-            loss_weights=d.get("pos_weight_source"), ledger_total=ledger_total)
+            loss_weights=d.get("pos_weight_source"),
+            ledger_total={**ledger_total, "epsilon": rounded_up(ledger_total["epsilon"])},
+            rounding=f"to two significant digits (epsilons rounded up, the number of {unit}s at least to the ten): "
+                     f"exact values would give away the number of training {unit}s")
     privacy["statement"] = privacy_statement(dp)
     evaluation = None
     if metrics:
@@ -139,7 +158,7 @@ def card_markdown(card: dict) -> str:
                   f"- All models trained on these patients so far, composed: unbounded ({total['note']}).",
                   "- Under replace-one adjacency (PLD): epsilon "
                   + (f"{privacy['epsilon_pld']['replace_one']:.4g}." if privacy["epsilon_pld"] else "not computed."),
-                  ""]
+                  f"- Numbers rounded {privacy['rounding']}.", ""]
     lines += ["## Model", "", f"- {model['architecture']} ({model['activation']}), {model['parameters']:,} "
               f"parameters, input {model['input']}.", f"- Labels: {', '.join(model['labels'])}.", "",
               "## Training", "",
