@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from config import Config, Data, InputError, merge, read_yaml, validate
 from data.dataset import Table, evaluation_loader, load_table
-from data.images import Preprocessing
+from data.images import PREPROCESS_VERSION, Preprocessing
 from data.unlabelled import CARRIED, ImageFiles, list_images
 from artifacts import Layout, atomic_write_text, json_text, load_checkpoint, read_json
 from evaluation.bootstrap import bootstrap_intervals, resampling
@@ -272,6 +272,31 @@ class Source:
         table = load_table(cfg.data, cfg.experiment.seed, use_cache=False)
         return table.root, set(table.split("train")["path"])
 
+    def training_pixels(self) -> set[str] | None:
+        """Digests (:func:`pixel_digest`) of the experiment's training images, computed on first use into
+        ``private/training_pixels.json`` (private like the images; recomputed when the data settings or
+        the preprocessing change); None for a bundle, which holds no training data."""
+        if self.experiment is None:
+            return None
+        cfg, path = self.experiment.cfg, Layout(self.path).training_pixels
+        key = {"config_key": config_key(cfg), "preprocess_version": PREPROCESS_VERSION}
+        if path.is_file():
+            kept = read_json(path)
+            if all(kept.get(name) == value for name, value in key.items()):
+                return set(kept["digests"])
+        table = load_table(cfg.data, cfg.experiment.seed)
+        loader = evaluation_loader(table.split("train"), table, cfg.data, cfg.training.physical_batch_size)
+        digests = sorted({pixel_digest(x) for batch, _ in tqdm(loader, desc=f"{self.path.name} training pixels",
+                                                                unit="batch", leave=False) for x in batch})
+        atomic_write_text(path, json_text({**key, "digests": digests}))
+        return set(digests)
+
+
+def pixel_digest(x: torch.Tensor) -> str:
+    """SHA-256 of one image as the network sees it (preprocessed): the same for a copy of the image
+    under another name or re-encoded with the same pixels."""
+    return hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()
+
 
 def load_source(path: Path) -> Source:
     """The model of an experiment folder (``checkpoints/best.pt``) or of a release bundle."""
@@ -440,6 +465,7 @@ def predict_images(source: Source, images: Path, out: Path | None = None) -> tup
         if any(seen):
             raise InputError(f"--images {images}: {sum(seen)} image(s) are training images of {source.path} (first: "
                              f"{listed['path'][seen.index(True)]}); score only images the model was not trained on")
+    trained_pixels = source.training_pixels()  # copies under other names; a bundle cannot tell
     trained = source.experiment
     device = trained.device if trained else resolve_device("auto")
     prep = source.preprocessing
@@ -451,6 +477,12 @@ def predict_images(source: Source, images: Path, out: Path | None = None) -> tup
     scores, reasons = [], []
     for x, why in tqdm(loader, desc=f"{source.path.name} on {images.name}", unit="batch", leave=False):
         good = torch.tensor([not reason for reason in why], dtype=torch.bool)
+        copied = [k for k, reason in enumerate(why) if trained_pixels and not reason
+                  and pixel_digest(x[k]) in trained_pixels]
+        if copied:
+            raise InputError(f"--images {images}: {listed['path'].iloc[len(reasons) + copied[0]]} has the pixels of a "
+                             f"training image of {source.path} (once preprocessed); score only images the model was "
+                             f"not trained on")
         reasons += why
         if good.any():
             scores.append(torch.sigmoid(model(x[good].to(device)).float()).cpu().numpy())

@@ -32,9 +32,10 @@ class Layout:
 
     Private -- ``private/``, never to be shared: ``config.yaml`` and ``summary.json`` (exact dataset
     sizes, sample rate, dataset paths, training loss), ``last.pt`` (the resume checkpoint, with the
-    secret state of the DP noise and sampling), ``tensorboard/`` (training curves, un-noised) and
+    secret state of the DP noise and sampling), ``tensorboard/`` (training curves, un-noised),
     ``audit/`` (canaries' coins and labels, reference runs, membership scores of training images and
-    the audit's results and report).
+    the audit's results and report) and ``training_pixels.json`` (digests of the training images'
+    preprocessed pixels, by which ``predict --images`` recognises a renamed copy of one).
     """
 
     def __init__(self, root: Path):
@@ -45,6 +46,7 @@ class Layout:
         self.last = self.private / "last.pt"
         self.tensorboard = self.private / "tensorboard"
         self.audit = self.private / "audit"
+        self.training_pixels = self.private / "training_pixels.json"
         self.best = self.root / "checkpoints" / "best.pt"
         self.predictions = self.root / "predictions"
         self.results = self.root / "results"

@@ -11,11 +11,15 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
+from artifacts import Layout
 from conftest import TINY_LABELS, write_tiny_config
 from data.dataset import load_table
+from data.images import decode
 from main_2D_DP import main
 from Prediction_DP import load_experiment_config
+from privacy.release import FILES
 from test_native_adapters import write_dicom
 
 COPIED = 4  # test images copied as JPEG, of which the last goes into a subfolder
@@ -179,3 +183,37 @@ def test_earlier_results_nonsense_options_and_unreadable_folders_are_refused(tra
                                                                                                      index=False)
     assert main(["predict", str(trained.exp), "--images", str(listed)]) == 2
     assert "2 image(s) are training images of" in capsys.readouterr().err
+
+
+def test_a_training_image_under_another_name_is_refused_by_its_pixels(trained, capsys):
+    """A byte-for-byte copy of a training image, or its pixels re-encoded, among new images: exit 2 naming
+    it, found through digests kept privately with the experiment; a bundle holds none and cannot tell."""
+    cfg = load_experiment_config(trained.exp)
+    table = load_table(cfg.data, cfg.experiment.seed)
+    train = table.split("train")
+    first = table.root / train["path"].iloc[0]
+    kept = Layout(trained.exp).training_pixels
+    kept.unlink(missing_ok=True)  # computed on first use, whatever the other tests did
+    for name, write in (("renamed.jpg", lambda to: shutil.copyfile(first, to)),
+                        ("ward/reencoded.png", lambda to: Image.fromarray(decode(first)).save(to))):
+        folder = trained.root / f"copied_{Path(name).stem}"
+        shutil.copytree(trained.folder, folder)
+        write(folder / name)
+        assert main(["predict", str(trained.exp), "--images", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert f"--images {folder}: {name} has the pixels of a training image of {trained.exp}" in err, err
+        assert not (trained.exp / "inference" / folder.name).exists()
+    digests = json.loads(kept.read_text())["digests"]
+    assert len(digests) == len(train) and kept.parent.name == "private"
+    made = kept.stat().st_mtime_ns
+    assert main(["predict", str(trained.exp), "--images", str(folder)]) == 2 and kept.stat().st_mtime_ns == made
+
+    bundle = trained.root / "bundle_after_digests"
+    assert main(["export", str(trained.exp), str(bundle), "--non-private"]) == 0
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(FILES)
+    with open(bundle / "model.safetensors", "rb") as handle:  # its JSON header: names and metadata
+        text = handle.read(int.from_bytes(handle.read(8), "little")).decode()
+    text += "".join((bundle / name).read_text() for name in FILES if not name.endswith(".safetensors"))
+    assert not any(digest[:16] in text for digest in digests)
+    capsys.readouterr()
+    assert main(["predict", str(bundle), "--images", str(folder)]) == 0  # documented: only the experiment can tell
