@@ -69,7 +69,7 @@ from config import DP, PUBLIC_PRETRAINING, Audit, Config, Data, InputError, conf
 from data.augment import augmentation
 from data.dataset import (SPLITS, CXRDataset, Table, default_cache_dir, evaluation_loader, load_table,
                           positive_weights, preprocessing)
-from models import PER_IMAGE_MODELS, build_model, load_pretrained, set_trainable
+from models import PER_IMAGE_MODELS, build_model, load_pretrained, resolve_trainable, set_trainable
 from parallel import Ranks, resolve_device
 from Prediction_DP import auroc_per_label, mean_auroc, predict_scores
 from privacy import check_delta, default_delta, noise_multiplier_for, pld_epsilons, secret_seed
@@ -604,7 +604,7 @@ def _model_and_optimizer(cfg: Config, n_labels: int, device, start: str | Path |
     if start is not None:
         fresh = load_pretrained(model, start)
         print(f"initialised from {start}; newly initialised: {fresh or 'none'}")
-    trained = set_trainable(model, cfg.training.trainable)
+    trained = set_trainable(model, resolve_trainable(cfg.training.trainable, bool(cfg.model.pretrained_checkpoint)))
     model.to(device)
     if cfg.training.channels_last:  # convolution weights (and, per batch, the images) as N, H, W, C in memory
         model.to(memory_format=torch.channels_last)
@@ -661,8 +661,10 @@ def _start_weights(cfg: Config, data: TrainingData, ranks: Ranks) -> tuple[Path 
     shared = set(public.frame["patient_id"].astype(str)) & set(data.train["patient_id"].astype(str))
     if shared:
         raise InputError(f"pretraining.site '{cfg.pretraining.site}' has {len(shared)} of this run's training patients "
-                         f"(e.g. {sorted(shared)[0]!r}); pretraining on them would not be private: choose a site "
-                         f"with other patients, or model.pretrained_checkpoint: null")
+                         f"(e.g. {sorted(shared)[0]!r}), so model.pretrained_checkpoint: public would train on them "
+                         f"without privacy (only the built-in data has a separate public site by default): set "
+                         f"model.pretrained_checkpoint to a model trained on public data (a .pt file or an experiment "
+                         f"folder), or null to train from scratch")
     files = Layout(folder)
     done = files.summary.is_file() and read_json(files.summary).get("epochs_completed") == pre_cfg.training.epochs
     if not done:

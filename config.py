@@ -135,7 +135,7 @@ class Model(_Section):
     name: Literal["resnet9", "resnet18", "resnet34", "resnet50", "vit"] = "resnet9"
     activation: Literal["mish", "relu"] = "mish"
     # 'public' (pretrain non-privately, cached), a local .pt/.pth or experiment folder, or None (from scratch)
-    pretrained_checkpoint: Optional[UserPath] = None
+    pretrained_checkpoint: Optional[UserPath] = PUBLIC_PRETRAINING
 
 
 class Augment(_Section):
@@ -150,14 +150,14 @@ class Augment(_Section):
 
 
 class Training(_Section):
-    epochs: int = Field(4, ge=1)
-    logical_batch_size: int = Field(128, ge=1)
+    epochs: int = Field(8, ge=1)
+    logical_batch_size: int = Field(256, ge=1)
     physical_batch_size: int = Field(32, ge=1)
     optimizer: Literal["nadam", "adam", "sgd"] = "nadam"
     # BCE positive-class weight per label: counts (negatives/positives of the training labels: exact
     # without DP, noised and accounted under DP), none (1), or one public value per label
     pos_weight: Union[Literal["counts", "none"], list[float]] = "counts"
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(1e-2, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every_steps: int = Field(100, ge=0)  # also write last.pt every N logical steps (0 = per epoch only)
@@ -167,11 +167,13 @@ class Training(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False  # model and images in channels-last memory format (faster convolutions on GPUs)
     loader_workers: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = "auto"  # training DataLoader processes
-    # which parameters train: all, the normalisation layers and the head, the head, or modules by name prefix
-    trainable: Union[Literal["all", "norms_and_head", "head"], Annotated[list[str], Field(min_length=1)]] = "all"
+    # which parameters train: auto (norms_and_head from a pretrained model, else all), all, the normalisation
+    # layers and the head, the head, or modules by name prefix
+    trainable: Union[Literal["auto", "all", "norms_and_head", "head"],
+                     Annotated[list[str], Field(min_length=1)]] = "auto"
     schedule: Literal["constant", "cosine"] = "constant"  # learning rate after the warm-up
     warmup_steps: int = Field(0, ge=0)  # linear warm-up of the learning rate over this many logical steps
-    ema: Optional[float] = Field(None, gt=0, lt=1)  # decay of the weights' moving average (null = none)
+    ema: Optional[float] = Field(0.99, gt=0, lt=1)  # decay of the weights' moving average (null = none)
     augment: Augment = Field(default_factory=Augment)
 
     @model_validator(mode="after")
@@ -241,7 +243,9 @@ class Pretraining(_Section):
 
     site: Literal["public", "private", "all"] = "public"
     dir: Optional[UserPath] = None  # cache of pretrained runs; null = ~/.cache/dp-cxr/pretrained
-    training: Training = Field(default_factory=Training)
+    training: Training = Field(default_factory=lambda: Training(
+        epochs=20, logical_batch_size=128, lr=2e-3, trainable="all", schedule="cosine", ema=0.99,
+        augment=Augment(crop=0.2, rotate=5, translate=0.05, brightness=0.1, contrast=0.1)))
 
 
 class Output(_Section):

@@ -31,8 +31,16 @@ NORMS = (nn.GroupNorm, nn.LayerNorm)
 HEAD = "fc"  # every model's last layer
 
 
+def resolve_trainable(trainable: str | list[str], pretrained: bool) -> str | list[str]:
+    """``training.trainable`` with ``auto`` made explicit: norms_and_head from a pretrained model, all
+    from scratch (a random network's normalisation layers alone learn nothing useful)."""
+    if trainable != "auto":
+        return trainable
+    return "norms_and_head" if pretrained else "all"
+
+
 def set_trainable(model: nn.Module, trainable: str | list[str]) -> int:
-    """Freeze every parameter outside ``training.trainable`` and return how many values still train.
+    """Freeze every parameter outside ``training.trainable`` (resolved) and return how many values still train.
 
     ``all``; ``head`` (the last layer); ``norms_and_head`` (GroupNorm/LayerNorm scales and shifts and the
     last layer: under DP-SGD the noise grows with the number of trained values, so fine-tuning a few

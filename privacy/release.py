@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from artifacts import Layout, atomic_write_text, json_text, load_checkpoint, read_json
 from config import PUBLIC_PRETRAINING, Config, InputError
+from models import resolve_trainable
 from privacy.ledger import Ledger
 
 BUNDLE_FORMAT = 1
@@ -130,7 +131,8 @@ def recipe(cfg: Config) -> dict:
     """The training choices a reader of the card needs besides the privacy parameters."""
     training, augment = cfg.training, cfg.training.augment
     changes = {k: v for k, v in augment.model_dump().items() if v}
-    return {"trainable": training.trainable if isinstance(training.trainable, str) else list(training.trainable),
+    trainable = resolve_trainable(training.trainable, bool(cfg.model.pretrained_checkpoint))
+    return {"trainable": trainable if isinstance(trainable, str) else list(trainable),
             "augmentation": changes or None, "augmented_views_per_image": cfg.dp.augmult,
             "schedule": f"{training.schedule}, {training.warmup_steps} warm-up steps",
             "weight_average": (f"exponential moving average of the weights, decay {training.ema:g}; post-processing "

@@ -59,7 +59,7 @@ def _cfg(tmp_path, dataset, root, **data):
     path.write_text("{}")
     sets = [f"data.dataset={dataset}", f"data.root={root}", "data.image_size=32", "training.epochs=1",
             "training.logical_batch_size=16", "training.physical_batch_size=8", "training.device=cpu",
-            f"output.target_dir={tmp_path / 'experiments'}"]
+            f"output.target_dir={tmp_path / 'experiments'}", "model.pretrained_checkpoint=null"]
     sets += [f"data.{k}={v}" for k, v in data.items()]
     return load_config(path, sets), sets
 

@@ -41,7 +41,7 @@ def _config(tmp_path, site, **data) -> str:
     path.write_text(yaml.safe_dump({
         "data": {"dataset": "csv", "root": str(site), "image_size": 32, "labels": ["cardiomegaly"],
                  "cache": {"dir": str(tmp_path / "cache"), "max_bad_fraction": 0.0}, **data},
-        "output": {"target_dir": str(tmp_path / "out")}}))
+        "output": {"target_dir": str(tmp_path / "out")}, "model": {"pretrained_checkpoint": None}}))
     return str(path)
 
 

@@ -66,6 +66,7 @@ def _settings(root, tmp_path, **extra):
 def _config_file(tmp_path, data) -> str:
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump({"data": data, "output": {"target_dir": str(tmp_path / "out")},
+                                    "model": {"pretrained_checkpoint": None},
                                     "training": {"epochs": 1, "logical_batch_size": 8, "physical_batch_size": 4,
                                                  "device": "cpu"}, "experiment": {"name": "cached"}}))
     return str(path)
