@@ -655,7 +655,7 @@ def _start_weights(cfg: Config, data: TrainingData, ranks: Ranks) -> tuple[Path 
     patients are among this run's training patients (they would be trained on without privacy)."""
     start = cfg.model.pretrained_checkpoint
     if start != PUBLIC_PRETRAINING:
-        return (Path(start) if start else None), {"pretrained_checkpoint": start}
+        return (Path(start) if start else None), {}
     pre_cfg, folder = public_pretraining(cfg)
     public = load_table(pre_cfg.data, pre_cfg.experiment.seed)
     shared = set(public.frame["patient_id"].astype(str)) & set(data.train["patient_id"].astype(str))

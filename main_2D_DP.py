@@ -11,7 +11,7 @@
     python main_2D_DP.py compare EXP_A EXP_B [--split test|valid] [--out DIR]
     python main_2D_DP.py transfer --experiments DIR [DIR ...] --data CONFIG [CONFIG ...] [--split S] [--out DIR]
     python main_2D_DP.py sweep --epsilons inf,8,4,1 [--seeds K] [--audit [--audit-canaries M]] [--name NAME] [--config FILE]
-                               [--set KEY=VALUE ...]
+                               [--set KEY=VALUE ...] [--non-private-set KEY=VALUE ...]
     python main_2D_DP.py audit EXPERIMENT_DIR [--reference-models K] [--checkpoint best|last]
     python main_2D_DP.py ledger [--dataset NAME] [--config FILE] [--delta D] [--accountant rdp|prv] [--set ...]
     python main_2D_DP.py data describe [--config FILE] [--set KEY=VALUE ...]
@@ -230,11 +230,14 @@ def train_to_end(cfg, exp_dir: Path, what: str) -> bool:
 
 
 def run_sweep(epsilons: list[float], name: str, config: Path | None, overrides: list[str], audit: bool = False,
-              seeds: int = 1) -> Path:
+              seeds: int = 1, non_private_overrides: list[str] = ()) -> Path:
     """Train (or resume, or skip when finished) one experiment per budget and seed, then tabulate them,
     compare each budget with the non-private runs (paired, on the same test patients) and fit the trend
-    on log epsilon; with ``audit``, audit each run too and add the audit's columns."""
+    on log epsilon; with ``audit``, audit each run too and add the audit's columns.
+    ``non_private_overrides`` apply to the non-private runs only: a reference trained with the recipe
+    that suits non-private training, rather than the private one's settings with the noise off."""
     base = load_config(config or DEFAULT_CONFIG, overrides)
+    reference = parse_overrides(list(non_private_overrides))
     sweep_dir = inside(Path(base.output.target_dir), name, "sweep --name")
     raw = base.model_dump(exclude={"derived"})
     ledger = ledger_root(base.output.target_dir, base.output.ledger)  # the base's, not one per sweep folder
@@ -248,9 +251,10 @@ def run_sweep(epsilons: list[float], name: str, config: Path | None, overrides: 
             run = f"eps_{epsilon:g}" + (f"_seed{seed}" if seeds > 1 else "")
             privacy = {"enabled": False} if math.isinf(epsilon) else {"enabled": True, "epsilon": epsilon,
                                                                         "noise_multiplier": None}
-            cfg = validate(merge(raw, {"dp": privacy, "experiment": {"name": run, "seed": seed},
-                                       "data": split if seeds > 1 else {},
-                                       "output": {"target_dir": str(sweep_dir), "ledger": str(ledger)}}),
+            own = reference if math.isinf(epsilon) else {}
+            cfg = validate(merge(merge(raw, own), {"dp": privacy, "experiment": {"name": run, "seed": seed},
+                                                   "data": split if seeds > 1 else {},
+                                                   "output": {"target_dir": str(sweep_dir), "ledger": str(ledger)}}),
                            source=f"sweep {name}/{run}")
             exp_dir = sweep_dir / run
             done = train_to_end(cfg, exp_dir, run)
@@ -471,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--audit-canaries", type=int, default=None, metavar="M", help="canaries per run (audit.canaries)")
     sw.add_argument("--config", type=Path, default=None)
     sw.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides")
+    sw.add_argument("--non-private-set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="overrides for the non-private runs only (their own recipe, e.g. training.lr=0.002)")
     au = sub.add_parser("audit", help="membership inference and the one-run epsilon lower bound of an experiment")
     au.add_argument("experiment", type=Path)
     au.add_argument("--reference-models", type=int, default=0, metavar="K",
@@ -542,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sweep":
             if args.seeds < 1:
                 raise InputError(f"--seeds: expected a positive number of runs per budget, got {args.seeds}")
-            run_sweep(parse_epsilons(args.epsilons), args.name, args.config, args.overrides, args.audit, args.seeds)
+            run_sweep(parse_epsilons(args.epsilons), args.name, args.config, args.overrides, args.audit, args.seeds,
+                      args.non_private_set)
         elif args.command == "transfer":
             run_transfer(args.experiments, args.data, args.split, args.overrides, args.out)
         elif args.command == "compare":

@@ -1,12 +1,13 @@
 """Where privacy becomes cheap: DP-SGD minus non-private mean AUROC against the number of patients.
 
     python bench/bench_scale.py [--sizes 1000,4000,16000] [--epsilons 8,1] [--seeds 2] [--out DIR]
-                                [--set KEY=VALUE ...]
+                                [--set KEY=VALUE ...] [--non-private-set KEY=VALUE ...]
 
 For each size N the built-in generator draws a private site of N patients (``data.synthetic.
 private_patients``; 70% of them train) and one ``sweep`` trains the same recipe (the config, from
-scratch unless --set says otherwise, 32 px by default) non-privately and at every epsilon, each with
-``--seeds`` seeds, on one patient split. The sweep pairs every budget with the non-private runs on the
+scratch unless --set says otherwise, 32 px by default) at every epsilon and non-privately (with
+``--non-private-set``'s changes, a recipe suited to non-private training), each with ``--seeds``
+seeds, on one patient split. The sweep pairs every budget with the non-private runs on the
 same test patients, resampling patients and seeds (``evaluation/sweep.py``), so each point is a paired
 difference with its 95% interval. The study's claim is that the difference shrinks as N grows.
 
@@ -79,6 +80,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("experiments") / "scale")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                         help=f"config overrides after the benchmark's own ({' '.join(SCRATCH)})")
+    parser.add_argument("--non-private-set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="overrides of the non-private reference runs only (their own recipe)")
     args = parser.parse_args()
     sizes = [int(v) for v in args.sizes.split(",")]
     epsilons = [float("inf"), *parse_epsilons(args.epsilons)]
@@ -87,7 +90,8 @@ def main() -> None:
         started = time.time()
         sweep_dir = run_sweep(epsilons, f"patients_{size}", args.config,
                               [*SCRATCH, f"data.synthetic.private_patients={size}",
-                               f"output.target_dir={args.out}", *args.overrides], seeds=args.seeds)
+                               f"output.target_dir={args.out}", *args.overrides], seeds=args.seeds,
+                              non_private_overrides=args.non_private_set)
         trained = load_experiment_config(next(sweep_dir.glob("eps_inf*"))).derived["n_train_patients"]
         rows += [{**row, "training_patients": trained} for row in scale_rows(sweep_dir, size)]
         print(f"{size} patients: {time.time() - started:.0f} s", flush=True)
@@ -96,6 +100,7 @@ def main() -> None:
     atomic_write_text(args.out / "scale.csv", table.to_csv(index=False))
     atomic_write_text(args.out / "scale.json", json_text({"sizes": sizes, "epsilons": epsilons[1:],
                                                           "seeds": args.seeds, "overrides": args.overrides,
+                                                          "non_private_overrides": args.non_private_set,
                                                           "rows": table.to_dict(orient="records")}))
     plot(table, args.out / "scale.png")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))

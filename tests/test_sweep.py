@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 import Train_Valid_DP
 from conftest import assert_report
@@ -99,9 +100,14 @@ def test_sweep_trains_each_budget_resumes_and_skips(tiny_config, monkeypatch, ca
 
 
 def test_sweep_seeds_share_the_test_patients(tiny_config, capsys):
+    """... and the non-private reference may have a recipe of its own (--non-private-set)."""
     path = tiny_config(training={"epochs": 1})
-    assert main(["sweep", "--epsilons", "inf,8", "--seeds", "2", "--config", str(path), "--name", "seeds"]) == 0
+    assert main(["sweep", "--epsilons", "inf,8", "--seeds", "2", "--config", str(path), "--name", "seeds",
+                 "--non-private-set", "training.lr=0.002", "training.ema=null"]) == 0
     sweep = path.parent / "experiments" / "seeds"
+    for run, lr, ema in (("eps_inf_seed1", 0.002, None), ("eps_8_seed1", 0.01, 0.99)):
+        resolved = yaml.safe_load((sweep / run / "private" / "config.yaml").read_text())["training"]
+        assert (resolved["lr"], resolved["ema"]) == (lr, ema)
     table = pd.read_csv(sweep / "sweep.csv")
     assert list(table["run"]) == ["eps_inf_seed0", "eps_inf_seed1", "eps_8_seed0", "eps_8_seed1"]
     assert list(table["seed"]) == [0, 1, 0, 1]
