@@ -382,7 +382,8 @@ def train_one_epoch(model, criterion, optimizer, dataset: Dataset, units: list[n
         progress.seen += int(step_loss[1])
         progress.done += 1
         bar.update(1)
-        postfix = {"private loss" if dp else "loss": f"{progress.loss:.4f}"}
+        # under DP the un-noised training loss is private: it stays in private/ and never reaches a job log
+        postfix = {} if dp else {"loss": f"{progress.loss:.4f}"}
         if epsilon_fn is not None and (progress.done % 10 == 0 or progress.complete):
             postfix["eps"] = f"{epsilon_fn():.3f}"
         bar.set_postfix(postfix, refresh=False)
@@ -974,8 +975,8 @@ def _validate_and_save(cfg: Config, trainer: Trainer, run: RunState, valid_loade
                               budget_note=run.budget_note)}
     _write_summary(files.root, summary)
     privacy = f", epsilon {eps:.3f}" if dp else ""
-    tqdm.write(f"epoch {epoch + 1}/{epochs}: train loss{' (private, not noised)' if dp else ''} "
-               f"{progress.loss:.4f}, valid loss {valid_loss:.4f}, "
+    train_loss = "" if dp else f"train loss {progress.loss:.4f}, "  # private under DP (summary.json keeps it)
+    tqdm.write(f"epoch {epoch + 1}/{epochs}: {train_loss}valid loss {valid_loss:.4f}, "
                f"valid AUROC {auroc_mean:.4f}{privacy} ({time.time() - started:.0f} s)")
     return summary
 

@@ -22,9 +22,11 @@ def _exp(config_path, name="tiny"):
 
 
 @pytest.mark.parametrize("dp", [True, False])
-def test_run_writes_every_artifact(tiny_config, dp):
+def test_run_writes_every_artifact(tiny_config, capfd, dp):
     path = tiny_config(dp={"enabled": dp})
     assert main(["train", "--config", str(path)]) == 0
+    console = "".join(capfd.readouterr())  # the job log people share: no un-noised training loss under DP
+    assert ("train loss" in console) is not dp and ("loss=" in console) is not dp and "valid loss" in console
     exp = _exp(path)
     resolved = yaml.safe_load((exp / "private" / "config.yaml").read_text())
     derived = resolved["derived"]
