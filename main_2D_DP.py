@@ -14,6 +14,7 @@
                                [--set KEY=VALUE ...] [--non-private-set KEY=VALUE ...]
     python main_2D_DP.py audit EXPERIMENT_DIR [--reference-models K] [--checkpoint best|last]
     python main_2D_DP.py ledger [--dataset NAME] [--config FILE] [--delta D] [--accountant rdp|prv] [--set ...]
+                               [--released EXPERIMENT_DIR ...] [--internal EXPERIMENT_DIR ...]
     python main_2D_DP.py data describe [--config FILE] [--set KEY=VALUE ...]
     python main_2D_DP.py prepare [--config FILE] [--set KEY=VALUE ...]
 
@@ -337,10 +338,44 @@ def _finished(exp_dir: Path) -> bool:
     return done["epochs_completed"] >= done["epochs_planned"] and files.best.is_file()
 
 
+def record_release(exp_dir: Path, released: bool) -> None:
+    """Record in its ledger that an experiment's predictions, metrics or anything computed from them were
+    published (``released``), or that an entry from before releases were recorded never left."""
+    if (Path(exp_dir) / ".lock").exists():
+        raise InputError(f"{exp_dir} is being trained ({Path(exp_dir) / '.lock'}); record its release once "
+                         f"training has finished")
+    cfg = load_experiment_config(exp_dir)
+    ledger = Ledger(Path(cfg.output.ledger), cfg.derived["patients_fingerprint"])
+    if released:
+        ledger.release(cfg.derived["run_id"], "published")
+    else:
+        ledger.keep_internal(cfg.derived["run_id"])
+    print(f"{exp_dir}: recorded as {'released (published)' if released else 'internal'} in {ledger.folder}")
+
+
+def _runs_table(runs: list[dict], released: bool) -> str:
+    """The ledger's runs as a table; a non-private run has no epsilon and no delta."""
+    rows = []
+    for r in runs:
+        row = {"experiment": r["experiment"], "private": r["private"], "unit": r["unit"], "steps": r["steps"],
+               "epsilon": r["epsilon"], "delta": r["delta"] if r["private"] else None}
+        if released:
+            row["released"] = (", ".join(f"{e['how']} {e['date']}" for e in r["released"]) if "released" in r
+                               else "before the record")
+        rows.append({**row, "updated": r["updated"]})
+    table = pd.DataFrame(rows).astype({"epsilon": float, "delta": float})  # None -> NaN, shown as -
+    return table.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")
+
+
 def run_ledger(config: Path | None, overrides: list[str], delta: float | None, accountant: str | None,
-               dataset: str | None = None) -> list[dict]:
-    """Print, per dataset in the privacy ledger (or the one ``dataset`` names: its name or fingerprint),
-    every run on its patients and their composition."""
+               dataset: str | None = None, released: list[Path] = (), internal: list[Path] = ()) -> list[dict]:
+    """Record the releases given, then print, per dataset in the privacy ledger (or the one ``dataset``
+    names: its name or fingerprint), the released runs on its patients and their composition, and the
+    internal runs apart."""
+    for exp_dir in released:
+        record_release(exp_dir, True)
+    for exp_dir in internal:
+        record_release(exp_dir, False)
     cfg = load_config(config or DEFAULT_CONFIG, overrides)
     root = ledger_root(cfg.output.target_dir, cfg.output.ledger)
     datasets = [d for d in describe_ledger(root, accountant or cfg.dp.accountant, delta)
@@ -351,13 +386,15 @@ def run_ledger(config: Path | None, overrides: list[str], delta: float | None, a
         about = d["dataset"]
         print(f"{about['dataset']} (site {about['site']}, {about['patients']} patients, {about['images']} images, "
               f"{about['root']}): ledger {d['folder']}")
-        runs = pd.DataFrame([{"experiment": r["experiment"], "private": r["private"], "unit": r["unit"],
-                              "steps": r["steps"], "epsilon": r["epsilon"], "delta": r["delta"],
-                              "updated": r["updated"]} for r in d["runs"]])
-        if len(runs):
-            print(runs.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
-        print(f"  all runs composed ({d['accountant'].upper()}): epsilon {d['total_epsilon']:.4g} per patient "
-              f"({d['note']})\n")
+        for kind, released in (("released (exported or published; composed)", True),
+                               ("internal (never released; not composed)", False)):
+            runs = d["released" if released else "internal"]
+            if runs:
+                print(f"{kind}:\n{_runs_table(runs, released)}")
+        every = d["all_runs"]
+        print(f"  released runs composed ({d['accountant'].upper()}): epsilon {d['total_epsilon']:.4g} per patient "
+              f"({d['note']})\n  every run, as if all were released (what dp.total_budget guards): epsilon "
+              f"{every['epsilon']:.4g} ({every['note']})\n")
     if not datasets:
         print(f"{root}: no dataset recorded yet")
     return datasets
@@ -489,6 +526,11 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("--delta", type=float, default=None, help="delta of the composition (default: the runs' largest)")
     le.add_argument("--accountant", choices=["rdp", "prv"], default=None, help="default: the config's dp.accountant")
     le.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides")
+    le.add_argument("--released", nargs="+", type=Path, default=[], metavar="EXPERIMENT_DIR",
+                    help="record that these experiments' predictions, metrics or anything computed from them were "
+                         "published (export records itself)")
+    le.add_argument("--internal", nargs="+", type=Path, default=[], metavar="EXPERIMENT_DIR",
+                    help="record that these runs, entered before releases were recorded, never left")
     da = sub.add_parser("data", help="inspect the configured dataset")
     da.add_argument("action", choices=["describe"])
     da.add_argument("--config", type=Path, default=None)
@@ -542,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "prepare":
             run_prepare(args.config, args.overrides)
         elif args.command == "ledger":
-            run_ledger(args.config, args.overrides, args.delta, args.accountant, args.dataset)
+            run_ledger(args.config, args.overrides, args.delta, args.accountant, args.dataset, args.released,
+                       args.internal)
         elif args.command == "data":
             run_describe(args.config, args.overrides)
         elif args.command == "sweep":

@@ -11,6 +11,14 @@ Layout: ``<output.ledger>/<fingerprint>/dataset.json`` (default ledger: ``<outpu
 and one ``<run id>.json`` per training run, rewritten whenever the run checkpoints (the steps after
 the last checkpoint released nothing: a resumed run repeats them with the same secret randomness).
 The ledger holds exact counts and sample rates: it is private, like the experiments it lists.
+
+What is composed is what left the hospital. Each entry's ``released`` lists how the run was released
+(``export``, or ``published`` when its predictions, metrics or anything computed from it were, recorded
+with ``ledger --released``); ``[]`` = internal: listed apart and not composed, since what never
+leaves tells nobody outside anything. Entries written before releases were recorded have no ``released``
+field and count as released (nobody recorded which ones left, and the ledger then composed them all);
+``ledger --internal`` settles such an entry once. ``dp.total_budget`` still guards every run, released
+or not: any of them may yet be released.
 """
 from __future__ import annotations
 
@@ -25,6 +33,11 @@ from opacus.accountants import create_accountant
 
 from artifacts import atomic_write_text, json_text, private_folder, read_json
 from config import InputError
+
+
+def is_released(entry: dict) -> bool:
+    """Whether the run left the hospital; an entry without the field predates the record: released."""
+    return "released" not in entry or bool(entry["released"])
 
 
 def fingerprint(patient_ids: pd.Series) -> str:
@@ -56,8 +69,34 @@ class Ledger:
         return read_json(self.folder / "dataset.json")
 
     def record(self, run_id: str, entry: dict) -> None:
-        atomic_write_text(self.folder / f"{run_id}.json", json_text(
-            {**entry, "run_id": run_id, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        """Write the run's entry, keeping its release record (a resumed run stays released)."""
+        path = self.folder / f"{run_id}.json"
+        kept = {"released": []}
+        if path.is_file():
+            kept = {k: v for k, v in read_json(path).items() if k == "released"}
+        atomic_write_text(path, json_text(
+            {**entry, **kept, "run_id": run_id, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+
+    def _entry(self, run_id: str) -> tuple[Path, dict]:
+        path = self.folder / f"{run_id}.json"
+        if not path.is_file():
+            raise InputError(f"{path}: this run has no entry in the privacy ledger (output.ledger of its "
+                             f"private/config.yaml); its release cannot be recorded")
+        return path, read_json(path)
+
+    def release(self, run_id: str, how: str) -> None:
+        """Record that the run left the hospital (``export`` or ``published``); never undone."""
+        path, entry = self._entry(run_id)
+        entry["released"] = [*entry.get("released", []), {"how": how, "date": time.strftime("%Y-%m-%d")}]
+        atomic_write_text(path, json_text(entry))
+
+    def keep_internal(self, run_id: str) -> None:
+        """Settle an entry that predates the release record as internal; a recorded release stays."""
+        path, entry = self._entry(run_id)
+        if entry.get("released"):
+            raise InputError(f"{path}: released ({', '.join(r['how'] for r in entry['released'])}); what left "
+                             f"the hospital cannot be called back")
+        atomic_write_text(path, json_text({**entry, "released": []}))
 
     def entries(self, exclude: str | None = None) -> list[dict]:
         found = []
@@ -87,6 +126,15 @@ class Ledger:
         delta = max(e["delta"] for e in entries) if delta is None else delta
         return float(books.get_epsilon(delta)), f"{len(entries)} run(s) composed at delta {delta:g}"
 
+    def released_total(self, entries: list[dict], accountant: str,
+                       delta: float | None = None) -> tuple[float, str]:
+        """:meth:`total` of the released ``entries``; the internal ones are counted in the note, not composed."""
+        released = [e for e in entries if is_released(e)]
+        epsilon, note = self.total(released, accountant, delta) if released else (0.0, "no run released")
+        internal = len(entries) - len(released)
+        return epsilon, note + (f"; {internal} other run(s) on these patients not released, not composed"
+                                if internal else "")
+
 
 @dataclass
 class Booking:
@@ -98,7 +146,9 @@ class Booking:
     private: bool
     unit: str
     accountant: str
-    delta: float  # a DP run's own; for a non-private run, the default delta of the dataset's patients
+    # a DP run's own; for a non-private run, the dataset's default, for dp.total_budget's composition only
+    # (its entry records no delta: it has no guarantee)
+    delta: float
 
     def entry(self, history: list, steps: int) -> dict:
         epsilon = None
@@ -107,7 +157,7 @@ class Booking:
             books.history = [tuple(step) for step in history]
             epsilon = float(books.get_epsilon(self.delta)) if history else 0.0
         return {"experiment": self.experiment, "private": self.private, "unit": self.unit,
-                "accountant": self.accountant, "delta": self.delta, "epsilon": epsilon,
+                "accountant": self.accountant, "delta": self.delta if self.private else None, "epsilon": epsilon,
                 "history": [list(step) for step in history] if self.private else None,
                 "steps": steps}
 
@@ -135,15 +185,19 @@ def ledger_root(target_dir: str, ledger: str | None) -> Path:
 
 
 def describe(root: Path, accountant: str, delta: float | None) -> list[dict]:
-    """Per dataset in the ledger at ``root``: its description, runs and their composition."""
+    """Per dataset in the ledger at ``root``: its description, released and internal runs, the composition
+    of the released ones and, under ``all_runs``, of every run (what ``dp.total_budget`` guards)."""
     if not root.is_dir():
         raise InputError(f"{root}: no privacy ledger here yet (it is written by the first training run)")
     out = []
     for folder in sorted(p for p in root.iterdir() if (p / "dataset.json").is_file()):
         ledger = Ledger(root, folder.name)
         entries = ledger.entries()
-        epsilon, note = ledger.total(entries, accountant, delta)
-        out.append({"fingerprint": folder.name, "folder": str(folder), "dataset": ledger.dataset, "runs": entries,
-                    "accountant": accountant, "total_epsilon": epsilon, "note": note})
+        epsilon, note = ledger.released_total(entries, accountant, delta)
+        every, every_note = ledger.total(entries, accountant, delta)
+        out.append({"fingerprint": folder.name, "folder": str(folder), "dataset": ledger.dataset,
+                    "released": [e for e in entries if is_released(e)],
+                    "internal": [e for e in entries if not is_released(e)], "accountant": accountant,
+                    "total_epsilon": epsilon, "note": note, "all_runs": {"epsilon": every, "note": every_note}})
     return out
 

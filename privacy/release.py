@@ -91,9 +91,10 @@ def model_card(cfg: Config, summary: dict, metrics: dict, parameters: int, epoch
             covers=f"the training {unit}s",
             does_not_cover=["validation patients: they chose the checkpoint and the decision thresholds",
                             "test patients: their metrics below are published by the researcher's choice",
-                            "other models trained on the same patients: see ledger_total"],
+                            "other models released from the same patients: see ledger_total"],
             loss_weights=d.get("pos_weight_source"),
-            ledger_total={**ledger_total, "epsilon": rounded_up(ledger_total["epsilon"])},
+            ledger_total={**ledger_total, "epsilon": rounded_up(ledger_total["epsilon"])
+                          if math.isfinite(ledger_total["epsilon"]) else None},
             rounding=f"to two significant digits (epsilons rounded up, the number of {unit}s at least to the ten): "
                      f"exact values would give away the number of training {unit}s")
     privacy["statement"] = privacy_statement(dp)
@@ -155,9 +156,9 @@ def card_markdown(card: dict) -> str:
                   f"{'yes' if privacy['secure_mode'] else 'no'}.",
                   f"- Loss weights: {privacy['loss_weights']}.",
                   f"- Covers: {privacy['covers']}. Does not cover: " + "; ".join(privacy["does_not_cover"]) + ".",
-                  f"- All models trained on these patients so far, composed: epsilon {total['epsilon']:.4g} "
+                  f"- All models released from these patients so far, composed: epsilon {total['epsilon']:.4g} "
                   f"({total['note']})." if total["epsilon"] is not None else
-                  f"- All models trained on these patients so far, composed: unbounded ({total['note']}).",
+                  f"- All models released from these patients so far, composed: unbounded ({total['note']}).",
                   "- Under replace-one adjacency (PLD): epsilon "
                   + (f"{privacy['epsilon_pld']['replace_one']:.4g}." if privacy["epsilon_pld"] else "not computed."),
                   f"- Numbers rounded {privacy['rounding']}.", ""]
@@ -204,10 +205,11 @@ def export_bundle(exp_dir: Path, out_dir: Path, cfg: Config, non_private: bool =
     metrics = read_json(metrics_path)
     best = load_checkpoint(files.best)
     weights = {k: v.contiguous() for k, v in best["model"].items()}
+    ledger = Ledger(Path(cfg.output.ledger), cfg.derived["patients_fingerprint"])
+    ledger.release(cfg.derived["run_id"], "export")  # before the bundle: a failed write overstates, never hides
     total = {"epsilon": None, "note": "non-private run"}
-    if summary["dp"]["enabled"]:
-        ledger = Ledger(Path(cfg.output.ledger), cfg.derived["patients_fingerprint"])
-        epsilon, note = ledger.total(ledger.entries(), cfg.dp.accountant, summary["dp"]["delta"])
+    if summary["dp"]["enabled"]:  # this model and every run released before it
+        epsilon, note = ledger.released_total(ledger.entries(), cfg.dp.accountant, summary["dp"]["delta"])
         total = {"epsilon": epsilon, "note": note}
     card = model_card(cfg, summary, metrics, sum(v.numel() for v in weights.values()), best["epoch"], total)
     rebuild = {"format": BUNDLE_FORMAT, "model": {"name": cfg.model.name, "activation": cfg.model.activation},

@@ -97,13 +97,15 @@ def test_a_non_private_run_is_never_exported_as_private(tiny_config, capsys):
 
 @pytest.fixture(scope="module")
 def released(tmp_path_factory, data_cache):
-    """The bundle of a tiny DP experiment, exported after a non-private run on the same patients (the
-    ledger's note on the card names that run)."""
+    """The bundle of a tiny DP experiment, exported after a non-private run on the same patients was
+    exported too (the ledger's note on the card names that run; kept inside, it would not count)."""
     root = tmp_path_factory.mktemp("release")
     config = write_tiny_config(root, data_cache, training={"epochs": 1},
                                evaluation={"bootstrap": 20, "permutations": 0})
     exp, bundle = root / "experiments" / "tiny", root / "bundle"
     assert main(["train", "--config", str(config), "--name", "baseline", "--set", "dp.enabled=false"]) == 0
+    assert main(["predict", str(root / "experiments" / "baseline")]) == 0
+    assert main(["export", str(root / "experiments" / "baseline"), str(root / "baseline_bundle"), "--non-private"]) == 0
     assert main(["train", "--config", str(config)]) == 0
     assert main(["predict", str(exp)]) == 0
     assert main(["export", str(exp), str(bundle)]) == 0
