@@ -285,6 +285,7 @@ def trained(tmp_path_factory, data_cache):
                        synthetic={"public_patients": 30, "private_patients": 120})
     raw["training"].update(epochs=1, logical_batch_size=16, physical_batch_size=8, device="cpu")
     raw["dp"]["enabled"] = False
+    raw["model"]["pretrained_checkpoint"] = None
     raw["output"]["target_dir"] = str(root)
     (root / "cfg.yaml").write_text(yaml.safe_dump(raw))
     assert main(["train", "--config", str(root / "cfg.yaml"), "--name", "exp"]) == 0
