@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from config import Config, Data, InputError, merge, read_yaml, validate
+from config import PUBLIC_PRETRAINING, Config, Data, InputError, merge, read_yaml, validate
 from data.dataset import Table, evaluation_loader, load_table
 from data.images import PREPROCESS_VERSION, Preprocessing
 from data.unlabelled import CARRIED, ImageFiles, list_images
@@ -34,7 +34,7 @@ from evaluation.fairness import fairness_report, fairness_table
 from evaluation.report import page, prediction_sections, threshold_source
 from models import build_model
 from parallel import resolve_device
-from privacy.release import is_bundle, privacy_statement, read_bundle, rounded_count
+from privacy.release import is_bundle, plain_privacy, plain_statement, privacy_statement, read_bundle, rounded_count
 
 
 @torch.no_grad()
@@ -242,6 +242,7 @@ class Source:
     preprocessing: dict  # data.image_size, data.fit, data.histogram_equalization
     threshold_split: str  # "experiment valid" or "bundle"
     facts: dict  # model, training data and privacy statement: the first lines of a report
+    guarantee: str  # the privacy statement in words (privacy.release.plain_statement)
     trained_on: str  # "<dataset>-<site>"
     epsilon: float | None  # spent on its training units; None when trained without DP (NaN: unknown)
     pretrained_from: str | None  # name of the checkpoint it was fine-tuned from; None: from scratch
@@ -318,7 +319,8 @@ def load_source(path: Path) -> Source:
                  "trained on": trained_on if training else "unknown (no model_card.json)",
                  "privacy": privacy.get("statement", "unknown (no model_card.json)")}
         epsilon = privacy.get("epsilon", float("nan")) if privacy.get("private", rebuild["private"]) else None
-        return Source(path, model, list(rebuild["labels"]), -1, rebuild["preprocessing"], "bundle", facts,
+        guarantee = privacy.get("in_words") or (plain_statement(None, None) if epsilon is None else facts["privacy"])
+        return Source(path, model, list(rebuild["labels"]), -1, rebuild["preprocessing"], "bundle", facts, guarantee,
                       trained_on, epsilon, training.get("pretrained_from"), _thresholds=dict(rebuild["thresholds"]))
     trained = load_trained(path)
     cfg, files = trained.cfg, Layout(path)
@@ -328,7 +330,8 @@ def load_source(path: Path) -> Source:
     prep = {"image_size": cfg.data.image_size, "fit": cfg.data.fit,
             "histogram_equalization": cfg.data.histogram_equalization}
     epsilon = (summary["dp"]["epsilon_spent"] if summary else float("nan")) if cfg.dp.enabled else None
-    return Source(path, trained.model, trained.labels, trained.epoch, prep, "experiment valid", facts,
+    guarantee = plain_privacy(summary["dp"]) if summary else facts["privacy"]
+    return Source(path, trained.model, trained.labels, trained.epoch, prep, "experiment valid", facts, guarantee,
                   f"{cfg.data.dataset}-{cfg.data.site}", epsilon,
                   Path(cfg.model.pretrained_checkpoint).name if cfg.model.pretrained_checkpoint else None, trained)
 
@@ -431,8 +434,10 @@ def predict_external(source: Source, data: Config, split: str = "test", recalibr
     if d["label_map"] or d["merge_sides"]:
         facts["labels matched"] = ", ".join(f"{k} -> {v}" for k, v in d["label_map"].items()) + (
             " (right and left merged)" if d["merge_sides"] else "")
+    about = {"facts": facts, "guarantee": source.guarantee, "private": source.epsilon is not None,
+             "synthetic": "synthetic" in (d["dataset"], source.trained_on.split("-")[0])}
     metrics, _ = write_predictions(Layout(out), scored, source.path, f"{source.path.name} on {d['dataset']} "
-                                                                     f"{d['site']}", {"facts": facts})
+                                                                     f"{d['site']}", about)
     return metrics, out
 
 
@@ -515,8 +520,12 @@ def predict_images(source: Source, images: Path, out: Path | None = None) -> tup
 
 
 def model_fact(cfg: Config) -> str:
-    start = (f"pretrained from {Path(cfg.model.pretrained_checkpoint).name}" if cfg.model.pretrained_checkpoint
-             else "trained from scratch")
+    start, d = cfg.model.pretrained_checkpoint, cfg.derived
+    if start == PUBLIC_PRETRAINING:
+        start = (f"pretrained non-privately on the {d.get('pretrained_site', cfg.pretraining.site)} site of "
+                 f"{cfg.data.dataset}")
+    else:
+        start = f"pretrained from {Path(start).name}" if start else "trained from scratch"
     return f"{cfg.model.name} ({cfg.model.activation}), {cfg.data.image_size} px, {start}"
 
 
@@ -527,8 +536,8 @@ def experiment_about(files: Layout, scored: Scored) -> dict:
     summary = read_json(files.summary) if files.summary.is_file() else None
     unit = derived.get("privacy_unit", "patient")
     facts = {"model": model_fact(cfg),
-             "dataset": f"{cfg.data.dataset}{' site ' + cfg.data.site if cfg.data.site else ''}, labels "
-                        f"{', '.join(cfg.data.labels)}",
+             "dataset": f"{cfg.data.dataset}{' site ' + cfg.data.site if cfg.data.site else ''}",
+             "labels": ", ".join(cfg.data.labels),
              "trained on": f"about {rounded_count(derived['n_train_units']):,} {unit}s (about "
                            f"{rounded_count(derived['n_train']):,} images) of the training split"
              if "n_train_units" in derived else "unknown",
@@ -537,7 +546,9 @@ def experiment_about(files: Layout, scored: Scored) -> dict:
              "privacy": privacy_statement(summary["dp"]) if summary else "unknown (no private/summary.json)"}
     if summary:
         facts["training"] = f"{summary['epochs_completed']} epochs, {summary['steps']} optimizer steps"
-    return {"facts": facts, "curves": training_curves(files.tensorboard)}
+    return {"facts": facts, "curves": training_curves(files.tensorboard), "private": cfg.dp.enabled,
+            "guarantee": plain_privacy(summary["dp"]) if summary else facts["privacy"],
+            "synthetic": cfg.data.dataset == "synthetic"}
 
 
 def training_curves(tensorboard: Path) -> dict[str, list[tuple[int, float]]]:

@@ -78,6 +78,7 @@ from privacy.canaries import check_record, draw_canaries, reference_training_spl
 from privacy.ledger import Booking, Ledger, ledger_root
 from privacy.per_sample import check_allowed, check_batch_independence
 from privacy.pos_weight import label_count_noise, noised_positive_weights
+from privacy.release import EPSILON_MEANING, plain_privacy
 from privacy.units import UnitSampler, plan_chunks, unit_rows, with_views
 
 CHECKPOINT_FORMAT = 4  # 3: logical batches of privacy units, secret generator states; 4: schedule, weight average
@@ -986,6 +987,7 @@ def _report(summary: dict) -> None:
     dp_info = summary["dp"]
     if dp_info["enabled"]:
         print(f"DP-SGD: {dp_info['statement']}")
+        print(f"In words: {plain_privacy(dp_info)} {EPSILON_MEANING}")
         print(f"noise multiplier {dp_info['noise_multiplier']:.4f}, sample rate {dp_info['sample_rate']:.5f}; "
               f"replace-one adjacency (PLD): epsilon {dp_info['pld_epsilon']['replace_one']:.4f}")
     else:

@@ -165,18 +165,21 @@ def run_export(exp_dir: Path, out_dir: Path, non_private: bool) -> dict:
     """Write the release bundle of an experiment: weights, model config and model card."""
     card = export_bundle(exp_dir, out_dir, load_experiment_config(exp_dir), non_private)
     print(card["privacy"]["statement"])
+    print(card["privacy"]["in_words"])
     print(f"wrote the release bundle {out_dir}: {', '.join(RELEASE_FILES)}")
     return card
 
 
 def run_compare(exp_a: Path, exp_b: Path, split: str, out: Path | None) -> None:
     expect_folder(out, "--out")
-    comparison, table = compare_experiments(exp_a, exp_b, split, out)
+    comparison, table, out_dir = compare_experiments(exp_a, exp_b, split, out)
     boot = comparison["bootstrap"]
-    print(f"A = {exp_a}\nB = {exp_b}\n{comparison['n_images']} {split} images of {boot['units']} {boot['unit']}s, "
+    print(f"A = {exp_a} ({comparison['privacy_a']})\nB = {exp_b} ({comparison['privacy_b']})")
+    print(f"{comparison['n_images']} {split} images of {boot['units']} {boot['unit']}s, "
           f"{boot['resamples']} paired bootstrap resamples of {boot['unit']}s (seed {boot['seed']})")
     print(format_comparison(table))
     print(f"primary endpoint: {comparison['endpoints']['primary']}; {comparison['endpoints']['secondary']}")
+    print(f"wrote {out_dir}: comparison.json, comparison.csv, report.html")
 
 
 def run_transfer(experiments: list[Path], data: list[Path], split: str, overrides: list[str],

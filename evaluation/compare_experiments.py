@@ -7,19 +7,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from artifacts import Layout, atomic_write_text, json_text
+from artifacts import Layout, atomic_write_text, json_text, read_json
 from config import InputError
 from evaluation.bootstrap import format_p, resampling
 from evaluation.compare import paired_auroc_comparison
 from evaluation.report import comparison_report
 from Prediction_DP import score_split
+from privacy.release import rounded_up
 
 
 def compare_experiments(exp_a: Path, exp_b: Path, split: str = "test", out_dir: Path | None = None):
     """Score two experiments on the same images and compare their AUROCs, paired.
 
-    Writes ``comparison.json`` and ``comparison.csv`` to ``out_dir`` (default
-    ``<parent of A>/comparisons/<A>__vs__<B>__<split>``); returns (comparison, table).
+    Writes ``comparison.json``, ``comparison.csv`` and ``report.html`` to ``out_dir`` (default
+    ``<parent of A>/comparisons/<A>__vs__<B>__<split>``); returns (comparison, table, out_dir).
     """
     exp_a, exp_b = Path(exp_a), Path(exp_b)
     a, b = score_split(exp_a, split), score_split(exp_b, split)
@@ -38,7 +39,9 @@ def compare_experiments(exp_a: Path, exp_b: Path, split: str = "test", out_dir: 
                                            evaluation.bootstrap_unit)
     result = paired_auroc_comparison(a.truth, a.scores, b.scores, a.labels, weights,
                                      units if evaluation.bootstrap_unit == "patient" else None)
-    comparison = {"experiment_a": str(exp_a), "experiment_b": str(exp_b), "split": split, "n_images": len(ids_a),
+    who = {"A": privacy_of(exp_a), "B": privacy_of(exp_b)}
+    comparison = {"experiment_a": str(exp_a), "experiment_b": str(exp_b), "privacy_a": who["A"],
+                  "privacy_b": who["B"], "split": split, "n_images": len(ids_a),
                   "bootstrap": {**resampled, "paired": True}, **result}
 
     rows = []
@@ -59,8 +62,20 @@ def compare_experiments(exp_a: Path, exp_b: Path, split: str = "test", out_dir: 
     atomic_write_text(out_dir / "comparison.csv", table.to_csv(index=False))
     atomic_write_text(out_dir / "report.html", comparison_report(
         f"A = {exp_a.name} vs B = {exp_b.name} ({split} split, {len(ids_a)} images)",
-        a.labels, a.truth, a.scores, b.scores, table))
-    return comparison, table
+        a.labels, a.truth, a.scores, b.scores, table,
+        {"A": f"{exp_a.name}: {who['A']}", "B": f"{exp_b.name}: {who['B']}"}))
+    return comparison, table, out_dir
+
+
+def privacy_of(exp_dir: Path) -> str:
+    """An experiment's privacy in a few words (epsilon rounded up, as released)."""
+    files = Layout(exp_dir)
+    if not files.summary.is_file():
+        return "privacy unknown (no private/summary.json)"
+    dp = read_json(files.summary)["dp"]
+    if not dp["enabled"]:
+        return "not private (trained without differential privacy)"
+    return f"private, epsilon {rounded_up(dp['epsilon_spent']):g} (delta {dp['delta']:g}) per training {dp['unit']}"
 
 
 def format_comparison(table: pd.DataFrame) -> str:

@@ -303,7 +303,7 @@ def fairness_report(truth: np.ndarray, scores: np.ndarray, labels: list[str], th
               "min_negatives": min_negatives, "permutations": permutations, "definitions": DEFINITIONS,
               "subgroups": {}, "fairness": {}, "underdiagnosis": {}}
     abnormal, called, definition = composite_finding(truth, scores, labels, thresholds, no_finding)
-    report["underdiagnosis_definition"] = definition
+    report["underdiagnosis_definition"], report["no_finding"] = definition, no_finding
     for attribute, names in names_by_attribute.items():
         groups = groups_of(attribute, edges)
         permuted = worlds.permuted_groups(names, groups) if attribute != "sex_age" else None

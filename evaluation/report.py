@@ -14,6 +14,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from evaluation.bootstrap import format_p
+from privacy.release import EPSILON_MEANING, NOT_COVERED
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -21,9 +22,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 # Figures are drawn at most PAGE_WIDTH inches wide at DPI, so the page shows them at their own size (the
 # content column is 1100 px) and 8-point text stays legible at 100% zoom on a laptop screen.
 PAGE_WIDTH, DPI = 10.5, 100
+# Table cells never wrap (a number split over two lines misreads); a table that would be wider than the
+# 1100 px column is cut into several (:func:`_table`), by an estimate of its text's width at 13 px.
+COLUMN_PX, FONT_PX, CELL_PX = 1100, 13, 16
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
-th{background:#f0f0f0}img{max-width:100%}.note{color:#555;font-size:13px}"""
+td{white-space:nowrap}th{background:#f0f0f0}img{max-width:100%}.note{color:#555;font-size:13px}
+table.facts td{white-space:normal;text-align:left}table.facts th{text-align:left}
+.summary{border:2px solid #3d6a9e;background:#f3f7fb;border-radius:4px;padding:0.2em 1em;margin:1em 0}
+.summary p{margin:0.5em 0}.warning{color:#8a1c1c;font-weight:bold}"""
 
 
 def _figure(fig) -> str:
@@ -33,18 +40,52 @@ def _figure(fig) -> str:
     return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
-def _table(frame: pd.DataFrame) -> str:
-    return frame.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="n/a", border=0)
+def fixed(value: float, digits: int = 3) -> str:
+    """``value`` to ``digits`` decimals; one that rounds to zero has no minus sign (no "-0.00")."""
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "n/a"
+    return fixed(value) if isinstance(value, float) else str(value)
+
+
+def _text_px(text: str, bold: bool = False) -> float:
+    """``text``'s width at 13 px in a wide sans-serif (DejaVu Sans's advances in em, rounded up, plus 8%)."""
+    em = sum(0.33 if c in ".,:;' il|" else 0.41 if c in "[]()-ftrj" else 1.0 if c in "mwMW%" else
+             0.8 if c.isupper() else 0.64 for c in text)
+    return em * FONT_PX * 1.08 * (1.1 if bold else 1.0)
+
+
+def _table(frame: pd.DataFrame, keys: int = 1) -> str:
+    """``frame`` as HTML tables no wider than the page's column: the value columns that do not fit go to
+    further tables that repeat the first ``keys`` columns (rows with nothing in a part are left out)."""
+    shown = frame.map(_cell) if len(frame) else frame.astype(str)
+    def width(column) -> float:  # a header wraps between its words, a cell never
+        return CELL_PX + max([_text_px(w, bold=True) for w in str(column).split()] +
+                             [_text_px(v) for v in shown[column]])
+    columns = list(shown.columns)
+    parts, part, used = [], [], sum(width(c) for c in columns[:keys])
+    for column in columns[keys:]:
+        if part and used + width(column) > COLUMN_PX:
+            parts.append(part)
+            part, used = [], sum(width(c) for c in columns[:keys])
+        part.append(column)
+        used += width(column)
+    parts.append(part)
+    out = []
+    for part in parts:
+        rows = shown[part].ne("").any(axis=1) if part else slice(None)
+        out.append(shown.loc[rows, columns[:keys] + part].to_html(index=False, border=0))
+    return "".join(out)
 
 
 def page(title: str, sections: list[tuple[str, str]]) -> str:
     body = "".join(f"<h2>{html.escape(heading)}</h2>{content}" for heading, content in sections)
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
-
-
-def _interval(ci) -> str:
-    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "not estimable"
 
 
 def _roc_grid(truth: np.ndarray, curves: dict[str, np.ndarray], labels: list[str]):
@@ -72,33 +113,47 @@ def _roc_grid(truth: np.ndarray, curves: dict[str, np.ndarray], labels: list[str
     return fig
 
 
+def _not_estimable_reason(entry: dict, fairness: dict) -> str:
+    """A short reason, fit for a figure, why a group's AUROC is not estimable."""
+    if not entry.get("estimable"):
+        return "group too small"
+    if entry["positives"] < fairness["min_positives"]:
+        return "too few positives"
+    return "too few negatives"
+
+
 def _subgroup_panels(fairness: dict, attribute: str, labels: list[str]):
-    """One panel per label: AUROC with 95% interval per group; not estimable groups are marked."""
+    """One panel per label: AUROC with 95% interval per group, each group's images (positives) under
+    its name, and the reason where a group is not estimable. The y-axis holds every interval."""
     groups = list(fairness["subgroups"][attribute])
+    entries = {label: [fairness["subgroups"][attribute][g][label] for g in groups] for label in labels}
+    aurocs = [e.get("metrics", {}).get("auroc", {}) for es in entries.values() for e in es]
+    lows = [a["ci95"][0] for a in aurocs if a.get("value") is not None and a.get("ci95")]
+    bottom = min([0.3] + [lo - 0.03 for lo in lows])
     cols = min(4, len(labels))
     rows = math.ceil(len(labels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(PAGE_WIDTH / 4 * cols, 2.9 * rows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(PAGE_WIDTH / 4 * cols, 3.1 * rows), squeeze=False, sharey=True)
     for ax in axes.flat[len(labels):]:
         ax.axis("off")
     for ax, label in zip(axes.flat, labels):
-        for j, group in enumerate(groups):
-            entry = fairness["subgroups"][attribute][group][label]
+        for j, entry in enumerate(entries[label]):
             auroc = entry.get("metrics", {}).get("auroc", {})
             if auroc.get("value") is not None and auroc.get("ci95"):
                 lo, hi = auroc["ci95"]
                 ax.errorbar([j], [auroc["value"]], yerr=[[auroc["value"] - lo], [hi - auroc["value"]]], fmt="o",
                             capsize=3, ms=5, color="tab:blue")
             else:
-                ax.text(j, 0.52, "n.e.", ha="center", va="bottom", fontsize=8, color="grey", rotation=90)
+                ax.text(j, 0.52, _not_estimable_reason(entry, fairness), ha="center", va="bottom", fontsize=7,
+                        color="grey", rotation=90)
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-        ax.set_xticks(range(len(groups)), groups, rotation=45 if len(groups) > 2 else 0, ha="right" if len(groups) > 2
-                      else "center", fontsize=9)
+        names = [f"{g}\n{e['n']}\n({e['positives']})" for g, e in zip(groups, entries[label])]
+        ax.set_xticks(range(len(groups)), names, fontsize=7 if len(groups) > 2 else 8)
         ax.set_title(label, fontsize=10)
-        ax.set(xlim=(-0.6, len(groups) - 0.4), ylim=(0.3, 1.02))
+        ax.set(xlim=(-0.6, len(groups) - 0.4), ylim=(bottom, 1.03))
         ax.tick_params(axis="y", labelsize=9)
     for ax in axes[:, 0]:
         ax.set_ylabel("AUROC (95% CI)", fontsize=9)
-    fig.suptitle(f"AUROC by {attribute} (n.e. = not estimable: too few positives or negatives)", fontsize=10)
+    fig.suptitle(f"AUROC by {attribute}; under each group: its images (positives); dashed: chance", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -124,28 +179,58 @@ def value_ci(entry: dict | None, digits: int = 3) -> str:
         return f"not estimable ({reason.removeprefix('not estimable: ')})" if reason and reason != "not estimable" \
             else "not estimable"
     ci = entry.get("ci95")
-    return f"{entry['value']:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+    return fixed(entry["value"], digits) + (f" [{fixed(ci[0], digits)}, {fixed(ci[1], digits)}]" if ci else "")
 
 
 def _curves_figure(curves: dict[str, list[tuple[int, float]]]):
     """Validation loss, validation mean AUROC and epsilon spent over training steps."""
-    titles = {"valid/loss": "validation loss", "valid/auroc_mean": "validation mean AUROC",
-              "privacy/epsilon": "epsilon spent"}
+    titles = {"valid/loss": ("validation loss", "loss"), "valid/auroc_mean": ("validation mean AUROC", "mean AUROC"),
+              "privacy/epsilon": ("privacy spent", "epsilon")}
     shown = [tag for tag in titles if curves.get(tag)]
     fig, axes = plt.subplots(1, len(shown), figsize=(PAGE_WIDTH / 3 * len(shown), 2.8), squeeze=False)
     for ax, tag in zip(axes[0], shown):
         steps, values = zip(*curves[tag])
         ax.plot(steps, values, "o-", ms=3)
-        ax.set(xlabel="optimizer step", title=titles[tag])
+        ax.set(xlabel="optimizer step", ylabel=titles[tag][1], title=titles[tag][0])
     fig.tight_layout()
     return fig
 
 
+def chance_labels(metrics: dict) -> list[str]:
+    """Labels whose AUROC interval is not above 0.5 (it includes 0.5, or lies below): not shown to do
+    better than chance on this split."""
+    return [label for label, m in metrics["labels"].items() if (ci := m.get("ci95", {}).get("auroc")) and ci[0] <= 0.5]
+
+
+def summary_section(about: dict, metrics: dict) -> tuple[str, str]:
+    """What a clinician reads first: model, data, the guarantee in words, the headline result, who is
+    not protected, and "research use only" where the data is synthetic."""
+    facts, boot = about["facts"], metrics.get("bootstrap")
+    mean = value_ci({"value": metrics["auroc_mean"], "ci95": metrics.get("auroc_mean_ci95")}
+                    if np.isfinite(metrics["auroc_mean"]) else None)
+    flagged = chance_labels(metrics)
+    lines = [("Model", facts["model"]),
+             ("Data", (f"{facts['dataset']}: " if "dataset" in facts else "")
+                      + f"trained on {facts['trained on']}; scored on {facts['scored on']}"),
+             ("Privacy", about["guarantee"] + (f" {EPSILON_MEANING}" if about["private"] else "")),
+             ("Result", f"mean AUROC {mean} over {len(metrics['labels'])} labels"
+                        + (" (95% interval from resampled patients)" if boot and boot["unit"] == "patient" else "")
+                        + (f"; for {', '.join(flagged)} the AUROC interval is not above 0.5: not shown to do "
+                           f"better than chance (marked † below)" if flagged else "") + ".")]
+    body = "".join(f"<p><b>{name}.</b> {html.escape(text)}</p>" for name, text in lines)
+    if about["private"]:
+        body += (f"<p class='warning'>Not protected by this guarantee: {html.escape('; '.join(NOT_COVERED))}.</p>")
+    if about["synthetic"]:
+        body += ("<p class='warning'>Research use only: the images are synthetic (DP-CXR's built-in generator); "
+                 "these figures show that the pipeline works, not how a model performs on patients.</p>")
+    return "Summary", f"<div class='summary'>{body}</div>"
+
+
 def about_section(about: dict) -> tuple[str, str]:
     """What was trained on what, the privacy statement and the training curves."""
-    rows = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td style='text-align:left'>"
-                   f"{html.escape(str(v))}</td></tr>" for k, v in about["facts"].items())
-    content = f"<table>{rows}</table>"
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in about["facts"].items())
+    content = f"<table class='facts'>{rows}</table>"
     if about.get("curves"):
         content += (_figure(_curves_figure(about["curves"])) +
                     "<p class='note'>The training loss is not shown: computed on the training patients without "
@@ -154,21 +239,24 @@ def about_section(about: dict) -> tuple[str, str]:
     return "Model, data and privacy", content
 
 
+def _metric_name(name: str) -> str:
+    metric, _, group = name.partition(":")
+    return metric.replace("_", " ") + (f" ({group})" if group else "")
+
+
 def _fairness_tables(fairness: dict, labels: list[str]) -> str:
-    """Label-averaged fairness with intervals and p/q-values, definitions, then every label's values."""
-    mean_rows, label_rows = [], []
+    """Label-averaged fairness with intervals and p/q-values, definitions, then each label's values (one
+    table per attribute, a row per label)."""
+    mean_rows, per_label = [], ""
     for attribute, fair in fairness["fairness"].items():
         for name, entry in fair["mean"].items():
-            metric, _, group = name.partition(":")
-            mean_rows.append({"attribute": attribute, "metric": metric.replace("_", " ") + (f" ({group})" if group else ""),
+            mean_rows.append({"attribute": attribute, "metric": _metric_name(name),
                               "mean over labels [95% CI]": value_ci(entry), "labels": entry["labels"],
                               "p (permutation)": format_p(entry.get("p_value")), "q (BH)": format_p(entry.get("q_value"))})
         names = list(dict.fromkeys(n for e in fair["labels"].values() for n in e["metrics"]))
-        for name in names:
-            metric, _, group = name.partition(":")
-            label_rows.append({"attribute": attribute, "metric": metric.replace("_", " ") + (f" ({group})" if group else ""),
-                               **{label: value_ci(fair["labels"][label]["metrics"].get(name), 2) for label in labels
-                                  if label in fair["labels"]}})
+        rows = [{"label": label, **{_metric_name(name): value_ci(fair["labels"][label]["metrics"].get(name), 2)
+                                    for name in names}} for label in labels if label in fair["labels"]]
+        per_label += f"<h4>By {html.escape(attribute)}</h4>" + _table(pd.DataFrame(rows))
     definitions = "".join(f"<li><b>{html.escape(k.replace('_', ' '))}</b>: {html.escape(v)}</li>"
                           for k, v in fairness["definitions"].items())
     multiplicity = fairness.get("multiplicity", {})
@@ -179,7 +267,21 @@ def _fairness_tables(fairness: dict, labels: list[str]) -> str:
             f"groups without positives or negatives (rates), and groups with fewer than {fairness['min_positives']} "
             f"positives or {fairness['min_negatives']} negatives (AUROC) are left out.</p><ul class='note'>"
             f"{definitions}</ul>")
-    return (note + _table(pd.DataFrame(mean_rows)) + "<h3>Per label</h3>" + _table(pd.DataFrame(label_rows)))
+    return note + _table(pd.DataFrame(mean_rows), keys=2) + "<h3>Per label</h3>" + per_label
+
+
+def _diagnosis_note(fairness: dict) -> str:
+    """Under/overdiagnosis in words, for the definition the fairness report used."""
+    no_finding = fairness.get("no_finding")
+    whole = (f"an image is abnormal when its '{no_finding}' label is negative, and the model calls it normal when its "
+             f"'{no_finding}' output reaches that label's threshold (Seyyed-Kalantari et al., 2021)" if no_finding else
+             "there is no 'No Finding' label, so the model's labels are combined: an image is abnormal when any of "
+             "them is positive and normal when all are negative (images with a missing label and no positive one are "
+             "left out), and the model calls an image abnormal when any label's score reaches its threshold. "
+             "Findings outside these labels are invisible here: 'normal' means normal for these labels only")
+    return (f"<p class='note'>Each image is judged as a whole: {html.escape(whole)}. Underdiagnosis: the share of "
+            f"abnormal images the model calls normal (a patient with a finding who would be missed); overdiagnosis: "
+            f"the share of normal images it calls abnormal. Gap: the highest minus the lowest group.</p>")
 
 
 def _diagnosis_table(fairness: dict) -> str:
@@ -192,36 +294,39 @@ def _diagnosis_table(fairness: dict) -> str:
         for name, entry in diagnosis["gaps"].items():
             gaps.append({"attribute": attribute, "gap": name.replace("_", " "), "value [95% CI]": value_ci(entry),
                          "p (permutation)": format_p(entry.get("p_value")), "q (BH)": format_p(entry.get("q_value"))})
-    note = (f"<p class='note'>Underdiagnosis: share of abnormal images called normal; overdiagnosis: share of normal "
-            f"images called abnormal. Definition: {html.escape(fairness['underdiagnosis_definition'])}.</p>")
-    return note + _table(pd.DataFrame(rows)) + (_table(pd.DataFrame(gaps)) if gaps else "")
+    return (_diagnosis_note(fairness) + _table(pd.DataFrame(rows), keys=2)
+            + (_table(pd.DataFrame(gaps), keys=2) if gaps else ""))
 
 
 def prediction_sections(labels: list[str], truth: np.ndarray, scores: np.ndarray, metrics: dict,
                         fairness: dict, about: dict | None = None) -> list[tuple[str, str]]:
-    names = ("auroc", "accuracy", "sensitivity", "specificity", "precision", "f1")
+    """The report of a scored split: summary and facts (with ``about``), metrics, ROC curves, subgroup
+    AUROC, fairness, under/overdiagnosis."""
+    names = ("auroc", "sensitivity", "specificity", "precision", "f1", "accuracy")
+    flagged = chance_labels(metrics)
     rows = []
     for label, m in metrics["labels"].items():
         ci = m.get("ci95", {})
-        row = {"label": label, "images": m["n"], "positives": m["positives"]}
+        row = {"label": label + (" †" if label in flagged else ""), "images": str(m["n"]),
+               "positives": str(m["positives"])}
         for name in names:
             row[name.upper() if name in ("auroc", "f1") else name] = value_ci({"value": m[name], "ci95": ci.get(name)}
                                                                               if np.isfinite(m[name]) else None)
-        rows.append({**row, "threshold": f"{m['threshold']:.3f}"})
-    rows.append({"label": "mean", "AUROC": value_ci({"value": metrics["auroc_mean"],
-                                                     "ci95": metrics.get("auroc_mean_ci95")})})
+        rows.append({**row, "threshold": fixed(m["threshold"])})
+    rows.append({**dict.fromkeys(rows[0], ""), "label": "mean",
+                 "AUROC": value_ci({"value": metrics["auroc_mean"], "ci95": metrics.get("auroc_mean_ci95")})})
     n = metrics["labels"][labels[0]]["n"]
     boot = metrics.get("bootstrap")
     intervals = (f"Intervals: 95%, from {boot['resamples']} bootstrap resamples of the {boot['units']} {boot['unit']}s "
                  f"(percentile; Wilson's score interval for a proportion with fewer than 10 events or non-events, "
                  f"see ci_method in the JSON)." if boot else "No intervals (evaluation.bootstrap = 0).")
-    note = f"<p class='note'>{n} images of the {metrics['split']} split; {threshold_source(metrics)}. {intervals}</p>"
-    frame = pd.DataFrame(rows)
-    for column in ("images", "positives"):  # counts as integers; the mean row has none
-        frame[column] = [f"{int(v)}" if pd.notna(v) else "" for v in frame[column]]
-    sections = [about_section(about)] if about else []
+    chance = (" †: the AUROC's 95% interval is not above 0.5 (it includes 0.5 or lies below), so on this split the "
+              "model is not shown to do better than chance for that label." if flagged else "")
+    note = (f"<p class='note'>{n} images of the {metrics['split']} split; {threshold_source(metrics)}. "
+            f"{intervals}{chance}</p>")
+    sections = [summary_section(about, metrics), about_section(about)] if about else []
     return sections + [
-        ("Metrics", note + _table(frame)),
+        ("Metrics", note + _table(pd.DataFrame(rows))),
         ("ROC curves", _figure(_roc_grid(truth, {"model": scores}, labels))),
         ("Subgroup AUROC by sex", _figure(_subgroup_panels(fairness, "sex", labels))),
         ("Subgroup AUROC by age", _figure(_subgroup_panels(fairness, "age", labels))),
@@ -234,8 +339,8 @@ def _with_interval(table: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     """``name`` and its interval columns -> one 'value [low, high]' text column per metric."""
     out = table.drop(columns=[c for n in names for c in (f"{n}_ci95_low", f"{n}_ci95_high")])
     for name in names:
-        out[name] = [("n/a" if v is None or not np.isfinite(v) else
-                      f"{v:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and np.isfinite(lo) else ""))
+        out[name] = [value_ci(None if v is None or not np.isfinite(v) else
+                              {"value": v, "ci95": [lo, hi] if lo is not None and np.isfinite(lo) else None})
                      for v, lo, hi in zip(table[name], table[f"{name}_ci95_low"], table[f"{name}_ci95_high"])]
     return out
 
@@ -334,8 +439,18 @@ def audit_sections(audit: dict, table: pd.DataFrame, scores: pd.DataFrame,
     return sections
 
 
+COMPARISON_COLUMNS = {"label": "label", "auroc_a": "AUROC A", "auroc_b": "AUROC B",
+                      "difference": "difference A - B [95% CI]", "p_bootstrap": "p (paired bootstrap)",
+                      "p_holm": "p (Holm-adjusted over labels)",
+                      "p_a_not_better": "share of resamples with A not better",
+                      "p_delong": "p (DeLong, clustered by patient)",
+                      "p_delong_image_level": "p (DeLong, images taken as independent)"}
+
+
 def comparison_report(title: str, labels: list[str], truth: np.ndarray, scores_a: np.ndarray,
-                      scores_b: np.ndarray, table: pd.DataFrame) -> str:
+                      scores_b: np.ndarray, table: pd.DataFrame, who: dict[str, str]) -> str:
+    """Which model is A and which B (name and privacy), the paired differences in words, a forest plot
+    and both models' ROC curves."""
     fig, ax = plt.subplots(figsize=(6, 0.45 * len(table) + 1))
     y = np.arange(len(table))[::-1]
     diff = table["difference"].to_numpy(float)
@@ -344,16 +459,19 @@ def comparison_report(title: str, labels: list[str], truth: np.ndarray, scores_a
     ax.axvline(0, color="grey", lw=0.8, ls="--")
     ax.set_yticks(y, table["label"], fontsize=8)
     ax.set(xlabel="AUROC difference A - B (95% CI)", title="Paired AUROC differences")
-    shown = table.copy()
+    shown = table.assign(difference=[value_ci({"value": d, "ci95": [l, h] if np.isfinite(l) else None})
+                                     for d, l, h in zip(diff, lo, hi)]).drop(columns=["ci95_low", "ci95_high"])
     for column in [c for c in table.columns if c.startswith("p_")]:
         shown[column] = [format_p(v) for v in table[column]]
-    note = ("<p class='note'>Primary endpoint: the mean AUROC difference A - B, paired bootstrap over the same "
-            "resampled patients for both models (p_bootstrap). Per-label differences are secondary: p_holm is "
-            "Holm-adjusted across the labels; p_delong (clustered by patient, Obuchowski) and p_delong_image_level "
-            "(ignores that a patient's images are correlated) are unadjusted references; p_a_not_better is the "
-            "study's one-sided share of resamples in which A is not above B.</p>")
+    models = "".join(f"<p><b>{name}</b> = {html.escape(text)}</p>" for name, text in who.items())
+    note = ("<p class='note'>Primary endpoint: the mean AUROC difference A - B, with the same resampled patients "
+            "for both models (paired bootstrap). Per-label differences are secondary: their p-values are "
+            "Holm-adjusted across the labels; DeLong's test (clustered by patient, Obuchowski) and its version that "
+            "takes a patient's images as independent are unadjusted references; the share of resamples in which A "
+            "is not better than B is the study's one-sided p-value.</p>")
     return page(title, [
-        ("AUROC differences", note + _table(shown)),
+        ("The two models", f"<div class='summary'>{models}</div>"),
+        ("AUROC differences", note + _table(shown.rename(columns=COMPARISON_COLUMNS))),
         ("Forest plot", _figure(fig)),
         ("ROC curves", _figure(_roc_grid(truth, {"A": scores_a, "B": scores_b}, labels))),
     ])
@@ -406,7 +524,7 @@ def sweep_report(title: str, table: pd.DataFrame, result: dict) -> str:
                    "slope per log epsilon [95% CI]": value_ci({"value": t["slope_per_log_epsilon"], "ci95": t["ci95"],
                                                                "note": t.get("note")}, 4),
                    "p": format_p(t["p_value"]), "q (BH)": format_p(t.get("q_value")),
-                   "Pearson r (epsilon, secondary)": "n/a" if t["pearson_r"] is None else f"{t['pearson_r']:.3f}",
+                   "Pearson r (epsilon, secondary)": "n/a" if t["pearson_r"] is None else fixed(t["pearson_r"]),
                    "Pearson p": format_p(t["pearson_p"])}
                   for column, t in result["trend_on_log_epsilon"].items()]
     sections.append(("Trend on log epsilon (private runs)",

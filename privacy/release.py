@@ -73,6 +73,38 @@ def privacy_statement(dp: dict) -> str:
                "does not hold against anyone who knows that seed" if reproducible else "; the noise was secret"))
 
 
+# Who a DP-SGD guarantee leaves out: every report and card that states the guarantee says so.
+NOT_COVERED = ("validation patients: they chose the checkpoint and the decision thresholds",
+               "test patients: their metrics are published by the researcher's choice",
+               "other models released from the same patients: see the privacy ledger's total")
+EPSILON_MEANING = ("Epsilon bounds how much any one patient can change what training produces: the smaller it is, the "
+                   "less the model can reveal about any one patient (see docs/privacy.md).")
+
+
+def plain_statement(epsilon: float | None, delta: float | None, unit: str = "patient",
+                    reproducible: bool = False) -> str:
+    """The guarantee in words: (epsilon, delta)-DP means that for every outcome S of training and any
+    two training sets D, D' differing in one unit, P[M(D) in S] <= e^epsilon P[M(D') in S] + delta.
+    ``epsilon`` None: trained without differential privacy. Give it rounded (:func:`rounded_up`)."""
+    if epsilon is None:
+        return ("Not private: trained without differential privacy, so the training patients have no formal "
+                "protection against what the model reveals about them.")
+    factor = f"{float(f'{math.exp(epsilon):.2g}'):,g}" if epsilon < 20 else f"{math.exp(epsilon):.1e}"
+    return (f"Differentially private with epsilon {epsilon:g} (delta {delta:g}) per training {unit}: adding or "
+            f"removing all images of any one {unit} changes the probability of any outcome of training by at most a "
+            f"factor e^{epsilon:g} (about {factor}), except with probability at most {delta:g}."
+            + (" Warning: the noise was seeded from a configuration value (reproducible mode), so this does not hold "
+               "against anyone who knows that seed." if reproducible else ""))
+
+
+def plain_privacy(dp: dict) -> str:
+    """:func:`plain_statement` of a run's ``summary.json`` ``dp`` section, epsilon rounded up."""
+    if not dp["enabled"]:
+        return plain_statement(None, None)
+    return plain_statement(rounded_up(dp["epsilon_spent"]), dp["delta"], dp["unit"],
+                           dp["noise"].startswith("reproducible"))
+
+
 def model_card(cfg: Config, summary: dict, metrics: dict, parameters: int, epoch: int, ledger_total: dict) -> dict:
     """The card of a trained experiment (``summary.json`` and the test split's metrics)."""
     dp, d = summary["dp"], cfg.derived
@@ -89,15 +121,14 @@ def model_card(cfg: Config, summary: dict, metrics: dict, parameters: int, epoch
             steps=summary["steps"], noise_multiplier=_rounded(dp["noise_multiplier"]),
             max_grad_norm=dp["max_grad_norm"], noise=dp["noise"], secure_mode=dp["secure_mode"],
             covers=f"the training {unit}s",
-            does_not_cover=["validation patients: they chose the checkpoint and the decision thresholds",
-                            "test patients: their metrics below are published by the researcher's choice",
-                            "other models released from the same patients: see ledger_total"],
+            does_not_cover=list(NOT_COVERED),
             loss_weights=d.get("pos_weight_source"),
             ledger_total={**ledger_total, "epsilon": rounded_up(ledger_total["epsilon"])
                           if math.isfinite(ledger_total["epsilon"]) else None},
             rounding=f"to two significant digits (epsilons rounded up, the number of {unit}s at least to the ten): "
                      f"exact values would give away the number of training {unit}s")
     privacy["statement"] = privacy_statement(dp)
+    privacy["in_words"] = plain_privacy(dp)
     evaluation = None
     if metrics:
         evaluation = {"split": metrics["split"], "images": max(m["n"] for m in metrics["labels"].values()),
@@ -143,7 +174,8 @@ def recipe(cfg: Config) -> dict:
 def card_markdown(card: dict) -> str:
     """The card as a page a data-protection officer reads."""
     privacy, model, training, evaluation = card["privacy"], card["model"], card["training"], card["evaluation"]
-    lines = [f"# Model card: {card['experiment']}", "", f"**Privacy statement.** {privacy['statement']}.", ""]
+    lines = [f"# Model card: {card['experiment']}", "", f"**Privacy statement.** {privacy['statement']}.", "",
+             privacy["in_words"] + (f" {EPSILON_MEANING}" if privacy["private"] else ""), ""]
     if privacy["private"]:
         total = privacy["ledger_total"]
         lines += ["## Privacy", "",

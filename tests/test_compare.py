@@ -118,6 +118,9 @@ def test_compare_command_writes_paired_results_and_refuses_mismatches(tiny_confi
     capsys.readouterr()
     assert main(["compare", str(root / "dp"), str(root / "nodp")]) == 0
     out = root / "comparisons" / "dp__vs__nodp__test"
+    printed = capsys.readouterr().out
+    assert f"wrote {out}: comparison.json, comparison.csv, report.html" in printed
+    assert "(private, epsilon " in printed and "(not private" in printed
     comparison = json.loads((out / "comparison.json").read_text())
     table = pd.read_csv(out / "comparison.csv")
     assert list(table["label"]) == ["mean (primary endpoint)", *comparison["labels"]]
@@ -129,7 +132,11 @@ def test_compare_command_writes_paired_results_and_refuses_mismatches(tiny_confi
     for label, m in comparison["labels"].items():
         assert "Obuchowski" in m["delong"]["variance"] and 0 <= m["delong_image_level"]["p_value"] <= 1
         assert m["bootstrap"]["p_holm"] >= m["bootstrap"]["p_value"] > 0
-    assert_report(out / "report.html", ["AUROC differences", "Forest plot", "ROC curves"], min_figures=2)
+    assert_report(out / "report.html", ["The two models", "AUROC differences", "Forest plot", "ROC curves"],
+                  min_figures=2)
+    report = (out / "report.html").read_text()
+    assert "<b>A</b> = dp: private, epsilon" in report and "<b>B</b> = nodp: not private" in report
+    assert "p (paired bootstrap)" in report and "p_bootstrap" not in report  # words, not field names
     assert main(["predict", str(root / "dp")]) == 0
     metrics = json.loads((root / "dp" / "results" / "test_metrics.json").read_text())
     assert comparison["auroc_mean_a"] == pytest.approx(metrics["auroc_mean"])

@@ -1,6 +1,7 @@
 """What may leave the hospital: the release bundle, its model card, and predicting with it."""
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
@@ -57,6 +58,9 @@ def test_bundle_holds_only_releasable_files_and_states_the_privacy(tiny_config, 
     assert privacy["noise_multiplier"] == _rounded(summary["dp"]["noise_multiplier"])
     assert privacy["steps"] == summary["steps"] and privacy["units"] == f"about {rounded_count(cfg.derived['n_train_units'])} training patients"
     assert "WARNING" in privacy["statement"]  # the tests' runs seed their noise: the card says so
+    # in words too, from the rounded epsilon, with the same warning
+    assert privacy["in_words"].startswith(f"Differentially private with epsilon {privacy['epsilon']:g} (delta ")
+    assert "Warning: the noise was seeded" in privacy["in_words"]
     assert privacy["ledger_total"]["epsilon"] == privacy["epsilon"]  # the only run on these patients
     assert card["evaluation"]["auroc_mean"] == metrics["auroc_mean"]
     assert card["evaluation"]["auroc_mean_ci95"] == metrics["auroc_mean_ci95"]
@@ -64,6 +68,7 @@ def test_bundle_holds_only_releasable_files_and_states_the_privacy(tiny_config, 
         assert m["auroc"] == metrics["labels"][label]["auroc"]
     markdown = (bundle / "model_card.md").read_text()
     assert privacy["statement"] in markdown and "Does not cover: validation patients" in markdown
+    assert privacy["in_words"] in markdown and "Epsilon bounds" in markdown
 
     # the bundle scores the dataset as the experiment did, at the experiment's thresholds
     assert main(["predict", str(bundle)]) == 2
@@ -74,6 +79,7 @@ def test_bundle_holds_only_releasable_files_and_states_the_privacy(tiny_config, 
     assert theirs.equals(mine)
     scored = json.loads((path.parent / "scored" / "results" / "test_metrics.json").read_text())
     assert scored["threshold_split"] == "bundle"
+    assert html.escape(privacy["in_words"]) in (path.parent / "scored" / "report.html").read_text()
     assert {k: m["threshold"] for k, m in scored["labels"].items()} == {
         k: m["threshold"] for k, m in metrics["labels"].items()}
 
@@ -89,7 +95,9 @@ def test_a_non_private_run_is_never_exported_as_private(tiny_config, capsys):
     assert "--non-private" in capsys.readouterr().err
     assert main(["export", str(exp), str(bundle), "--non-private"]) == 0
     card = json.loads((bundle / "model_card.json").read_text())
-    assert card["privacy"] == {"private": False, "statement": card["privacy"]["statement"]}
+    assert card["privacy"] == {"private": False, "statement": card["privacy"]["statement"],
+                               "in_words": card["privacy"]["in_words"]}
+    assert card["privacy"]["in_words"].startswith("Not private: trained without differential privacy")
     assert card["privacy"]["statement"].startswith("NOT PRIVATE")
     assert (bundle / "model_card.md").read_text().count("NOT PRIVATE") == 1
     assert json.loads((bundle / "model.json").read_text())["private"] is False

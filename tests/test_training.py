@@ -58,10 +58,14 @@ def test_run_writes_every_artifact(tiny_config, capfd, dp):
     fairness = json.loads((exp / "results" / "test_fairness.json").read_text())
     assert set(fairness["subgroups"]) == {"sex", "age", "sex_age"} and set(fairness["fairness"]) == {"sex", "age"}
     assert len(pd.read_csv(exp / "results" / "test_fairness.csv")) > 0
-    assert_report(exp / "report.html", ["Model, data and privacy", "Metrics", "ROC curves", "Subgroup AUROC by sex",
+    assert_report(exp / "report.html", ["Summary", "Model, data and privacy", "Metrics", "ROC curves", "Subgroup AUROC by sex",
                                         "Subgroup AUROC by age", "Fairness", "Underdiagnosis"], min_figures=4)
     page = (exp / "report.html").read_text()  # says what it is, without the private training loss or exact N
     assert ("DP for each training patient" in page) is dp and ("NOT PRIVATE" in page) is not dp
+    summary = page.split("Model, data and privacy")[0]  # the box: the guarantee in words, who it leaves out
+    assert ("Differentially private with epsilon" in summary and "Not protected" in summary) is dp
+    assert ("Not private: trained without differential privacy" in summary) is not dp
+    assert "Research use only" in summary and "mean AUROC" in summary
     assert "training loss is not shown" in page and f"{derived['n_train_units']} " not in page.split("Metrics")[0]
     tags = EventAccumulator(str(exp / "private" / "tensorboard")).Reload().Tags()["scalars"]
     assert "test/auroc_mean" in tags and "test/fairness/sex/demographic_parity_difference" in tags
