@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,6 +34,37 @@ def test_cache_is_reused(tmp_path):
     marker = (folder / "done.json").stat().st_mtime_ns
     assert synthetic.generate(tmp_path, 48, N, seed=3, workers=1) == folder
     assert (folder / "done.json").stat().st_mtime_ns == marker
+
+
+def _edited_generator(tmp_path, monkeypatch, old: str, new: str):
+    """A copy of data/synthetic.py with ``old`` replaced by ``new``, imported under another name."""
+    source = Path(synthetic.__file__).read_text(encoding="utf-8")
+    assert source.count(old) == 1, old
+    path = tmp_path / "edited_synthetic.py"
+    path.write_text(source.replace(old, new), encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("edited_synthetic", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # for its dataclass
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_cache_is_keyed_by_the_generator_not_only_its_version(tmp_path, monkeypatch):
+    folder = synthetic.synthetic_folder(tmp_path, 48, N, 3)
+    # a change to how the images are drawn, without a GENERATOR_VERSION bump: another folder
+    brighter = _edited_generator(tmp_path, monkeypatch, "np.clip(img / 0.75, 0.0, 1.0)",
+                                 "np.clip(img / 0.74, 0.0, 1.0)")
+    assert brighter.synthetic_folder(tmp_path, 48, N, 3) != folder
+    assert brighter.render(_case(), SIZE).sum() > synthetic.render(_case(), SIZE).sum()  # it did change the pixels
+    # wording of comments and docstrings draws nothing new: the same folder, wherever the code lies
+    reworded = _edited_generator(tmp_path, monkeypatch, "# Breast shadows over the lower lung fields in women.",
+                                 "# Breast shadows (women).")
+    assert reworded.synthetic_folder(tmp_path, 48, N, 3) == folder
+    reworded = _edited_generator(tmp_path, monkeypatch, '"""Soft step from 1', '"""A soft step from 1')
+    assert reworded.synthetic_folder(tmp_path, 48, N, 3) == folder
+    # a parameter changed in the running process (as a test or a notebook would)
+    monkeypatch.setattr(synthetic, "SUBCLINICAL", (0.6, 0.10))
+    assert synthetic.synthetic_folder(tmp_path, 48, N, 3) != folder
 
 
 def test_master_list_shape_and_patient_split():
