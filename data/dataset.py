@@ -107,13 +107,19 @@ def checked_rows(frame: pd.DataFrame, root: Path, dataset: str) -> pd.DataFrame:
     if escaping.any():
         raise InputError(f"{root}: image path {frame['path'][escaping.idxmax()]!r} leaves the dataset root; "
                          f"paths must be relative to data.root")
-    for column, what in (("path", "image file"), ("image_id", "image id")):
-        twice = frame[column].duplicated(keep=False)
-        if twice.any():
-            first = frame[column][twice].iloc[0]
-            spellings = given[frame[column] == first].head(2)
-            raise InputError(f"{root}: {what} {first!r} is listed twice (as {' and '.join(map(repr, spellings))}); "
-                             f"each image must appear once, in one split")
+    twice = frame["path"].duplicated(keep=False)
+    if twice.any():
+        first = frame["path"][twice].iloc[0]
+        spellings = given[frame["path"] == first].head(2)
+        raise InputError(f"{root}: image file {first!r} is listed twice (as {' and '.join(map(repr, spellings))}); "
+                         f"each image must appear once, in one split")
+    # the paths are unique now, so one id on two rows is two files (a reader cuts the suffix or the folder)
+    twice = frame["image_id"].duplicated(keep=False)
+    if twice.any():
+        first = frame["image_id"][twice].iloc[0]
+        files = given[frame["image_id"] == first].head(2)
+        raise InputError(f"{root}: image id {first!r} names two files, {' and '.join(map(repr, files))}; each image "
+                         f"needs its own id (predictions, comparisons and audits are matched by it)")
     blank = frame["patient_id"].fillna("").astype(str).str.strip() == ""
     if blank.any():
         raise InputError(f"{root}: {int(blank.sum())} image(s) without a patient id (first: "

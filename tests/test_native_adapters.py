@@ -16,6 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from config import InputError, validate
 from data.adapters import read_mimic, read_padchest, read_vindr
 from data.dataset import load_table
+from main_2D_DP import main
 
 MIMIC_METADATA = ("dicom_id,subject_id,study_id,PerformedProcedureStepDescription,ViewPosition,Rows,Columns,"
                   "StudyDate,StudyTime,ProcedureCodeSequence_CodeMeaning,ViewCodeSequence_CodeMeaning,"
@@ -249,6 +250,36 @@ def test_padchest_malformed_labels_name_the_row(padchest):
     source.unlink()
     with pytest.raises(InputError, match=r"PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz not found"):
         read_padchest(padchest, _data("padchest", padchest))
+
+
+def _padchest_table(root: Path, rows: list[list[str]]) -> None:
+    with open(root / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv", "w", newline="") as f:
+        f.write(PADCHEST_HEADER + "\n")
+        csv.writer(f).writerows(rows)
+
+
+def test_two_images_of_one_stem_keep_their_own_ids(padchest, tmp_path, capsys):
+    rows = _padchest_rows(PADCHEST_IMAGES)
+    png, jpg = rows[8][1], rows[8][1].replace(".png", ".jpg")  # 05.png and 05.jpg in one folder
+    cv2.imwrite(str(padchest / rows[9][2] / jpg), np.full((40, 48), 128, np.uint8))
+    rows[9][1] = jpg
+    _padchest_table(padchest, rows)
+    frame = load_table(_data("padchest", padchest, labels=["cardiomegaly"]), seed=0, use_cache=False).frame
+    assert frame["image_id"].is_unique and {png[:-4], jpg} <= set(frame["image_id"])
+    # one ImageID in two folders: the reader's id (the file name without .png) names two files; refused
+    # (exit 2, one line naming both), since predictions, comparisons and audits are matched by the id
+    rows[9][1], rows[9][2] = png, "0"
+    shutil.copy(padchest / rows[8][2] / png, padchest / "0" / png)
+    _padchest_table(padchest, rows)
+    config = tmp_path / "padchest.yaml"
+    config.write_text(f"data:\n  dataset: padchest\n  root: {padchest}\n  labels: [cardiomegaly]\n"
+                      f"  cache: {{dir: {tmp_path / 'cache'}}}\noutput: {{target_dir: {tmp_path / 'out'}}}\n")
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["data", "describe", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"image id {png[:-4]!r} names two files" in err, err
+    assert f"'0/{png}'" in err and f"'{rows[8][2]}/{png}'" in err, err
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 # --- VinDr-CXR ---------------------------------------------------------------------------------------------------
