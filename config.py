@@ -256,7 +256,7 @@ class Output(_Section):
 class Audit(_Section):
     """Privacy audit settings that change training (see ``privacy/canaries.py``)."""
 
-    canaries: int = Field(0, ge=0)  # train --audit-canaries M: M training images become canaries
+    canaries: int = Field(0, ge=0)  # train --audit-canaries M: M training patients become canaries
     reference: Optional[int] = Field(None, ge=0)  # set by `audit --reference-models` on its reference runs
 
 

@@ -430,8 +430,9 @@ def audit_sections(audit: dict, table: pd.DataFrame, scores: pd.DataFrame,
                    f"(delta {bound['delta']:g}); the accountant reports {accounted:.3f}." if accounted is not None
                    else f"The audit proves epsilon >= {bound['epsilon_lower_bound']:.3f} at 95% confidence "
                         f"(delta {bound['delta']:g}) for this non-private model.")
-        note = (f"<p class='note'>{bound['canaries']} canaries (flipped labels), {bound['included']} trained on by "
-                f"their coin. Best of {len(bound['grid'])} guess counts ({bound['guesses']} guesses, "
+        note = (f"<p class='note'>{bound['canaries']} canaries (whole training patients, the labels of all their "
+                f"images flipped), {bound['included']} trained on by their coin; a canary's score is the mean over "
+                f"its images. Best of {len(bound['grid'])} guess counts ({bound['guesses']} guesses, "
                 f"{bound['correct']} right), Bonferroni-corrected. {verdict}</p>")
         sections.append(("One-run epsilon lower bound (canaries)",
                          note + _table(pd.DataFrame(bound["grid"])) +

@@ -16,7 +16,7 @@ from evaluation.report import audit_sections, page
 from privacy import default_delta
 from privacy.audit import (attack_report, attack_table, canary_bound, lira_offline, membership_candidates,
                            signed_logit)
-from privacy.canaries import check_record, draw_canaries, reference_patients
+from privacy.canaries import canary_scores, check_record, draw_canaries, reference_patients
 from Prediction_DP import load_trained, predict_logits, write_results
 from Train_Valid_DP import MaskedBCEWithLogitsLoss
 
@@ -85,19 +85,18 @@ def audit_experiment(exp_dir: Path, reference_dirs: list[Path] = (), checkpoint:
         canary_loader = evaluation_loader(canaries.assign(path=table.split("train").set_index("image_id").loc[
             canaries["image_id"], "path"].to_numpy()), table, cfg.data, cfg.training.physical_batch_size)
         canary_logits, canary_targets = predict_logits(best.model, canary_loader, best.device, desc="canaries")
-        canary_score = -per_image_loss(canary_logits, canary_targets).double().numpy()
+        scored = canary_scores(canaries, -per_image_loss(canary_logits, canary_targets).double().numpy())
         units = cfg.derived.get("n_train_units", cfg.derived["n_train"])  # folders from before privacy units: images
         delta = dp["delta"] if dp["enabled"] else cfg.dp.delta or default_delta(units)
-        audit["canaries"] = canary_bound(canary_score, canaries["included"].to_numpy(), delta)
+        audit["canaries"] = canary_bound(scored["score"].to_numpy(), scored["included"].to_numpy(), delta)
         audit["canaries"]["exceeds_accounted_epsilon"] = bool(
             dp["enabled"] and audit["canaries"]["epsilon_lower_bound"] > dp["epsilon_spent"])
-        canary_scores = canaries[["image_id", "patient_id", "included"]].assign(score=canary_score)
-        outputs[files.audit / "audit_canaries.csv"] = canary_scores.to_csv(index=False)
+        outputs[files.audit / "audit_canaries.csv"] = scored.to_csv(index=False)
     outputs[files.audit / "audit.json"] = json_text(audit)
     attack_rows = attack_table(audit)
     outputs[files.audit / "audit_attacks.csv"] = attack_rows.to_csv(index=False)
     outputs[files.audit / "report.html"] = page(f"{exp_dir.name}: privacy audit (private)", audit_sections(
-        audit, attack_rows, out, canary_scores if canaries is not None else None))
+        audit, attack_rows, out, scored if canaries is not None else None))
     write_results(files.checkpoint(checkpoint), outputs)
     with SummaryWriter(str(files.tensorboard)) as writer:
         for name, attack in attacks.items():
@@ -125,7 +124,7 @@ def format_audit(audit: dict) -> str:
     bound, dp = audit["canaries"], audit["dp"]
     if bound:
         accounted = f"accounted epsilon {dp['epsilon_spent']:.3f}" if dp["enabled"] else "non-private run"
-        rows.append(f"one-run audit: {bound['canaries']} canaries, {bound['correct']} of {bound['guesses']} guesses "
+        rows.append(f"one-run audit: {bound['canaries']} canary patients, {bound['correct']} of {bound['guesses']} guesses "
                     f"right; epsilon >= {bound['epsilon_lower_bound']:.3f} at 95% confidence "
                     f"(delta {bound['delta']:g}); {accounted}")
         if bound["exceeds_accounted_epsilon"]:

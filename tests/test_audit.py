@@ -19,7 +19,9 @@ from data.dataset import load_table
 from main_2D_DP import main
 from privacy.audit import (attack_metrics, canary_bound, guess_counts, lira_offline, membership_candidates,
                            one_run_epsilon_bound, one_run_p_value, signed_logit)
-from privacy.canaries import draw_canaries, reference_patients, reference_training_split, with_canaries
+from privacy.canaries import (canary_scores, draw_canaries, reference_patients, reference_training_split,
+                              with_canaries)
+from privacy.units import unit_rows
 
 HARD_LABELS = ["congestion", "pneumonic_infiltrates_right", "pneumonic_infiltrates_left", "atelectasis_right",
                "atelectasis_left"]  # faint findings: a tiny model memorises its images before it generalises
@@ -108,16 +110,26 @@ def tiny_table(tiny_config):
     return cfg, load_table(cfg.data, cfg.experiment.seed)
 
 
-def test_canaries_are_drawn_flipped_and_left_out_by_their_coin(tiny_table):
+def test_canaries_are_whole_patients_drawn_flipped_and_left_out_by_their_coin(tiny_table):
     cfg, table = tiny_table
     labels, train = cfg.data.labels, tiny_table[1].split("train")
     canaries = draw_canaries(train, labels, 30, seed=0)
     assert canaries.equals(draw_canaries(train, labels, 30, seed=0))
     assert not canaries.equals(draw_canaries(train, labels, 30, seed=1))
-    assert 5 < canaries["included"].sum() < 25 and canaries["image_id"].is_unique
+    coins = canaries.groupby("patient_id")["included"].agg(["min", "max"])
+    assert len(coins) == 30 and (coins["min"] == coins["max"]).all()  # one coin per patient
+    assert 5 < coins["min"].sum() < 25 and canaries["image_id"].is_unique
+    # every image of a canary patient is a canary: no patient is split between canary and not
+    assert set(train.loc[train["patient_id"].isin(coins.index), "image_id"]) == set(canaries["image_id"])
+    assert canaries["patient_id"].value_counts().max() > 1  # the draw includes patients with several images
     trained = with_canaries(train, canaries, labels)
     left_out = set(canaries.loc[canaries["included"] == 0, "image_id"])
     assert len(trained) == len(train) - len(left_out) and not left_out & set(trained["image_id"])
+    # every training patient is exactly one privacy unit, under its own id
+    assert set(trained["patient_id"]) <= set(train["patient_id"])
+    units = unit_rows(trained["patient_id"], "patient")
+    assert len(units) == trained["patient_id"].nunique() == train["patient_id"].nunique() - (coins["min"] == 0).sum()
+    assert all(trained["patient_id"].iloc[rows].nunique() == 1 for rows in units)
     original = train.set_index("image_id")
     for row in canaries[canaries["included"] == 1].itertuples():
         got = trained.set_index("image_id").loc[row.image_id, labels].to_numpy(float)
@@ -126,6 +138,11 @@ def test_canaries_are_drawn_flipped_and_left_out_by_their_coin(tiny_table):
     assert untouched[labels].equals(original.loc[untouched.index, labels])
     with pytest.raises(InputError, match="audit.canaries = 100000"):
         draw_canaries(train, labels, 100_000, seed=0)
+    # the audit guesses one coin per patient, from the mean of its images' scores
+    scored = canary_scores(canaries, np.arange(len(canaries), dtype=float))
+    assert list(scored["patient_id"]) == sorted(coins.index) and scored["images"].sum() == len(canaries)
+    first = scored.iloc[0]
+    assert first["score"] == np.flatnonzero(canaries["patient_id"] == first["patient_id"]).mean()
 
 
 def test_reference_halves_split_patients_and_members_never_meet_non_members(tiny_table):
@@ -165,7 +182,7 @@ def test_overfit_non_private_run_leaks_and_the_bound_shows_it(tiny_config, capsy
     assert main(["train", "--config", str(path), "--audit-canaries", "20"]) == 0
     exp = path.parent / "experiments" / "tiny"
     recorded = pd.read_csv(exp / "private" / "audit" / "canaries.csv")
-    assert len(recorded) == 20 and set(recorded["included"]) == {0, 1}
+    assert recorded["patient_id"].nunique() == 20 and set(recorded["included"]) == {0, 1}
     assert yaml.safe_load((exp / "private" / "config.yaml").read_text())["derived"]["n_train"] == (
         len(load_table(load_config(path).data, 0).split("train")) - (recorded["included"] == 0).sum())
 
