@@ -69,14 +69,14 @@ from config import DP, PUBLIC_PRETRAINING, Audit, Config, Data, InputError, conf
 from data.augment import augmentation
 from data.dataset import (SPLITS, CXRDataset, Table, default_cache_dir, evaluation_loader, load_table,
                           positive_weights, preprocessing)
-from models import PER_IMAGE_MODELS, build_model, load_pretrained, resolve_trainable, set_trainable
+from models import build_model, load_pretrained, resolve_trainable, set_trainable
 from parallel import Ranks, resolve_device
 from Prediction_DP import auroc_per_label, mean_auroc, predict_scores
 from privacy import check_delta, default_delta, noise_multiplier_for, pld_epsilons, secret_seed
 from privacy.bookkeeping import BookKeeping
 from privacy.canaries import check_record, draw_canaries, reference_training_split, with_canaries
 from privacy.ledger import Booking, Ledger, ledger_root
-from privacy.per_sample import check_allowed, check_batch_independence
+from privacy.per_sample import check_per_image
 from privacy.pos_weight import label_count_noise, noised_positive_weights
 from privacy.release import EPSILON_MEANING, plain_privacy
 from privacy.units import UnitSampler, plan_chunks, unit_rows, with_views
@@ -209,11 +209,19 @@ def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, *, sample_rate
               steps: int, accountant: str, max_grad_norm: float, grad_sample_mode: str,
               noise_multiplier: float | None = None, target_epsilon: float | None = None,
               delta: float | None = None, noise_generator: torch.Generator | None = None,
-              secure_mode: bool = False, history: list = ()) -> DPSetup:
+              secure_mode: bool = False, history: list = (), example_shape: tuple[int, ...] | None = None,
+              reviewed: tuple[type, ...] = ()) -> DPSetup:
     """Opacus' DP optimizer and accountant for Poisson batches of rate q = ``sample_rate`` whose
     expected size (in units) is ``expected_batch_size``; sigma is solved for the target epsilon over
     ``steps`` if not given. ``history``: mechanisms already run on the same data (the accountant
     starts with them, and sigma is solved for the target of all together).
+
+    The model is refused (``InputError``) first, in every mode, unless it treats every image of a
+    batch on its own (``privacy.per_sample.check_per_image``, run by ``BookKeeping`` or here): a module
+    that mixes the batch, such as a BatchNorm even without parameters, would make one patient's
+    gradient depend on the others' and break the per-patient bound C. ``example_shape`` (one image,
+    e.g. (1, H, W)): the batch-independence probe runs now on images of that shape, else on the
+    model's first batch; ``reviewed``: the caller's own composite modules whose forward is per-image.
 
     sigma comes from the bisection of Opacus' ``get_noise_multiplier``, so it can be recorded and
     reused on resume instead of being solved again for the remaining steps.
@@ -223,15 +231,17 @@ def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, *, sample_rate
     on rank 0, gradients summed over ranks, expected batch per rank).
     """
     distributed = isinstance(model, DPDDP)
-    if noise_multiplier is None:
-        noise_multiplier = noise_multiplier_for(target_epsilon, delta, sample_rate, steps, accountant, history)
+    core = model.module if distributed else model
     if grad_sample_mode == "bookkeeping":
         kind = DistributedDPOptimizerFastGradientClipping if distributed else DPOptimizerFastGradientClipping
-        backward = BookKeeping(model, max_grad_norm).backward
+        backward = BookKeeping(core, max_grad_norm, example_shape, reviewed).backward
     else:
+        check_per_image(core, example_shape, reviewed)
         kind = get_optimizer_class(clipping="flat", distributed=distributed, grad_sample_mode=grad_sample_mode)
         model = prepare_module(model, grad_sample_mode=grad_sample_mode, batch_first=True, loss_reduction="mean")
         backward = _mean_backward
+    if noise_multiplier is None:
+        noise_multiplier = noise_multiplier_for(target_epsilon, delta, sample_rate, steps, accountant, history)
     world = dist.get_world_size() if distributed else 1
     optimizer = kind(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                      expected_batch_size=expected_batch_size / world, loss_reduction="mean",
@@ -736,9 +746,6 @@ def _set_up(cfg: Config, data: TrainingData, ckpt: dict | None, device, ranks: R
     model, optimizer, ema, trained = _model_and_optimizer(cfg, len(labels), device, start if ckpt is None else None)
     train_set = CXRDataset(data.train, data.table.root, labels, preprocessing(cfg.data), data.table.cache,
                            augmentation(cfg.training.augment, labels, cfg.data.image_size), views)
-    if dp:
-        check_allowed(model, PER_IMAGE_MODELS)
-        check_batch_independence(model, tuple(train_set[0][0].shape), device)
     secret = dp and not cfg.dp.reproducible_noise
     sampler_gen, noise_gen, count_seed = _generators(secret, run_seed, device, ranks)
     batch_size = cfg.training.logical_batch_size
@@ -768,7 +775,8 @@ def _set_up(cfg: Config, data: TrainingData, ckpt: dict | None, device, ranks: R
                           max_grad_norm=cfg.dp.max_grad_norm, grad_sample_mode=cfg.dp.grad_sample_mode,
                           noise_multiplier=ckpt["noise_multiplier"] if ckpt else cfg.dp.noise_multiplier,
                           target_epsilon=cfg.dp.epsilon, delta=delta, noise_generator=noise_gen,
-                          secure_mode=cfg.dp.secure_mode, history=spent_before)
+                          secure_mode=cfg.dp.secure_mode, history=spent_before,
+                          example_shape=tuple(train_set[0][0].shape))
         model, optimizer, accountant, backward = setup.model, setup.optimizer, setup.accountant, setup.backward
         cfg.derived.update(noise_multiplier=setup.noise_multiplier, sample_rate=sampler.sample_rate,
                            expected_units_per_step=batch_size)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import InputError
-from privacy.per_sample import PARAMETRISED
+from privacy.per_sample import check_per_image
 
 # Ghost norms when the Gram matrices (2*T^2 per example) are at least this much smaller than the
 # per-example gradient (d*p): measured on ResNet9 at 224 px, 2 CPU threads, materialising is faster
@@ -240,18 +240,24 @@ class BookKeeping:
     ``losses = criterion_none(model(x), y); clipper.backward(losses, units)``; ``p.grad`` then holds
     sum_u c_u g_u, what Opacus' ``DPOptimizerFastGradientClipping`` noises, scales and applies.
     Only training-mode forwards with gradients enabled are recorded.
+
+    The model is refused (``InputError``) when the engine is built unless it treats every image of a
+    batch on its own (``privacy.per_sample.check_per_image``): a module that mixes the batch, such as
+    a BatchNorm even without parameters, would make one patient's gradient depend on the others' and
+    break the per-patient bound C. The allow-list's parametrised layers are exactly those computed
+    here. ``example_shape`` (one image, e.g. (1, H, W)): the batch-independence probe runs now on
+    images of that shape, else on the model's first batch; ``reviewed``: the caller's own composite
+    modules whose forward is per-image (the probe still checks them).
     """
 
-    def __init__(self, model: nn.Module, max_grad_norm: float):
+    def __init__(self, model: nn.Module, max_grad_norm: float, example_shape: tuple[int, ...] | None = None,
+                 reviewed: tuple[type, ...] = ()):
+        check_per_image(model, example_shape, reviewed)
         self.max_grad_norm = max_grad_norm
         self.layers: list[_Layer] = []
         for name, module in model.named_modules():
             if not any(p.requires_grad for p in module.parameters(recurse=False)):
                 continue
-            if type(module) not in PARAMETRISED:  # exact types: a subclass may compute something else
-                raise InputError(f"dp.grad_sample_mode bookkeeping: layer {name or 'model'} "
-                                 f"({type(module).__name__}) is not supported (supported: "
-                                 f"{', '.join(t.__name__ for t in PARAMETRISED)}); use hooks, ew or functorch")
             if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
                 raise InputError(f"dp.grad_sample_mode bookkeeping: layer {name} pads with "
                                  f"'{module.padding_mode}'; only zero padding is supported")
