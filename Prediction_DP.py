@@ -220,7 +220,8 @@ def youden_thresholds(truth: np.ndarray, scores: np.ndarray, labels: list[str]) 
 
 
 def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
-    """Write ``predictions/<split>.csv``, ``results/<split>_*`` and the split's report; return the metrics."""
+    """Write ``private/predictions/<split>.csv``, ``results/<split>_*`` and the split's report; return the
+    metrics."""
     exp_dir = Path(exp_dir)
     files = Layout(exp_dir)
     scored = score_split(exp_dir, split)
@@ -566,7 +567,7 @@ def training_curves(tensorboard: Path) -> dict[str, list[tuple[int, float]]]:
 def write_predictions(files: Layout, scored: Scored, source: Path, title: str,
                       about: dict | None = None) -> tuple[dict, dict]:
     """Per-image predictions, metrics and fairness with their intervals, and the report of a scored
-    split, into ``files``' predictions/, results/ and report; returns (metrics, fairness)."""
+    split, into ``files``' private/predictions/, results/ and report; returns (metrics, fairness)."""
     split, frame, labels, truth, scores = scored.split, scored.frame, scored.labels, scored.truth, scored.scores
     out = frame[["image_id", "patient_id"]].copy()
     out["sex"] = frame["sex"].where(frame["sex"].isin(["F", "M"]), "")

@@ -26,16 +26,18 @@ class Layout:
     """Where the files of an experiment folder live, and which of them may leave the hospital.
 
     Releasable -- derived only from the DP-trained weights and from evaluation data the researcher
-    chooses to publish: ``checkpoints/best.pt`` (weights picked by validation AUROC),
-    ``predictions/<split>.csv``, ``results/<split>_*`` and ``report.html`` / ``report_<split>.html``.
-    ``export`` bundles what a model release needs from them.
+    chooses to publish, as aggregates: ``checkpoints/best.pt`` (weights picked by validation AUROC),
+    ``results/<split>_*`` (metrics and fairness with intervals) and ``report.html`` /
+    ``report_<split>.html``. ``export`` bundles what a model release needs from them.
 
     Private -- ``private/``, never to be shared: ``config.yaml`` and ``summary.json`` (exact dataset
     sizes, sample rate, dataset paths, training loss), ``last.pt`` (the resume checkpoint, with the
     secret state of the DP noise and sampling), ``tensorboard/`` (training curves, un-noised),
     ``audit/`` (canaries' coins and labels, reference runs, membership scores of training images and
-    the audit's results and report) and ``training_pixels.json`` (digests of the training images'
-    preprocessed pixels, by which ``predict --images`` recognises a renamed copy of one).
+    the audit's results and report), ``training_pixels.json`` (digests of the training images'
+    preprocessed pixels, by which ``predict --images`` recognises a renamed copy of one) and
+    ``predictions/<split>.csv`` (row-level: each validation or test image's ids, sex, age, labels and
+    scores; those patients are not protected by the guarantee).
     """
 
     def __init__(self, root: Path):
@@ -48,7 +50,7 @@ class Layout:
         self.audit = self.private / "audit"
         self.training_pixels = self.private / "training_pixels.json"
         self.best = self.root / "checkpoints" / "best.pt"
-        self.predictions = self.root / "predictions"
+        self.predictions = self.private / "predictions"
         self.results = self.root / "results"
 
     def checkpoint(self, which: str) -> Path:

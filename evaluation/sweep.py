@@ -55,7 +55,7 @@ def audit_columns(audit: dict) -> dict:
 def run_resamples(predictions: pd.DataFrame, metrics: dict, weights: np.ndarray, edges: list[float],
                   min_size: int, min_positives: int, min_negatives: int) -> dict[str, tuple[float, np.ndarray]]:
     """column -> (value, values under each row of ``weights``) of a run's mean AUROC and label-averaged
-    fairness metrics, from its ``predictions/test.csv`` and the thresholds in its metrics."""
+    fairness metrics, from its ``private/predictions/test.csv`` and the thresholds in its metrics."""
     labels = list(metrics["labels"])
     truth = predictions[labels].to_numpy(dtype=float, na_value=np.nan)
     scores = predictions[[f"{label}_score" for label in labels]].to_numpy(dtype=float)

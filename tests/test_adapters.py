@@ -107,7 +107,7 @@ def test_trains_and_predicts_on_chexpert_layout(tmp_path, chexpert):
     config = tmp_path / "cfg.yaml"
     assert main(["train", "--config", str(config), "--name", "cx", "--set", *sets]) == 0
     assert main(["predict", str(tmp_path / "experiments" / "cx")]) == 0
-    test = pd.read_csv(tmp_path / "experiments" / "cx" / "predictions" / "test.csv")
+    test = pd.read_csv(tmp_path / "experiments" / "cx" / "private" / "predictions" / "test.csv")
     assert len(test) == 20 and test["image_id"].str.startswith("valid/patient").all()
 
 

@@ -140,7 +140,7 @@ def test_compare_command_writes_paired_results_and_refuses_mismatches(tiny_confi
     assert main(["predict", str(root / "dp")]) == 0
     metrics = json.loads((root / "dp" / "results" / "test_metrics.json").read_text())
     assert comparison["auroc_mean_a"] == pytest.approx(metrics["auroc_mean"])
-    patients = pd.read_csv(root / "dp" / "predictions" / "test.csv")["patient_id"].nunique()
+    patients = pd.read_csv(root / "dp" / "private" / "predictions" / "test.csv")["patient_id"].nunique()
     assert comparison["bootstrap"]["units"] == metrics["bootstrap"]["units"] == patients < comparison["n_images"]
 
     # a different label set, and different test images, are refused

@@ -91,7 +91,7 @@ def test_blank_grades_are_unlabelled_and_masked(tiny_config, hospital):
     assert code == 0
     exp = path.parent / "experiments" / "tiny"
     assert main(["predict", str(exp)]) == 0
-    test = pd.read_csv(exp / "predictions" / "test.csv")
+    test = pd.read_csv(exp / "private" / "predictions" / "test.csv")
     blank = test[TINY_LABELS[0]].isna()
     assert blank.any() and not test[TINY_LABELS[1]].isna().any()
     metrics = json.loads((exp / "results" / "test_metrics.json").read_text())

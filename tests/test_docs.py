@@ -80,7 +80,7 @@ def test_every_output_path_the_docs_name_exists_after_a_run(tiny_config):
     assert main(["predict", str(exp)]) == 0 and main(["predict", str(exp), "--split", "valid"]) == 0
 
     named = named_outputs()
-    assert {"private/last.pt", "checkpoints/best.pt", "private/summary.json", "predictions/<split>.csv",
+    assert {"private/last.pt", "checkpoints/best.pt", "private/summary.json", "private/predictions/<split>.csv",
             "results/<split>_metrics.json", "report.html"} <= set(named), sorted(named)  # the pattern sees them
     assert any(p.startswith("<") and p.rstrip("/").endswith("/private/privacy_ledger") for p in named), sorted(named)
     missing = []

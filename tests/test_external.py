@@ -50,7 +50,7 @@ def _renamed_csv(root, experiment, drop=()):
 
 
 def _scores(folder, split="test"):
-    return pd.read_csv(folder / "predictions" / f"{split}.csv")
+    return pd.read_csv(folder / "private" / "predictions" / f"{split}.csv")
 
 
 def test_renamed_labels_score_like_the_experiments_own_dataset(trained):

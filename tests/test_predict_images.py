@@ -82,7 +82,7 @@ def test_a_folder_is_scored_like_the_experiments_own_test_images_at_its_threshol
     assert "truncated" in bad.set_index("path")["reason"]["cut.jpg"]
 
     # the same probabilities as predict gave these images through the experiment's dataset
-    test = pd.read_csv(trained.exp / "predictions" / "test.csv").set_index("image_id")
+    test = pd.read_csv(trained.exp / "private" / "predictions" / "test.csv").set_index("image_id")
     mine = scores.set_index("path").loc[list(trained.copied)]
     for label in TINY_LABELS:
         expected = test.loc[list(trained.copied.values()), f"{label}_score"].to_numpy()
@@ -119,7 +119,7 @@ def test_a_csv_carries_patient_sex_and_age_and_is_checked_by_row(trained, capsys
     assert scores["age"].tolist() == ["61.0", ""]
     assert bad.values.tolist() == [["gone.png", "missing file"]]
     assert about["counts"]["scored"] == 2
-    test = pd.read_csv(trained.exp / "predictions" / "test.csv").set_index("image_id")
+    test = pd.read_csv(trained.exp / "private" / "predictions" / "test.csv").set_index("image_id")
     expected = test.loc[[trained.copied[first], trained.copied[second]], [f"{label}_score" for label in TINY_LABELS]]
     assert np.allclose(scores[TINY_LABELS].to_numpy(float), expected.to_numpy(), rtol=1e-5, atol=1e-6)
 

@@ -74,8 +74,8 @@ def test_bundle_holds_only_releasable_files_and_states_the_privacy(tiny_config, 
     assert main(["predict", str(bundle)]) == 2
     assert "--data" in capsys.readouterr().err
     assert main(["predict", str(bundle), "--data", str(path), "--out", str(path.parent / "scored")]) == 0
-    mine = pd.read_csv(exp / "predictions" / "test.csv")
-    theirs = pd.read_csv(path.parent / "scored" / "predictions" / "test.csv")
+    mine = pd.read_csv(exp / "private" / "predictions" / "test.csv")
+    theirs = pd.read_csv(path.parent / "scored" / "private" / "predictions" / "test.csv")
     assert theirs.equals(mine)
     scored = json.loads((path.parent / "scored" / "results" / "test_metrics.json").read_text())
     assert scored["threshold_split"] == "bundle"

@@ -111,7 +111,7 @@ def test_sweep_seeds_share_the_test_patients(tiny_config, capsys):
     table = pd.read_csv(sweep / "sweep.csv")
     assert list(table["run"]) == ["eps_inf_seed0", "eps_inf_seed1", "eps_8_seed0", "eps_8_seed1"]
     assert list(table["seed"]) == [0, 1, 0, 1]
-    tests = [pd.read_csv(sweep / run / "predictions" / "test.csv")["image_id"] for run in table["run"]]
+    tests = [pd.read_csv(sweep / run / "private" / "predictions" / "test.csv")["image_id"] for run in table["run"]]
     assert all(t.equals(tests[0]) for t in tests)  # one split for every seed
     assert table["auroc_mean"][2] != table["auroc_mean"][3]  # yet the seeds trained differently
     d = json.loads((sweep / "sweep.json").read_text())["difference_to_non_private"]["8"]["auroc_mean"]

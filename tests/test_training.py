@@ -54,7 +54,11 @@ def test_run_writes_every_artifact(tiny_config, capfd, dp):
     assert ("privacy/epsilon" in tags) is dp
 
     assert main(["predict", str(exp)]) == 0
-    assert (exp / "predictions" / "test.csv").is_file() and (exp / "results" / "test_metrics.json").is_file()
+    assert (exp / "private" / "predictions" / "test.csv").is_file() and (exp / "results" / "test_metrics.json").is_file()
+    # row-level records of the test patients (unprotected) stay private: no file outside private/ lists images
+    for table in exp.rglob("*.csv"):
+        if "private" not in table.relative_to(exp).parts:
+            assert not {"image_id", "patient_id"} & set(pd.read_csv(table, nrows=0).columns), table
     fairness = json.loads((exp / "results" / "test_fairness.json").read_text())
     assert set(fairness["subgroups"]) == {"sex", "age", "sex_age"} and set(fairness["fairness"]) == {"sex", "age"}
     assert len(pd.read_csv(exp / "results" / "test_fairness.csv")) > 0
@@ -178,8 +182,8 @@ def test_predict_metrics_are_reproducible_from_the_csv(tiny_config):
     assert main(["predict", str(exp), "--split", "test"]) == 0
     assert main(["predict", str(exp), "--split", "valid"]) == 0
     metrics = json.loads((exp / "results" / "test_metrics.json").read_text())
-    test = pd.read_csv(exp / "predictions" / "test.csv")
-    valid = pd.read_csv(exp / "predictions" / "valid.csv")
+    test = pd.read_csv(exp / "private" / "predictions" / "test.csv")
+    valid = pd.read_csv(exp / "private" / "predictions" / "valid.csv")
     assert list(test.columns[:4]) == ["image_id", "patient_id", "sex", "age"]
     assert set(test["sex"]) <= {"F", "M"}
     assert metrics["threshold_split"] == "valid" and not metrics["thresholds_optimistic"]
