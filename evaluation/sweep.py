@@ -24,15 +24,19 @@ from torch.utils.tensorboard import SummaryWriter
 
 from evaluation.bootstrap import LEVEL, label_mean, percentile_interval, two_sided_p, weighted_auroc
 from evaluation.fairness import fairness_column, mean_fairness_resamples
+from privacy.release import rounded, rounded_up
 
 MIN_TREND_RUNS = 5
 
 
 def sweep_row(run: str, target_epsilon: float, seed: int, summary: dict, metrics: dict, fairness: dict) -> dict:
-    """One row: run, budget, seed, accounting, mean AUROC with interval, label-averaged fairness metrics."""
+    """One row: run, budget, seed, accounting, mean AUROC with interval, label-averaged fairness metrics.
+    The accounting is rounded as on the model card (epsilon up, sigma to two digits): with the steps,
+    exact values would give the number of training patients back."""
     ci = metrics.get("auroc_mean_ci95") or [None, None]
-    row = {"run": run, "epsilon": target_epsilon, "seed": seed, "epsilon_spent": summary["dp"]["epsilon_spent"],
-           "noise_multiplier": summary["dp"]["noise_multiplier"], "auroc_mean": metrics["auroc_mean"],
+    sigma = summary["dp"]["noise_multiplier"]
+    row = {"run": run, "epsilon": target_epsilon, "seed": seed, "epsilon_spent": rounded_up(summary["dp"]["epsilon_spent"]),
+           "noise_multiplier": None if sigma is None else rounded(sigma), "auroc_mean": metrics["auroc_mean"],
            "auroc_mean_ci95_low": ci[0], "auroc_mean_ci95_high": ci[1]}
     for attribute, fair in fairness["fairness"].items():
         row.update({fairness_column(attribute, name): entry["value"] for name, entry in fair["mean"].items()})

@@ -35,7 +35,7 @@ BUNDLE_FORMAT = 1
 FILES = ("model.safetensors", "model.json", "model_card.json", "model_card.md")
 
 
-def _rounded(value: float) -> float:
+def rounded(value: float) -> float:
     """Two significant digits: enough to read, too coarse to count patients with."""
     return float(f"{value:.2g}")
 
@@ -45,11 +45,11 @@ def rounded_up(epsilon: float | None) -> float | None:
     proven one, never tighter, and no finer than what hides the exact number of training units."""
     if epsilon is None or not math.isfinite(epsilon) or epsilon <= 0:
         return epsilon
-    near = _rounded(epsilon)
+    near = rounded(epsilon)
     if near >= epsilon:
         return near
     unit = 10.0 ** (math.floor(math.log10(epsilon)) - 1)
-    return _rounded(math.ceil(epsilon / unit) * unit)
+    return rounded(math.ceil(epsilon / unit) * unit)
 
 
 def rounded_count(n: int) -> int:
@@ -117,8 +117,8 @@ def model_card(cfg: Config, summary: dict, metrics: dict, parameters: int, epoch
             adjacency=f"add or remove one {unit} (all of the {unit}'s training images)",
             accountant=f"{dp['accountant'].upper()} (Opacus), Poisson sampling",
             epsilon_pld={k: rounded_up(v) for k, v in dp["pld_epsilon"].items()} if dp["pld_epsilon"] else None,
-            units=f"about {rounded_count(dp['units']):,} training {unit}s", sample_rate=_rounded(dp["sample_rate"]),
-            steps=summary["steps"], noise_multiplier=_rounded(dp["noise_multiplier"]),
+            units=f"about {rounded_count(dp['units']):,} training {unit}s", sample_rate=rounded(dp["sample_rate"]),
+            steps=summary["steps"], noise_multiplier=rounded(dp["noise_multiplier"]),
             max_grad_norm=dp["max_grad_norm"], noise=dp["noise"], secure_mode=dp["secure_mode"],
             covers=f"the training {unit}s",
             does_not_cover=list(NOT_COVERED),

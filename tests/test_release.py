@@ -20,7 +20,7 @@ from conftest import REPO, write_tiny_config
 from data.dataset import load_table
 from main_2D_DP import main
 from privacy.ledger import Ledger
-from privacy.release import FILES, _rounded, rounded_count, rounded_up
+from privacy.release import FILES, rounded, rounded_count, rounded_up
 
 
 def test_bundle_holds_only_releasable_files_and_states_the_privacy(tiny_config, capsys):
@@ -55,7 +55,7 @@ def test_bundle_holds_only_releasable_files_and_states_the_privacy(tiny_config, 
         assert privacy[key] == summary["dp"][key], key
     # rounded (test_the_card_does_not_give_the_number_of_training_patients_back), the guarantee never tighter
     assert privacy["epsilon"] == rounded_up(summary["dp"]["epsilon_spent"]) >= summary["dp"]["epsilon_spent"]
-    assert privacy["noise_multiplier"] == _rounded(summary["dp"]["noise_multiplier"])
+    assert privacy["noise_multiplier"] == rounded(summary["dp"]["noise_multiplier"])
     assert privacy["steps"] == summary["steps"] and privacy["units"] == f"about {rounded_count(cfg.derived['n_train_units'])} training patients"
     assert "WARNING" in privacy["statement"]  # the tests' runs seed their noise: the card says so
     # in words too, from the rounded epsilon, with the same warning
@@ -159,14 +159,14 @@ def test_the_card_does_not_give_the_number_of_training_patients_back(released):
         return 10.0 ** (math.floor(math.log10(value)) - 1)
 
     sigma, eps = privacy["noise_multiplier"], privacy["epsilon"]
-    assert (sigma, eps, privacy["sample_rate"]) == (_rounded(dp["noise_multiplier"]), rounded_up(dp["epsilon_spent"]),
-                                                    _rounded(dp["sample_rate"]))
-    fits = [m for m in around if _rounded(batch / m) == privacy["sample_rate"]  # some sigma of its rounding fits
+    assert (sigma, eps, privacy["sample_rate"]) == (rounded(dp["noise_multiplier"]), rounded_up(dp["epsilon_spent"]),
+                                                    rounded(dp["sample_rate"]))
+    fits = [m for m in around if rounded(batch / m) == privacy["sample_rate"]  # some sigma of its rounding fits
             and epsilon(sigma + unit(sigma) / 2, m) <= eps and epsilon(sigma - unit(sigma) / 2, m) > eps - unit(eps)]
     assert n in fits and len(fits) >= 3, (n, fits)
     assert privacy["epsilon_pld"] == {k: rounded_up(v) for k, v in dp["pld_epsilon"].items()}
     text = "".join((released.bundle / name).read_text() for name in FILES if not name.endswith(".safetensors"))
     exact = [dp["epsilon_spent"], dp["noise_multiplier"], dp["sample_rate"], *dp["pld_epsilon"].values()]
     for value in exact:  # in no form that keeps more digits than the card's
-        if _rounded(value) != value:
+        if rounded(value) != value:
             assert repr(value) not in text and f"{value:.4g}" not in text, value

@@ -12,6 +12,7 @@ import Train_Valid_DP
 from conftest import assert_report
 from evaluation.sweep import add_q_values, paired_differences, trends
 from main_2D_DP import main
+from privacy.release import rounded, rounded_up
 
 
 def test_trend_on_log_epsilon_needs_five_private_runs():
@@ -66,6 +67,10 @@ def test_sweep_trains_each_budget_resumes_and_skips(tiny_config, monkeypatch, ca
     assert list(table["epsilon"]) == [np.inf, 8.0, 2.0]
     assert np.isnan(table["epsilon_spent"][0]) and table["epsilon_spent"][1] <= 8 and table["epsilon_spent"][2] <= 2
     assert table["noise_multiplier"][2] > table["noise_multiplier"][1]
+    for row in (1, 2):  # published rounded as on the model card, so that N cannot be solved for
+        dp = json.loads((sweep / table["run"][row] / "private" / "summary.json").read_text())["dp"]
+        assert table["epsilon_spent"][row] == rounded_up(dp["epsilon_spent"]) >= dp["epsilon_spent"]
+        assert table["noise_multiplier"][row] == rounded(dp["noise_multiplier"])
     assert {"sex_demographic_parity_difference", "age_equalized_odds_difference", "sex_spd_F-M"} <= set(table.columns)
     result = json.loads((sweep / "sweep.json").read_text())
     assert "not meaningful" in result["trend_on_log_epsilon"]["auroc_mean"]["note"]  # 2 private runs
