@@ -947,8 +947,47 @@ def _train_epoch(cfg: Config, trainer: Trainer, run: RunState, data: TrainingDat
                        f"target {cfg.dp.epsilon:g} at step {run.steps}")
 
 
+class Curves:
+    """The TensorBoard curves in ``private/tensorboard``. TensorBoard writes them from a thread of its
+    own, whose failure (a full disk) comes back as a bare OSError at a later call, which would stop
+    the run without saying what failed: here a failed write is said once, naming the folder and the
+    step the curves stop at, and the run goes on (its checkpoints and summary.json are written apart,
+    and a full disk stops them with their own error)."""
+
+    def __init__(self, folder: Path, purge_step: int | None):
+        self.folder, self.writer = folder, None
+        try:
+            self.writer = SummaryWriter(str(folder), purge_step=purge_step)
+        except OSError as exc:
+            self._failed(exc, "no curves are written")
+
+    def add(self, scalars: dict[str, float], step: int) -> None:
+        """``scalars`` at ``step``, flushed to disk (the flush re-raises the thread's failure)."""
+        if self.writer is None:
+            return
+        try:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+        except OSError as exc:
+            self._failed(exc, f"the curves stop at step {step}")
+
+    def close(self) -> None:
+        if self.writer is None:
+            return
+        try:
+            self.writer.close()
+        except OSError as exc:
+            self._failed(exc, "the curves may miss their last step")
+
+    def _failed(self, exc: OSError, what: str) -> None:
+        self.writer = None
+        warnings.warn(f"TensorBoard could not write to {self.folder}: {exc.strerror or exc}; {what}. Training "
+                      f"goes on (checkpoints and summary.json are written apart)")
+
+
 def _validate_and_save(cfg: Config, trainer: Trainer, run: RunState, valid_loader, valid_truth: np.ndarray,
-                       files: Layout, booking: Booking, writer: SummaryWriter, device, started: float) -> dict:
+                       files: Layout, booking: Booking, curves: Curves, device, started: float) -> dict:
     """After an epoch (rank 0): validation AUROC and losses to TensorBoard, ``best.pt`` when the mean
     AUROC improved, ``last.pt``, the ledger and ``summary.json``; returns the summary."""
     labels, dp, epochs = list(cfg.data.labels), trainer.accountant is not None, cfg.training.epochs
@@ -958,14 +997,9 @@ def _validate_and_save(cfg: Config, trainer: Trainer, run: RunState, valid_loade
     auroc_mean = mean_auroc(per_label)
     eps = trainer.epsilon()
 
-    writer.add_scalar("train/loss", progress.loss, steps)
-    writer.add_scalar("valid/loss", valid_loss, steps)
-    writer.add_scalar("valid/auroc_mean", auroc_mean, steps)
-    for label, value in per_label.items():
-        writer.add_scalar(f"valid/auroc/{label}", value, steps)
-    if dp:
-        writer.add_scalar("privacy/epsilon", eps, steps)
-    writer.flush()
+    curves.add({"train/loss": progress.loss, "valid/loss": valid_loss, "valid/auroc_mean": auroc_mean,
+                **{f"valid/auroc/{label}": value for label, value in per_label.items()},
+                **({"privacy/epsilon": eps} if dp else {})}, steps)
 
     # NaN (no label with both classes) never wins, but the first epoch always gives a best.pt
     if auroc_mean > run.best or run.best_epoch is None:
@@ -1039,13 +1073,13 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
 
     valid_loader = evaluation_loader(data.valid, data.table, cfg.data, cfg.training.physical_batch_size)
     valid_truth = data.valid[list(cfg.data.labels)].to_numpy()
-    writer = SummaryWriter(str(files.tensorboard), purge_step=run.steps + 1 if ckpt else None) if ranks.main else None
+    curves = Curves(files.tensorboard, purge_step=run.steps + 1 if ckpt else None) if ranks.main else None
     started, summary = time.time(), {}
     for epoch in range(run.epoch, cfg.training.epochs):
         run.epoch = epoch
         _train_epoch(cfg, trainer, run, data, files, booking, device, ranks, run_seed, budget_steps)
         if ranks.main:  # validation, logs and checkpoints are rank 0's
-            summary = _validate_and_save(cfg, trainer, run, valid_loader, valid_truth, files, booking, writer,
+            summary = _validate_and_save(cfg, trainer, run, valid_loader, valid_truth, files, booking, curves,
                                          device, started)
         run.progress = None
         if run.stopped:
@@ -1055,7 +1089,7 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
             break
     if not ranks.main:
         return {}
-    writer.close()
+    curves.close()
     summary = summary or read_json(files.summary)  # a finished run resumed: nothing to do, report what is there
     _report(summary)
     return summary

@@ -19,6 +19,7 @@ import torch
 import Train_Valid_DP
 from artifacts import load_checkpoint
 from conftest import REPO
+from data.synthetic import LABELS
 from main_2D_DP import main
 from test_training import _assert_same_run, _exp
 
@@ -327,3 +328,18 @@ def test_a_real_full_disk_and_a_read_only_folder_are_output_errors(tiny_config, 
     code, err = _in_tiny_filesystem(tmp_path, tmp_path / "small", ["compare", str(exp), str(exp), "--out",
                                                                    str(tmp_path / "small")], "24k")
     assert code == 1 and "report.html" in err and "No space left on device" in err, err
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs a private mount namespace (unshare -m, as root)")
+@pytest.mark.parametrize("size, epochs, said", [
+    ("4k", 7, "the curves stop at step"),  # one page: the event file fills it at epoch 6 (12 curves)
+    ("4k,nr_inodes=1", 1, "no curves are written"),  # not even the event file can be made
+])
+def test_a_full_disk_under_tensorboard_is_said_and_training_goes_on(tiny_config, tmp_path, size, epochs, said):
+    # TensorBoard's folder alone on a full filesystem: its writer thread fails, the checkpoints beside it do not
+    path = tiny_config(training={"epochs": epochs}, dp={"enabled": False}, data={"labels": list(LABELS)})
+    curves = _exp(path) / "private" / "tensorboard"
+    code, err = _in_tiny_filesystem(tmp_path, curves, ["train", "--config", str(path)], size)
+    assert code == 0, err
+    assert f"TensorBoard could not write to {curves}: No space left on device; {said}" in err, err
+    assert _summary(_exp(path))["epochs_completed"] == epochs
