@@ -67,6 +67,7 @@ from artifacts import (ExperimentLock, Layout, atomic_write_text, json_text, loa
                        save_checkpoint)
 from config import DP, PUBLIC_PRETRAINING, Audit, Config, Data, InputError, config_yaml, read_yaml, validate
 from data.augment import augmentation
+from data.synthetic import generator_fingerprint
 from data.dataset import (SPLITS, CXRDataset, Table, default_cache_dir, evaluation_loader, load_table,
                           positive_weights, preprocessing)
 from models import build_model, load_pretrained, resolve_trainable, set_trainable
@@ -647,7 +648,9 @@ def public_pretraining(cfg: Config) -> tuple[Config, Path]:
     data = cfg.data.model_copy(update={"site": pre.site, "split_seed": seed})
     learned = {"data": data.model_dump(exclude={"num_workers", "cache"}),
                "model": cfg.model.model_dump(exclude={"pretrained_checkpoint"}),
-               "training": training.model_dump(exclude=RUNTIME_KEYS), "seed": seed}
+               "training": training.model_dump(exclude=RUNTIME_KEYS), "seed": seed,
+               # the built-in images themselves: a change to how they are drawn trains another public model
+               "images": generator_fingerprint() if cfg.data.dataset == "synthetic" else None}
     fingerprint = hashlib.sha256(json.dumps(learned, sort_keys=True).encode()).hexdigest()[:12]
     name = f"{cfg.data.dataset}-{pre.site}_{cfg.model.name}_{fingerprint}"
     folder = Path(pre.dir).expanduser() if pre.dir else default_cache_dir() / "pretrained"

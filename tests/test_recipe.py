@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from config import Augment, ConfigError, flip_permutation
+import Train_Valid_DP
+from config import Augment, ConfigError, flip_permutation, load_config
 from data.augment import augmentation
 from main_2D_DP import main
 from models import build_model, set_trainable
@@ -127,6 +128,14 @@ def test_recipe_trains_resumes_exactly_and_refuses_changes(tiny_config, monkeypa
     averages = [torch.load(_exp(path, name) / "private" / "last.pt", weights_only=True)["ema"]
                 for name in ("straight", "broken")]
     assert all(torch.equal(averages[0][k], averages[1][k]) for k in averages[0])
+
+
+def test_the_public_model_is_keyed_by_how_the_built_in_images_are_drawn(tiny_config, monkeypatch):
+    cfg = load_config(tiny_config(model={"pretrained_checkpoint": "public"}))
+    _, before = Train_Valid_DP.public_pretraining(cfg)
+    assert Train_Valid_DP.public_pretraining(cfg)[1] == before
+    monkeypatch.setattr(Train_Valid_DP, "generator_fingerprint", lambda: "another drawing")
+    assert Train_Valid_DP.public_pretraining(cfg)[1] != before  # not the model trained on the old images
 
 
 def test_public_pretraining_runs_once_per_recipe_and_never_on_the_private_patients(tiny_config, capsys):
