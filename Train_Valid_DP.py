@@ -63,7 +63,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import parallel
-from artifacts import (ExperimentLock, Layout, atomic_write_text, json_text, load_checkpoint, read_json,
+from artifacts import (FolderLock, Layout, atomic_write_text, json_text, load_checkpoint, read_json,
                        save_checkpoint)
 from config import DP, PUBLIC_PRETRAINING, Audit, Config, Data, InputError, config_yaml, read_yaml, validate
 from data.augment import augmentation
@@ -76,7 +76,7 @@ from Prediction_DP import auroc_per_label, mean_auroc, predict_scores
 from privacy import check_delta, default_delta, noise_multiplier_for, pld_epsilons, secret_seed
 from privacy.bookkeeping import BookKeeping
 from privacy.canaries import check_record, draw_canaries, reference_training_split, with_canaries
-from privacy.ledger import Booking, Ledger, ledger_root
+from privacy.ledger import Booking, Ledger, earlier_default, ledger_root, patient_keys, refuse_earlier_format
 from privacy.per_sample import check_per_image
 from privacy.pos_weight import label_count_noise, noised_positive_weights
 from privacy.release import EPSILON_MEANING, plain_privacy
@@ -540,19 +540,22 @@ def _weights_source(cfg: Config, history: list | None) -> str:
     return "none (1 for every label)" if choice == "none" else "given in the config"
 
 
-def _booking(cfg: Config, exp_dir: Path, table, unit: str, delta: float | None, ranks: Ranks) -> Booking | None:
-    """Rank 0's entry for this run in the privacy ledger of the dataset's patients; the ledger's folder
-    is made explicit in the config, so that reference runs and sweeps share it."""
+def _booking(cfg: Config, exp_dir: Path, data: TrainingData, delta: float | None, ranks: Ranks) -> Booking | None:
+    """Rank 0's entry for this run, listing the patients it trains, in the privacy ledger of its dataset
+    (one per dataset and folder, whatever the site and views); the ledger's root is made explicit in the
+    config, so that reference runs and sweeps share it."""
     if not ranks.main:
         return None
-    root = ledger_root(cfg.output.target_dir, cfg.output.ledger).resolve()
+    root = ledger_root(cfg.output.ledger)
+    refuse_earlier_format(root, earlier_default(cfg.output.target_dir))
+    ledger, identity = Ledger.of_dataset(root, cfg.data.dataset, data.table.root)
     cfg.output.ledger = str(root)
-    ledger = Ledger.for_table(root, table.frame, {"dataset": cfg.data.dataset, "site": cfg.data.site,
-                                                  "root": str(table.root)})
-    cfg.derived["patients_fingerprint"] = ledger.key
-    delta = delta if delta is not None else default_delta(ledger.dataset["patients"])
-    return Booking(ledger, cfg.derived["run_id"], str(exp_dir.resolve()), cfg.dp.enabled, unit, cfg.dp.accountant,
-                   delta)
+    cfg.derived["ledger_key"] = ledger.key
+    images = data.train["patient_id"].astype(str).value_counts()
+    patients = patient_keys(images.index)
+    delta = delta if delta is not None else default_delta(len(patients))
+    return Booking(ledger, identity, cfg.derived["run_id"], str(exp_dir.resolve()), cfg.dp.enabled, cfg.dp.unit,
+                   cfg.dp.accountant, delta, patients, patient_keys(images.index[images > 1]))
 
 
 def _write_summary(exp_dir: Path, summary: dict) -> None:
@@ -563,16 +566,22 @@ def train(cfg: Config, exp_dir: Path, resume: bool = False, allow_budget_increas
           ranks: Ranks = Ranks()) -> dict:
     """Train ``cfg`` into ``exp_dir`` (new, or continued from ``private/last.pt``); return the summary.
 
-    One job at a time: the experiment folder is locked while training. Under torchrun every rank
-    trains and reads the checkpoint it resumes from; rank 0 locks and writes (others return {}).
+    One job at a time: the experiment folder is locked while training; a run refused (or stopped)
+    before it wrote anything leaves no folder behind. Under torchrun every rank trains and reads the
+    checkpoint it resumes from; rank 0 locks and writes (others return {}).
     """
     exp_dir = Path(exp_dir)
     if not ranks.main:
         return _train(cfg, exp_dir, resume, allow_budget_increase, ranks)
-    with ExperimentLock(exp_dir):
-        for leftover in exp_dir.rglob(".*.tmp"):  # a write interrupted by a kill; the target file is intact
-            leftover.unlink()
-        return _train(cfg, exp_dir, resume, allow_budget_increase, ranks)
+    new = not exp_dir.exists()
+    try:
+        with FolderLock(exp_dir):
+            for leftover in exp_dir.rglob(".*.tmp"):  # a write interrupted by a kill; the target file is intact
+                leftover.unlink()
+            return _train(cfg, exp_dir, resume, allow_budget_increase, ranks)
+    finally:
+        if new and exp_dir.is_dir() and not any(exp_dir.iterdir()):
+            exp_dir.rmdir()
 
 
 @dataclass
@@ -659,7 +668,7 @@ def public_pretraining(cfg: Config) -> tuple[Config, Path]:
                        "training": training.model_dump(), "dp": {"enabled": False},
                        "evaluation": cfg.evaluation.model_dump(),
                        "output": {"target_dir": str(folder),
-                                  "ledger": str(ledger_root(cfg.output.target_dir, cfg.output.ledger))}},
+                                  "ledger": str(ledger_root(cfg.output.ledger))}},
                       source="pretraining")
     return config, folder / name
 
@@ -804,9 +813,10 @@ def _set_up(cfg: Config, data: TrainingData, ckpt: dict | None, device, ranks: R
 
 
 def _open_records(cfg: Config, files: Layout, data: TrainingData, trainer: Trainer, ckpt: dict | None,
-                  ranks: Ranks) -> Booking | None:
-    """The run's id and ledger entry; the ``dp.total_budget`` check before anything is written; then the
-    resolved config (and the audit's canary record) in the experiment folder."""
+                  run: RunState, budget_steps: float, ranks: Ranks) -> Booking | None:
+    """The run's id; its booking in the ledger as planned (up to ``budget_steps``), refused by
+    ``dp.total_budget`` before anything is written; then the resolved config (and the audit's canary
+    record) in the experiment folder."""
     n_train = len(data.train)
     saved = read_yaml(files.config).get("derived", {}) if ranks.main and ckpt is not None else {}
     if saved.get("n_train", n_train) != n_train:
@@ -814,14 +824,13 @@ def _open_records(cfg: Config, files: Layout, data: TrainingData, trainer: Train
                          f"{saved['n_train']} (data or preprocessing cache changed); start a new experiment")
     cfg.derived["run_id"] = parallel.from_main(ranks, saved.get("run_id") or uuid.uuid4().hex[:12])
     cfg.derived.update({key: value for key, value in saved.items() if key.startswith("pretrained_")})  # resumed
-    booking = _booking(cfg, files.root, data.table, cfg.dp.unit, trainer.delta, ranks)
-    dp = cfg.dp.enabled
-    if booking is not None and cfg.dp.total_budget is not None:
-        done = [tuple(entry) for entry in ckpt["accountant_history"]] if ckpt is not None and dp \
-            else trainer.history()
-        left = trainer.planned - (ckpt["steps"] if ckpt is not None else 0)
-        booking.check(done + ([(cfg.derived["noise_multiplier"], trainer.sampler.sample_rate, left)]
-                              if dp and left else []), trainer.planned, cfg.dp.total_budget)
+    booking = _booking(cfg, files.root, data, trainer.delta, ranks)
+    if booking is not None:
+        planned = int(min(trainer.planned, budget_steps))
+        done, left = list(trainer.history()), planned - run.steps
+        booking.open(done, run.steps, done + ([(trainer.noise_multiplier, trainer.sampler.sample_rate, left)]
+                                              if trainer.accountant is not None and left > 0 else []),
+                     planned, cfg.dp.total_budget)
     if ranks.main:
         files.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(files.config, config_yaml(cfg))
@@ -1044,8 +1053,9 @@ def _report(summary: dict) -> None:
 
 
 def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool, ranks: Ranks) -> dict:
-    """The stages of a run, top to bottom: data; model, sampler and privacy; the run's records; resume;
-    budget guard; then per epoch its steps and (rank 0) validation and checkpoints."""
+    """The stages of a run, top to bottom: data; model, sampler and privacy; resume; budget guard; the
+    run's records (booked in the ledger as planned); then per epoch its steps and (rank 0) validation and
+    checkpoints."""
     files = Layout(exp_dir)
     ckpt = load_checkpoint(files.last) if resume and files.last.is_file() else None
     if resume and ckpt is None and ranks.main:
@@ -1068,11 +1078,11 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
     start, started_from = _start_weights(cfg, data, ranks) if ckpt is None else (None, {})
     trainer = _set_up(cfg, data, ckpt, device, ranks, run_seed, start)
     cfg.derived.update(started_from)
-    booking = _open_records(cfg, files, data, trainer, ckpt, ranks)
     run = _resume(trainer, ckpt)
     if ckpt is not None and ranks.main:
         print(f"resuming {exp_dir.name} after {run.steps} steps (epoch {run.epoch + 1}, step {ckpt['step_in_epoch']})")
     budget_steps = _budget_steps(cfg.dp, trainer, run, allow_budget_increase, ranks)
+    booking = _open_records(cfg, files, data, trainer, ckpt, run, budget_steps, ranks)
 
     valid_loader = evaluation_loader(data.valid, data.table, cfg.data, cfg.training.physical_batch_size)
     valid_truth = data.valid[list(cfg.data.labels)].to_numpy()

@@ -62,8 +62,8 @@ class Layout:
 
 
 def private_folder(target_dir: str | Path) -> Path:
-    """``<output.target_dir>/private``: what concerns all experiments there and may not be shared (the
-    privacy ledger, data descriptions)."""
+    """``<output.target_dir>/private``: what concerns all experiments there and may not be shared (data
+    descriptions)."""
     return Path(target_dir).expanduser() / "private"
 
 
@@ -193,19 +193,24 @@ def load_checkpoint(path: Path, state_dict_ok: bool = False) -> dict:
     return ckpt
 
 
-class ExperimentLock:
-    """``<folder>/.lock`` holding the owner's pid and host, so two processes never train one experiment.
+class FolderLock:
+    """``<folder>/.lock`` holding the owner's pid and host, so two processes never work on one folder at
+    once (an experiment being trained, a privacy ledger being booked).
 
     A lock left by a dead process on this host is taken over with a warning; one from another host
-    cannot be checked and is refused, naming the file to delete once that run is known to be gone.
+    cannot be checked. A lock held by a live process is waited for up to ``wait_s`` seconds (a ledger is
+    held for the moment of a booking), then refused, naming the file to delete once that process is known
+    to be gone.
     """
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, doing: str = "trained", wait_s: float = 0.0):
         self.path = Path(folder) / ".lock"
         self.owner = {"pid": os.getpid(), "host": socket.gethostname()}
+        self.doing, self.wait_s, self.deadline = doing, wait_s, 0.0
 
     def __enter__(self):
         make_folder(self.path.parent)
+        self.deadline = time.monotonic() + self.wait_s
         while True:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -235,7 +240,10 @@ class ExperimentLock:
             warnings.warn(f"{self.path}: taking over the lock of process {holder.get('pid')}, which is gone")
             self.path.unlink(missing_ok=True)
             return
-        raise InputError(f"{self.path.parent} is being trained by process {holder.get('pid')} on "
+        if time.monotonic() < self.deadline:
+            time.sleep(0.1)
+            return
+        raise InputError(f"{self.path.parent} is being {self.doing} by process {holder.get('pid')} on "
                          f"{holder.get('host')!r} (since {holder.get('since')}); wait for it to finish, or delete "
                          f"{self.path} if that process is known to be gone")
 

@@ -195,7 +195,9 @@ class DP(_Section):
     max_grad_norm: float = Field(1.5, gt=0)
     accountant: Literal["rdp", "prv"] = "rdp"
     grad_sample_mode: Literal["bookkeeping", "hooks", "functorch", "ew"] = "bookkeeping"
-    total_budget: Optional[float] = Field(None, gt=0)  # refuse a run that takes the ledger's total past this
+    # refuse a run that, as planned, takes any of its patients past this epsilon (per patient, every run in the
+    # ledger that trained them composed: privacy/ledger.py)
+    total_budget: Optional[float] = Field(None, gt=0)
     reproducible_noise: bool = False  # noise and sampling seeded from experiment.seed (tests, debugging only)
     secure_mode: bool = True  # Opacus' noise robust to floating-point attacks (a sum of Gaussian draws)
     label_count_share: float = Field(0.05, gt=0, lt=1)  # of the budget (as zCDP rho), for the counts behind pos_weight
@@ -250,7 +252,9 @@ class Pretraining(_Section):
 
 class Output(_Section):
     target_dir: UserPath = "experiments"
-    ledger: Optional[UserPath] = None  # the privacy ledger's folder; null = <target_dir>/privacy_ledger
+    # the privacy ledger's folder, one ledger per dataset and data folder inside; null = per user,
+    # $XDG_DATA_HOME/dp-cxr/ledger (~/.local/share/dp-cxr/ledger)
+    ledger: Optional[UserPath] = None
 
 
 class Audit(_Section):

@@ -14,7 +14,7 @@
                                [--set KEY=VALUE ...] [--non-private-set KEY=VALUE ...]
     python main_2D_DP.py audit EXPERIMENT_DIR [--reference-models K] [--checkpoint best|last]
     python main_2D_DP.py ledger [--dataset NAME] [--config FILE] [--delta D] [--accountant rdp|prv] [--set ...]
-                               [--released EXPERIMENT_DIR ...] [--internal EXPERIMENT_DIR ...]
+                               [--released EXPERIMENT_DIR ...] [--internal EXPERIMENT_DIR ...] [--migrate FOLDER]
     python main_2D_DP.py data describe [--config FILE] [--set KEY=VALUE ...]
     python main_2D_DP.py prepare [--config FILE] [--set KEY=VALUE ...]
 
@@ -44,7 +44,8 @@ from evaluation.report import sweep_report, transfer_report
 from evaluation.transfer import matrix, transfer_matrix
 from evaluation.sweep import (add_q_values, audit_columns, log_sweep_hparams, paired_differences, run_resamples,
                               sweep_row, trends)
-from privacy.ledger import Ledger, describe as describe_ledger, ledger_root
+from privacy.ledger import (Ledger, describe as describe_ledger, earlier_default, ledger_root, migrate,
+                            refuse_earlier_format)
 from privacy.release import FILES as RELEASE_FILES, export_bundle, is_bundle
 from privacy.audit_experiment import audit_experiment, format_audit
 from Prediction_DP import (SPLIT_CHOICES, format_metrics, load_experiment_config, load_source, predict_experiment,
@@ -244,7 +245,7 @@ def run_sweep(epsilons: list[float], name: str, config: Path | None, overrides: 
     reference = parse_overrides(list(non_private_overrides))
     sweep_dir = inside(Path(base.output.target_dir), name, "sweep --name")
     raw = base.model_dump(exclude={"derived"})
-    ledger = ledger_root(base.output.target_dir, base.output.ledger)  # the base's, not one per sweep folder
+    ledger = ledger_root(base.output.ledger)  # the base's, whatever the sweep folder
     evaluation = base.evaluation
     # several seeds vary the training only: every run keeps the base's patient split (same test patients)
     split = {"split_seed": base.data.split_seed if base.data.split_seed is not None else base.experiment.seed}
@@ -283,7 +284,7 @@ def run_sweep(epsilons: list[float], name: str, config: Path | None, overrides: 
                                                        evaluation.min_negatives)
     table = pd.DataFrame(rows)
     derived = [load_experiment_config(sweep_dir / run).derived for run in table["run"]]
-    books = Ledger(ledger, derived[0]["patients_fingerprint"])
+    books = Ledger(ledger, derived[0]["ledger_key"])
     spent, note = books.total([e for e in books.entries() if e["run_id"] in {d["run_id"] for d in derived}],
                               base.dp.accountant)
     differences = paired_differences(resamples, evaluation.seed)
@@ -305,7 +306,7 @@ def run_sweep(epsilons: list[float], name: str, config: Path | None, overrides: 
         d = columns["auroc_mean"]
         ci = f" [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d.get("ci95") else ""
         print(f"epsilon {budget}: mean AUROC minus non-private {d['difference']:+.4f}{ci}, p {format_p(d['p_value'])}")
-    print(f"all {len(table)} runs composed: epsilon {spent:.4g} per patient ({note})")
+    print(f"all {len(table)} runs composed per patient: the worst-off patients' epsilon {spent:.4g} ({note})")
     print(f"wrote {sweep_dir / 'sweep.csv'}, sweep.json and report.html")
     return sweep_dir
 
@@ -348,7 +349,7 @@ def record_release(exp_dir: Path, released: bool) -> None:
         raise InputError(f"{exp_dir} is being trained ({Path(exp_dir) / '.lock'}); record its release once "
                          f"training has finished")
     cfg = load_experiment_config(exp_dir)
-    ledger = Ledger(Path(cfg.output.ledger), cfg.derived["patients_fingerprint"])
+    ledger = Ledger.of_experiment(cfg, exp_dir)
     if released:
         ledger.release(cfg.derived["run_id"], "published")
     else:
@@ -357,7 +358,8 @@ def record_release(exp_dir: Path, released: bool) -> None:
 
 
 def _runs_table(runs: list[dict], released: bool) -> str:
-    """The ledger's runs as a table; a non-private run has no epsilon and no delta."""
+    """The ledger's runs as a table; a non-private run has no epsilon and no delta; ``planned``: the steps
+    its booking counts (what dp.total_budget guards); ``patients`` it trained (all: not recorded)."""
     rows = []
     for r in runs:
         row = {"experiment": r["experiment"], "private": r["private"], "unit": r["unit"], "steps": r["steps"],
@@ -365,42 +367,56 @@ def _runs_table(runs: list[dict], released: bool) -> str:
         if released:
             row["released"] = (", ".join(f"{e['how']} {e['date']}" for e in r["released"]) if "released" in r
                                else "before the record")
-        rows.append({**row, "updated": r["updated"]})
+        rows.append({**row, "planned": r.get("planned_steps", r["steps"]),
+                     "patients": "all" if r.get("patients") is None else len(r["patients"]), "updated": r["updated"]})
     table = pd.DataFrame(rows).astype({"epsilon": float, "delta": float})  # None -> NaN, shown as -
     return table.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")
 
 
 def run_ledger(config: Path | None, overrides: list[str], delta: float | None, accountant: str | None,
-               dataset: str | None = None, released: list[Path] = (), internal: list[Path] = ()) -> list[dict]:
-    """Record the releases given, then print, per dataset in the privacy ledger (or the one ``dataset``
-    names: its name or fingerprint), the released runs on its patients and their composition, and the
-    internal runs apart."""
+               dataset: str | None = None, released: list[Path] = (), internal: list[Path] = (),
+               earlier: Path | None = None) -> list[dict]:
+    """Move an earlier-format ledger's runs in (``earlier``), record the releases given, then print per
+    dataset in the privacy ledger (or the one ``dataset`` names: its name or key) the released runs and
+    their composition per patient, and the internal runs apart."""
+    cfg = load_config(config or DEFAULT_CONFIG, overrides)
+    root = ledger_root(cfg.output.ledger)
+    if earlier is not None:
+        for folder, ledger, runs in migrate(earlier, root):
+            print(f"{folder}: {runs} run(s) moved into {ledger.folder}, each counted for every patient of its "
+                  f"dataset (it did not record which it trained); the old folder is now {folder.name}.migrated")
+    refuse_earlier_format(root, earlier_default(cfg.output.target_dir))
     for exp_dir in released:
         record_release(exp_dir, True)
     for exp_dir in internal:
         record_release(exp_dir, False)
-    cfg = load_config(config or DEFAULT_CONFIG, overrides)
-    root = ledger_root(cfg.output.target_dir, cfg.output.ledger)
     datasets = [d for d in describe_ledger(root, accountant or cfg.dp.accountant, delta)
-                if dataset is None or dataset in (d["dataset"]["dataset"], d["fingerprint"])]
+                if dataset is None or dataset in (d["dataset"]["dataset"], d["key"])]
     if dataset is not None and not datasets:
-        raise InputError(f"ledger --dataset {dataset}: no such dataset name or fingerprint in {root}")
+        raise InputError(f"ledger --dataset {dataset}: no such dataset name or key in {root}")
     for d in datasets:
-        about = d["dataset"]
-        print(f"{about['dataset']} (site {about['site']}, {about['patients']} patients, {about['images']} images, "
-              f"{about['root']}): ledger {d['folder']}")
+        about = {k: v for k, v in d["dataset"].items() if k not in ("format", "dataset")}
+        trained = f"{d['patients']} patients trained on" if d["patients"] is not None else "patients not recorded"
+        print(f"{d['dataset']['dataset']} ({', '.join(f'{k} {v}' for k, v in about.items())}; {trained}): "
+              f"ledger {d['folder']}")
         for kind, released in (("released (exported or published; composed)", True),
                                ("internal (never released; not composed)", False)):
             runs = d["released" if released else "internal"]
             if runs:
                 print(f"{kind}:\n{_runs_table(runs, released)}")
         every = d["all_runs"]
-        print(f"  released runs composed ({d['accountant'].upper()}): epsilon {d['total_epsilon']:.4g} per patient "
-              f"({d['note']})\n  every run, as if all were released (what dp.total_budget guards): epsilon "
-              f"{every['epsilon']:.4g} ({every['note']})\n")
+        print(f"  released runs composed per patient ({d['accountant'].upper()}): worst patient's epsilon "
+              f"{d['total_epsilon']:.4g}{_patients(d['worst_patients'])} ({d['note']})\n"
+              f"  every run as planned, as if all were released (what dp.total_budget guards): worst patient's "
+              f"epsilon {every['epsilon']:.4g}{_patients(every['worst_patients'])} ({every['note']})\n")
     if not datasets:
         print(f"{root}: no dataset recorded yet")
     return datasets
+
+
+def _patients(count: int | None) -> str:
+    """How many patients are at a level of the ledger (none: no run composed)."""
+    return ", every patient at that level" if count is None else f", {count} patient(s) at that level" if count else ""
 
 
 def run_describe(config: Path | None, overrides: list[str]) -> Path:
@@ -534,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "published (export records itself)")
     le.add_argument("--internal", nargs="+", type=Path, default=[], metavar="EXPERIMENT_DIR",
                     help="record that these runs, entered before releases were recorded, never left")
+    le.add_argument("--migrate", type=Path, default=None, metavar="FOLDER",
+                    help="move the runs of a ledger of an earlier version (one folder per set of patients) into "
+                         "this one, each counted for every patient of its dataset")
     da = sub.add_parser("data", help="inspect the configured dataset")
     da.add_argument("action", choices=["describe"])
     da.add_argument("--config", type=Path, default=None)
@@ -588,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
             run_prepare(args.config, args.overrides)
         elif args.command == "ledger":
             run_ledger(args.config, args.overrides, args.delta, args.accountant, args.dataset, args.released,
-                       args.internal)
+                       args.internal, args.migrate)
         elif args.command == "data":
             run_describe(args.config, args.overrides)
         elif args.command == "sweep":

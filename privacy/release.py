@@ -237,7 +237,7 @@ def export_bundle(exp_dir: Path, out_dir: Path, cfg: Config, non_private: bool =
     metrics = read_json(metrics_path)
     best = load_checkpoint(files.best)
     weights = {k: v.contiguous() for k, v in best["model"].items()}
-    ledger = Ledger(Path(cfg.output.ledger), cfg.derived["patients_fingerprint"])
+    ledger = Ledger.of_experiment(cfg, exp_dir)
     ledger.release(cfg.derived["run_id"], "export")  # before the bundle: a failed write overstates, never hides
     total = {"epsilon": None, "note": "non-private run"}
     if summary["dp"]["enabled"]:  # this model and every run released before it

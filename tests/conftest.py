@@ -23,6 +23,16 @@ def data_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("dataset-cache")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_data_home(tmp_path_factory):
+    """The per-user data folder (the privacy ledger's default) of the whole session, never the real
+    user's: a config that leaves output.ledger null books its runs here."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("user-data-home")
+        patch.setenv("XDG_DATA_HOME", str(folder))
+        yield folder
+
+
 def write_tiny_config(folder: Path, data_cache: Path, **sections) -> Path:
     """``folder/config.yaml``: a small, fast config training into ``folder/experiments/tiny``, with
     ``sections`` overriding keys (for module-scoped experiments too, which cannot use ``tiny_config``)."""
@@ -31,6 +41,7 @@ def write_tiny_config(folder: Path, data_cache: Path, **sections) -> Path:
                        synthetic={"public_patients": 30, "private_patients": 120})
     raw["training"].update(epochs=2, logical_batch_size=16, physical_batch_size=8, device="cpu")
     raw["output"]["target_dir"] = str(folder / "experiments")
+    raw["output"]["ledger"] = str(folder / "ledger")  # a test's own: the session's runs share the synthetic patients
     raw["model"]["pretrained_checkpoint"] = None  # from scratch: the public pretraining has tests of its own
     raw["pretraining"]["dir"] = str(folder / "pretrained")
     raw["experiment"]["name"] = "tiny"

@@ -223,8 +223,8 @@ def test_dp_run_stays_near_chance_with_reference_runs_reused(tiny_config, monkey
         ref = yaml.safe_load((exp / "private" / "audit" / "references" / f"ref-{k}" / "private" / "config.yaml").read_text())
         assert ref["audit"] == {"canaries": 0, "reference": k} and ref["dp"]["epsilon"] == 1.0
     # the reference runs trained on the same patients: they are in the experiment's ledger
-    [ledger] = (path.parent / "experiments" / "private" / "privacy_ledger").iterdir()
-    runs = [json.loads(p.read_text())["experiment"] for p in ledger.glob("*.json") if p.name != "dataset.json"]
+    [ledger] = [p for p in (path.parent / "ledger").iterdir() if p.is_dir()]
+    runs = [json.loads(p.read_text())["experiment"] for p in ledger.glob("*.json") if p.name != "ledger.json"]
     assert sorted(Path(r).name for r in runs) == ["ref-0", "ref-1", "tiny"]
     # the audit's report is private (scores of training images); the releasable report has none of it
     assert_report(exp / "private" / "audit" / "report.html", ["Membership inference", "One-run epsilon"],

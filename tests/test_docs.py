@@ -56,7 +56,8 @@ OUTPUT = re.compile(r"(?:<(?:output\.)?target_dir>/|<experiment>/)?"
 # written by other commands than train and predict, or only on failure: named, not checked
 ELSEWHERE = {"external/": "predict --data", "inference/": "predict --images",
              "private/training_pixels.json": "predict --images", "private/audit/": "audit, train --audit-canaries",
-             "private/stopped_batch_rank": "a non-finite loss", "private/data_description/": "data describe"}
+             "private/stopped_batch_rank": "a non-finite loss", "private/data_description/": "data describe",
+             "private/privacy_ledger/": "the ledger of an earlier version (ledger --migrate)"}
 
 
 def named_outputs() -> dict[str, set[str]]:
@@ -82,7 +83,6 @@ def test_every_output_path_the_docs_name_exists_after_a_run(tiny_config):
     named = named_outputs()
     assert {"private/last.pt", "checkpoints/best.pt", "private/summary.json", "private/predictions/<split>.csv",
             "results/<split>_metrics.json", "report.html"} <= set(named), sorted(named)  # the pattern sees them
-    assert any(p.startswith("<") and p.rstrip("/").endswith("/private/privacy_ledger") for p in named), sorted(named)
     missing = []
     for name, pages in sorted(named.items()):
         relative = re.sub(r"^(<(output\.)?target_dir>|<experiment>)/", "", name)

@@ -3,18 +3,30 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
 from dp_accounting.rdp import RdpAccountant
 from opacus.accountants import RDPAccountant
 
+from config import load_config
+from data.dataset import load_table
 from main_2D_DP import main
 from privacy.ledger import Ledger, describe
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def _ledger(path):
-    [folder] = [p for p in (path.parent / "experiments" / "private" / "privacy_ledger").iterdir()]
+    """The one ledger of the tiny config's runs (output.ledger: <its folder>/ledger)."""
+    [folder] = [p for p in (path.parent / "ledger").iterdir() if p.is_dir()]
     return Ledger(folder.parent, folder.name)
 
 
@@ -26,7 +38,8 @@ def test_runs_on_the_same_patients_compose_and_the_total_budget_holds(tiny_confi
     ledger = _ledger(path)
     runs = ledger.entries()
     assert sorted(r["experiment"].rsplit("/", 1)[1] for r in runs) == ["a", "b"]
-    assert ledger.dataset["patients"] == 120 and ledger.dataset["most_images_per_patient"] > 1
+    trained = load_config(path.parent / "experiments" / "a" / "private" / "config.yaml").derived["n_train_patients"]
+    assert ledger.description["dataset"] == "synthetic" and [len(r["patients"]) for r in runs] == [trained] * 2
 
     [found] = describe(ledger.root, "rdp", None)
     assert found["total_epsilon"] == 0 and len(found["internal"]) == 2  # nothing released yet
@@ -55,7 +68,8 @@ def test_runs_on_the_same_patients_compose_and_the_total_budget_holds(tiny_confi
     capsys.readouterr()
     assert main(["ledger", "--config", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "120 patients" in out and "released runs composed (RDP)" in out and "2 run(s) composed" in out
+    assert f"{trained} patients trained on" in out and "released runs composed per patient (RDP)" in out
+    assert "2 run(s) composed" in out and f"{trained} patient(s) at that level" in out
     assert main(["ledger", "--config", str(path), "--dataset", ledger.key]) == 0
     assert main(["ledger", "--config", str(path), "--dataset", "chexpert"]) == 2
     assert "no such dataset" in capsys.readouterr().err
@@ -64,8 +78,8 @@ def test_runs_on_the_same_patients_compose_and_the_total_budget_holds(tiny_confi
     spent = describe(ledger.root, "rdp", None)[0]["all_runs"]["epsilon"]  # the budget guards every run
     assert main(["train", "--config", str(path), "--name", "c", "--set", f"dp.total_budget={spent + 0.01}"]) == 2
     err = capsys.readouterr().err
-    assert "dp.total_budget" in err and str(ledger.folder) in err and "2 other run(s) have spent" in err
-    assert not any((path.parent / "experiments" / "c").iterdir()) and len(ledger.entries()) == 2
+    assert "dp.total_budget" in err and str(ledger.folder) in err and "2 run(s) composed" in err
+    assert not (path.parent / "experiments" / "c").exists() and len(ledger.entries()) == 2
     assert main(["train", "--config", str(path), "--name", "c", "--set", f"dp.total_budget={spent + 20}"]) == 0
 
     # non-private training on the same patients: nothing bounds them, should any run be released
@@ -158,3 +172,97 @@ def test_the_card_composes_what_left_the_hospital_and_the_ledger_lists_internal_
     runs = listed()
     assert set(runs["released"]) == {"dp", "baseline"} and runs["internal"] == {}
     assert runs["released"]["baseline"][4:7] == ["-", "-", "export"]
+
+
+def _entries(path) -> list[Path]:
+    """The run entries under the tiny config's ledger root, whatever its layout."""
+    return [p for p in (path.parent / "ledger").rglob("*.json") if p.name not in ("ledger.json", "dataset.json")]
+
+
+def test_two_runs_started_at_once_cannot_both_pass_the_total_budget(tiny_config):
+    """Each alone fits dp.total_budget, both do not: the check and the booking are one step under the
+    ledger's lock, so exactly one trains, whichever comes first."""
+    path = tiny_config(dp={"epsilon": 2.0, "total_budget": 2.5}, training={"epochs": 1})
+    cfg = load_config(path)
+    load_table(cfg.data, cfg.experiment.seed)  # the synthetic data generated once, before the race
+    runs = {name: subprocess.Popen([sys.executable, str(REPO / "main_2D_DP.py"), "train", "--config", str(path),
+                                    "--name", name], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for name in ("a", "b")}
+    done = {name: (proc.communicate(timeout=600)[1], proc.returncode) for name, proc in runs.items()}
+    assert sorted(code for _, code in done.values()) == [0, 2], {n: e[-2000:] for n, (e, _) in done.items()}
+    [(refused, (err, _))] = [(name, run) for name, run in done.items() if run[1] == 2]
+    assert "dp.total_budget = 2.5" in err and not (path.parent / "experiments" / refused).exists()
+    assert len(_entries(path)) == 1
+
+
+def test_one_ledger_per_dataset_whatever_the_filters_and_each_patient_composes_the_runs_that_trained_them(
+        tiny_config, capsys):
+    """Runs on PA views only or on all sites train patients of the first run: refused, with nothing
+    written. A run on other patients (the public site) has the budget to itself; the total is the
+    worst-off patient's."""
+    path = tiny_config(dp={"epsilon": 2.0, "total_budget": 2.5}, training={"epochs": 1})
+    exps = path.parent / "experiments"
+    assert main(["train", "--config", str(path), "--name", "private"]) == 0
+    ledger = _ledger(path)
+    capsys.readouterr()
+    for name, change in (("pa", "data.views=[PA]"), ("all", "data.site=all")):
+        assert main(["train", "--config", str(path), "--name", name, "--set", change]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "dp.total_budget = 2.5" in err and str(ledger.folder) in err
+        assert float(re.search(r"worst-off patients to epsilon ([0-9.]+)", err).group(1)) > 2.5
+        assert not (exps / name).exists() and len(ledger.entries()) == 1
+
+    assert main(["train", "--config", str(path), "--name", "public", "--set", "data.site=public", "dp.epsilon=1"]) == 0
+    assert [p for p in (path.parent / "ledger").iterdir() if p.is_dir()] == [ledger.folder]  # the same ledger
+    runs = {Path(e["experiment"]).name: e for e in ledger.entries()}
+    assert not set(runs["private"]["patients"]) & set(runs["public"]["patients"])
+    [found] = describe(ledger.root, "rdp", None)
+    assert found["all_runs"]["epsilon"] == pytest.approx(runs["private"]["epsilon"], rel=1e-9)
+    assert found["all_runs"]["worst_patients"] == len(runs["private"]["patients"])
+    assert found["patients"] == len(runs["private"]["patients"]) + len(runs["public"]["patients"])
+
+
+def test_a_ledger_of_the_earlier_format_is_refused_until_migrated_and_then_counts_for_every_patient(
+        tiny_config, capsys):
+    """Before the ledger was per patient, a run's entry sat in <target_dir>/private/privacy_ledger/<fingerprint
+    of the patients>/ without the patients it trained: new runs would leave it out, so they are refused
+    until `ledger --migrate` has moved it into the ledger of its dataset, counted for every patient."""
+    path = tiny_config(training={"epochs": 1})
+    exps = path.parent / "experiments"
+    assert main(["train", "--config", str(path), "--name", "old"]) == 0
+    ledger = _ledger(path)
+    [entry] = ledger.entries()
+    # the run as the earlier version recorded it
+    old = exps / "private" / "privacy_ledger" / "0123456789abcdef0123"
+    old.mkdir(parents=True)
+    root = load_config(exps / "old" / "private" / "config.yaml").derived["dataset_folder"]
+    (old / "dataset.json").write_text(json.dumps({"dataset": "synthetic", "site": "private", "root": root,
+                                                  "patients": 120, "images": 400, "most_images_per_patient": 4}))
+    kept = ("experiment", "private", "unit", "accountant", "delta", "epsilon", "history", "steps", "released",
+            "run_id", "updated")
+    (old / f"{entry['run_id']}.json").write_text(json.dumps({k: entry[k] for k in kept}))
+    shutil.rmtree(ledger.folder)
+    config = exps / "old" / "private" / "config.yaml"
+    raw = yaml.safe_load(config.read_text())
+    raw["output"]["ledger"] = str(old.parent)
+    raw["derived"]["patients_fingerprint"] = old.name
+    del raw["derived"]["ledger_key"]
+    config.write_text(yaml.safe_dump(raw))
+
+    capsys.readouterr()
+    assert main(["train", "--config", str(path), "--name", "new"]) == 2
+    err = capsys.readouterr().err
+    assert f"ledger --migrate {old.parent}" in err and not (exps / "new").exists()
+    assert main(["ledger", "--config", str(path)]) == 2 and "--migrate" in capsys.readouterr().err
+    assert main(["ledger", "--config", str(path), "--released", str(exps / "old")]) == 2
+
+    assert main(["ledger", "--config", str(path), "--migrate", str(old.parent)]) == 0
+    assert "1 run(s) moved" in capsys.readouterr().out and (old.parent / f"{old.name}.migrated").is_dir()
+    [moved] = ledger.entries()
+    assert moved["patients"] is None and moved["history"] == entry["history"]
+    # the experiment's config names the ledger its entry is in now: its release is recorded there
+    assert main(["ledger", "--config", str(path), "--released", str(exps / "old")]) == 0
+    [found] = describe(ledger.root, "rdp", None)
+    assert found["total_epsilon"] == pytest.approx(entry["epsilon"]) and found["worst_patients"] is None
+    assert "every patient at that level" in capsys.readouterr().out

@@ -142,7 +142,7 @@ def test_the_card_does_not_give_the_number_of_training_patients_back(released):
     cfg = load_config(released.exp / "private" / "config.yaml")
     dp = json.loads((released.exp / "private" / "summary.json").read_text())["dp"]
     n, batch, steps, delta = cfg.derived["n_train_units"], training["logical_batch_size"], privacy["steps"], dp["delta"]
-    entry, = [e for e in Ledger(Path(cfg.output.ledger), cfg.derived["patients_fingerprint"]).entries() if e["private"]]
+    entry, = [e for e in Ledger.of_experiment(cfg, released.exp).entries() if e["private"]]
     counts, sgd = entry["history"]  # the label counts' release (its noise does not depend on N), then DP-SGD
     assert sgd == [dp["noise_multiplier"], dp["sample_rate"], steps]
 
