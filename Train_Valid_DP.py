@@ -84,12 +84,13 @@ from privacy.units import UnitSampler, plan_chunks, unit_rows, with_views
 
 CHECKPOINT_FORMAT = 4  # 3: logical batches of privacy units, secret generator states; 4: schedule, weight average
 # Settings that may change on --resume; anything else would change the data, the model or the
-# privacy accounting of the run being continued (every per-sample method clips exactly alike).
+# privacy accounting of the run being continued (every per-sample method clips exactly alike), or where
+# and under which budget it is booked (output.ledger, output.target_dir, dp.total_budget).
 RESUMABLE_KEYS = {"training.epochs", "training.device", "training.checkpoint_every_steps", "training.compile",
                   "training.distributed_timeout_s", "training.precision", "training.channels_last",
                   "training.loader_workers",
                   "dp.grad_sample_mode", "data.num_workers",
-                  "output.target_dir", "output.ledger", "dp.total_budget", "experiment.name",
+                  "experiment.name",
                   "evaluation.bootstrap", "evaluation.seed",
                   "evaluation.age_bins", "evaluation.min_subgroup_size"}
 
@@ -445,7 +446,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def check_resume_compatible(saved: Config, new: Config) -> None:
     """Refuse a resume that would change data, model, batch sizes or DP settings of the run."""
-    old_flat, new_flat = _flatten(saved.model_dump()), _flatten(new.model_dump())
+    old_flat = {**_flatten(saved.model_dump()), **_folders(saved)}
+    new_flat = {**_flatten(new.model_dump()), **_folders(new)}
     changed = [key for key in new_flat
                if not key.startswith("derived.") and key not in RESUMABLE_KEYS
                and not (key == "dp.delta" and new_flat[key] is None)
@@ -454,6 +456,13 @@ def check_resume_compatible(saved: Config, new: Config) -> None:
         details = ", ".join(f"{k}: {old_flat.get(k)!r} -> {new_flat[k]!r}" for k in changed)
         raise InputError(f"--resume cannot change {details}; only {sorted(RESUMABLE_KEYS)} may change. "
                          f"Start a new experiment (another --name) instead")
+
+
+def _folders(cfg: Config) -> dict:
+    """The settings that name folders, resolved: the same folder however it is written (a relative path,
+    ``output.ledger: null`` for the default)."""
+    return {"output.target_dir": str(Path(cfg.output.target_dir).expanduser().resolve()),
+            "output.ledger": str(ledger_root(cfg.output.ledger))}
 
 
 def _rng_state(sampler: torch.Generator, noise: torch.Generator | None) -> dict:
@@ -543,7 +552,7 @@ def _weights_source(cfg: Config, history: list | None) -> str:
 def _booking(cfg: Config, exp_dir: Path, data: TrainingData, delta: float | None, ranks: Ranks) -> Booking | None:
     """Rank 0's entry for this run, listing the patients it trains, in the privacy ledger of its dataset
     (one per dataset and folder, whatever the site and views); the ledger's root is made explicit in the
-    config, so that reference runs and sweeps share it."""
+    config, so that reference runs and sweeps share it and a resume cannot move it."""
     if not ranks.main:
         return None
     root = ledger_root(cfg.output.ledger)
@@ -898,10 +907,9 @@ def _budget_steps(dp: DP, trainer: Trainer, run: RunState, allow_increase: bool,
     return steps
 
 
-def _save_last(trainer: Trainer, run: RunState, model_name: str, labels: list[str], path: Path,
-               booking: Booking) -> None:
+def _save_last(trainer: Trainer, run: RunState, model_name: str, labels: list[str], path: Path) -> None:
     """``last.pt``: everything to continue exactly from here (only tensors and plain values: safe to
-    load), and the steps taken so far in the ledger."""
+    load). The steps it holds are booked before it is written."""
     progress = run.progress
     save_checkpoint({
         "format": CHECKPOINT_FORMAT, "model": trainer.core.state_dict(), "optimizer": trainer.optimizer.state_dict(),
@@ -915,7 +923,6 @@ def _save_last(trainer: Trainer, run: RunState, model_name: str, labels: list[st
         "rng": _rng_state(trainer.sampler_gen, trainer.noise_gen), "schedule": trainer.schedule.state_dict(),
         **({"ema": trainer.ema.state_dict()} if trainer.ema is not None else {}),
         **({"scaler": trainer.scaler.state_dict()} if trainer.scaler is not None else {})}, path)
-    booking.record(trainer.history(), run.steps)
 
 
 def _train_epoch(cfg: Config, trainer: Trainer, run: RunState, data: TrainingData, files: Layout,
@@ -934,7 +941,8 @@ def _train_epoch(cfg: Config, trainer: Trainer, run: RunState, data: TrainingDat
         if trainer.ema is not None:
             trainer.ema.update_parameters(trainer.core)
         if ranks.main and every and run.steps % every == 0 and not run.progress.complete:
-            _save_last(trainer, run, cfg.model.name, labels, files.last, booking)
+            booking.record(trainer.history(), run.steps)  # the ledger never lags a checkpoint
+            _save_last(trainer, run, cfg.model.name, labels, files.last)
 
     dp = trainer.accountant is not None
     try:
@@ -1000,8 +1008,8 @@ class Curves:
 
 def _validate_and_save(cfg: Config, trainer: Trainer, run: RunState, valid_loader, valid_truth: np.ndarray,
                        files: Layout, booking: Booking, curves: Curves, device, started: float) -> dict:
-    """After an epoch (rank 0): validation AUROC and losses to TensorBoard, ``best.pt`` when the mean
-    AUROC improved, ``last.pt``, the ledger and ``summary.json``; returns the summary."""
+    """After an epoch (rank 0): validation AUROC and losses to TensorBoard, the ledger, ``best.pt`` when
+    the mean AUROC improved, ``last.pt`` and ``summary.json``; returns the summary."""
     labels, dp, epochs = list(cfg.data.labels), trainer.accountant is not None, cfg.training.epochs
     progress, epoch, steps = run.progress, run.epoch, run.steps
     scores, valid_loss = predict_scores(trainer.evaluated, valid_loader, device, trainer.criterion, desc="valid")
@@ -1013,12 +1021,13 @@ def _validate_and_save(cfg: Config, trainer: Trainer, run: RunState, valid_loade
                 **{f"valid/auroc/{label}": value for label, value in per_label.items()},
                 **({"privacy/epsilon": eps} if dp else {})}, steps)
 
+    booking.record(trainer.history(), steps)  # before any checkpoint holds these steps
     # NaN (no label with both classes) never wins, but the first epoch always gives a best.pt
     if auroc_mean > run.best or run.best_epoch is None:
         run.best, run.best_epoch = (auroc_mean if auroc_mean > run.best else run.best), epoch + 1
         save_checkpoint({"format": CHECKPOINT_FORMAT, "model": trainer.evaluated.state_dict(), "labels": labels,
                          "model_name": cfg.model.name, "epoch": epoch + 1, "valid_auroc_mean": auroc_mean}, files.best)
-    _save_last(trainer, run, cfg.model.name, labels, files.last, booking)
+    _save_last(trainer, run, cfg.model.name, labels, files.last)
     if run.budget_note:
         run.budget_note["epsilon_spent"] = eps
     summary = {

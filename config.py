@@ -196,7 +196,7 @@ class DP(_Section):
     accountant: Literal["rdp", "prv"] = "rdp"
     grad_sample_mode: Literal["bookkeeping", "hooks", "functorch", "ew"] = "bookkeeping"
     # refuse a run that, as planned, takes any of its patients past this epsilon (per patient, every run in the
-    # ledger that trained them composed: privacy/ledger.py)
+    # ledger that trained them composed: privacy/ledger.py); may not change on --resume
     total_budget: Optional[float] = Field(None, gt=0)
     reproducible_noise: bool = False  # noise and sampling seeded from experiment.seed (tests, debugging only)
     secure_mode: bool = True  # Opacus' noise robust to floating-point attacks (a sum of Gaussian draws)
@@ -253,7 +253,7 @@ class Pretraining(_Section):
 class Output(_Section):
     target_dir: UserPath = "experiments"
     # the privacy ledger's folder, one ledger per dataset and data folder inside; null = per user,
-    # $XDG_DATA_HOME/dp-cxr/ledger (~/.local/share/dp-cxr/ledger)
+    # $XDG_DATA_HOME/dp-cxr/ledger (~/.local/share/dp-cxr/ledger); may not change on --resume
     ledger: Optional[UserPath] = None
 
 

@@ -28,8 +28,9 @@ Layout: ``ledger.json`` (the dataset: its name and folder or generator settings)
 are one step, so two runs started at once cannot both pass it. ``dp.total_budget`` guards every run,
 released or not (any may yet be released), as planned (a run still training, or interrupted, counts the
 steps it may yet take): a run is refused when, trained as planned, it would take any of its patients
-past the budget. The entry is rewritten whenever the run checkpoints (the steps after the last
-checkpoint released nothing: a resumed run repeats them with the same secret randomness).
+past the budget. The entry is rewritten with the steps taken before each checkpoint (``last.pt``,
+``best.pt``) is written, so no checkpoint holds steps the ledger lacks; the steps after the last
+checkpoint released nothing (a resumed run repeats them with the same secret randomness).
 
 What is composed for a model card is what left the hospital. Each entry's ``released`` lists how the run
 was released (``export``, or ``published`` when its predictions, metrics or anything computed from it

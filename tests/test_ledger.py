@@ -16,6 +16,7 @@ from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
 from dp_accounting.rdp import RdpAccountant
 from opacus.accountants import RDPAccountant
 
+import Train_Valid_DP
 from config import load_config
 from data.dataset import load_table
 from main_2D_DP import main
@@ -221,6 +222,43 @@ def test_one_ledger_per_dataset_whatever_the_filters_and_each_patient_composes_t
     assert found["all_runs"]["epsilon"] == pytest.approx(runs["private"]["epsilon"], rel=1e-9)
     assert found["all_runs"]["worst_patients"] == len(runs["private"]["patients"])
     assert found["patients"] == len(runs["private"]["patients"]) + len(runs["public"]["patients"])
+
+
+def test_resume_keeps_where_and_under_which_budget_a_run_is_booked_and_the_ledger_never_lags(
+        tiny_config, tmp_path, monkeypatch, capsys):
+    """A resume may not move the run to another ledger, target folder or budget (exit 2, one line naming
+    the key, nothing written); every checkpoint is written after the ledger has booked its steps."""
+    path = tiny_config(dp={"epsilon": 2.0}, training={"epochs": 1, "checkpoint_every_steps": 2})
+    exps = path.parent / "experiments"
+    checkpoints, save = [], Train_Valid_DP.save_checkpoint
+
+    def booked_first(state, where):
+        [entry] = _ledger(path).entries()
+        checkpoints.append((Path(where).name, entry["steps"], state.get("steps"), state["epoch"]))
+        save(state, where)
+
+    monkeypatch.setattr(Train_Valid_DP, "save_checkpoint", booked_first)
+    assert main(["train", "--config", str(path), "--name", "a"]) == 0
+    capsys.readouterr()
+    for change in (f"output.ledger={tmp_path / 'fresh'}", "dp.total_budget=100"):
+        assert main(["train", "--name", "a", "--resume", "--set", f"output.target_dir={exps}", "training.epochs=2",
+                     change]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"--resume cannot change {change.split('=')[0]}" in err
+    shutil.copytree(exps / "a", tmp_path / "moved" / "a")  # the experiment folder copied elsewhere
+    assert main(["train", "--name", "a", "--resume", "--set", f"output.target_dir={tmp_path / 'moved'}"]) == 2
+    assert "--resume cannot change output.target_dir" in capsys.readouterr().err
+    assert not (tmp_path / "fresh").exists() and len(_ledger(path).entries()) == 1
+
+    assert main(["train", "--name", "a", "--resume", "--allow-budget-increase", "--set", f"output.target_dir={exps}",
+                 "training.epochs=2"]) == 0
+    per_epoch = load_config(exps / "a" / "private" / "config.yaml").derived["steps_per_epoch"]
+    assert {name for name, *_ in checkpoints} == {"last.pt", "best.pt"} and len(checkpoints) >= 4
+    for name, booked, steps, epoch in checkpoints:  # last.pt holds its steps, best.pt its epoch's
+        assert booked == (steps if name == "last.pt" else epoch * per_epoch), checkpoints
+    [entry] = _ledger(path).entries()
+    summary = json.loads((exps / "a" / "private" / "summary.json").read_text())
+    assert entry["steps"] == entry["planned_steps"] == summary["steps"] == 2 * per_epoch
 
 
 def test_a_ledger_of_the_earlier_format_is_refused_until_migrated_and_then_counts_for_every_patient(
