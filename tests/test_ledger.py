@@ -198,30 +198,34 @@ def test_two_runs_started_at_once_cannot_both_pass_the_total_budget(tiny_config)
 
 
 def test_one_ledger_per_dataset_whatever_the_filters_and_each_patient_composes_the_runs_that_trained_them(
-        tiny_config, capsys):
-    """Runs on PA views only or on all sites train patients of the first run: refused, with nothing
-    written. A run on other patients (the public site) has the budget to itself; the total is the
-    worst-off patient's."""
-    path = tiny_config(dp={"epsilon": 2.0, "total_budget": 2.5}, training={"epochs": 1})
-    exps = path.parent / "experiments"
-    assert main(["train", "--config", str(path), "--name", "private"]) == 0
-    ledger = _ledger(path)
+        tiny_config, tmp_path, monkeypatch, capsys):
+    """Runs on PA views only or on all sites, into another target folder, train patients of the first
+    run: refused, with nothing written. A run on other patients (the public site) has the budget to
+    itself; the total is the worst-off patient's. The default ledger is the user's, not the target's."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data-home"))
+    path = tiny_config(dp={"epsilon": 2.0, "total_budget": 2.5}, training={"epochs": 1}, output={"ledger": None})
+    exps, elsewhere = path.parent / "experiments", tmp_path / "elsewhere"
+    assert main(["train", "--config", str(path), "--name", "first"]) == 0
+    [folder] = (tmp_path / "data-home" / "dp-cxr" / "ledger").iterdir()
+    ledger = Ledger(folder.parent, folder.name)
     capsys.readouterr()
     for name, change in (("pa", "data.views=[PA]"), ("all", "data.site=all")):
-        assert main(["train", "--config", str(path), "--name", name, "--set", change]) == 2
+        assert main(["train", "--config", str(path), "--name", name, "--set", change,
+                     f"output.target_dir={elsewhere}"]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and "dp.total_budget = 2.5" in err and str(ledger.folder) in err
         assert float(re.search(r"worst-off patients to epsilon ([0-9.]+)", err).group(1)) > 2.5
-        assert not (exps / name).exists() and len(ledger.entries()) == 1
+        assert not (elsewhere / name).exists() and len(ledger.entries()) == 1
 
     assert main(["train", "--config", str(path), "--name", "public", "--set", "data.site=public", "dp.epsilon=1"]) == 0
-    assert [p for p in (path.parent / "ledger").iterdir() if p.is_dir()] == [ledger.folder]  # the same ledger
+    assert [p for p in ledger.root.iterdir() if p.is_dir()] == [ledger.folder]  # the same ledger
     runs = {Path(e["experiment"]).name: e for e in ledger.entries()}
-    assert not set(runs["private"]["patients"]) & set(runs["public"]["patients"])
+    assert not set(runs["first"]["patients"]) & set(runs["public"]["patients"])
     [found] = describe(ledger.root, "rdp", None)
-    assert found["all_runs"]["epsilon"] == pytest.approx(runs["private"]["epsilon"], rel=1e-9)
-    assert found["all_runs"]["worst_patients"] == len(runs["private"]["patients"])
-    assert found["patients"] == len(runs["private"]["patients"]) + len(runs["public"]["patients"])
+    assert found["all_runs"]["epsilon"] == pytest.approx(runs["first"]["epsilon"], rel=1e-9)
+    assert found["all_runs"]["worst_patients"] == len(runs["first"]["patients"])
+    assert found["patients"] == len(runs["first"]["patients"]) + len(runs["public"]["patients"])
+    assert not (exps / "private").exists()  # no ledger beside the experiments
 
 
 def test_resume_keeps_where_and_under_which_budget_a_run_is_booked_and_the_ledger_never_lags(
