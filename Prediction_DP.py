@@ -21,14 +21,13 @@ import torch
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from config import PUBLIC_PRETRAINING, Config, Data, InputError, merge, read_yaml, validate
 from data.dataset import Table, evaluation_loader, load_table
 from data.images import PREPROCESS_VERSION, Preprocessing
 from data.unlabelled import CARRIED, ImageFiles, list_images
-from artifacts import Layout, atomic_write_text, json_text, load_checkpoint, read_json
+from artifacts import Curves, Layout, atomic_write_text, json_text, load_checkpoint, read_json
 from evaluation.bootstrap import bootstrap_intervals, resampling
 from evaluation.fairness import fairness_report, fairness_table
 from evaluation.report import page, prediction_sections, threshold_source
@@ -612,15 +611,14 @@ def write_results(checkpoint: Path, outputs: dict[Path, str]) -> None:
 
 def _log_scalars(tensorboard: Path, split: str, metrics: dict, fairness: dict) -> None:
     """The headline numbers of a prediction, beside the training curves in TensorBoard."""
-    with SummaryWriter(str(tensorboard)) as writer:
-        writer.add_scalar(f"{split}/auroc_mean", metrics["auroc_mean"], metrics["checkpoint_epoch"])
-        for label, m in metrics["labels"].items():
-            writer.add_scalar(f"{split}/auroc/{label}", m["auroc"], metrics["checkpoint_epoch"])
-        for attribute, fair in fairness["fairness"].items():
-            for name, entry in fair["mean"].items():
-                if entry["value"] is not None:
-                    writer.add_scalar(f"{split}/fairness/{attribute}/{name.replace(':', '/')}", entry["value"],
-                                      metrics["checkpoint_epoch"])
+    scalars = {f"{split}/auroc_mean": metrics["auroc_mean"],
+               **{f"{split}/auroc/{label}": m["auroc"] for label, m in metrics["labels"].items()},
+               **{f"{split}/fairness/{attribute}/{name.replace(':', '/')}": entry["value"]
+                  for attribute, fair in fairness["fairness"].items() for name, entry in fair["mean"].items()
+                  if entry["value"] is not None}}
+    curves = Curves(tensorboard, "The predictions, results and report are written apart")
+    curves.add(scalars, metrics["checkpoint_epoch"])
+    curves.close()
 
 
 def format_metrics(metrics: dict) -> str:

@@ -59,11 +59,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset, default_collate
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import parallel
-from artifacts import (FolderLock, Layout, atomic_write_text, json_text, load_checkpoint, read_json,
+from artifacts import (Curves, FolderLock, Layout, atomic_write_text, json_text, load_checkpoint, read_json,
                        save_checkpoint)
 from config import DP, PUBLIC_PRETRAINING, Audit, Config, Data, InputError, config_yaml, read_yaml, validate
 from data.augment import augmentation
@@ -967,45 +966,6 @@ def _train_epoch(cfg: Config, trainer: Trainer, run: RunState, data: TrainingDat
                        f"target {cfg.dp.epsilon:g} at step {run.steps}")
 
 
-class Curves:
-    """The TensorBoard curves in ``private/tensorboard``. TensorBoard writes them from a thread of its
-    own, whose failure (a full disk) comes back as a bare OSError at a later call, which would stop
-    the run without saying what failed: here a failed write is said once, naming the folder and the
-    step the curves stop at, and the run goes on (its checkpoints and summary.json are written apart,
-    and a full disk stops them with their own error)."""
-
-    def __init__(self, folder: Path, purge_step: int | None):
-        self.folder, self.writer = folder, None
-        try:
-            self.writer = SummaryWriter(str(folder), purge_step=purge_step)
-        except OSError as exc:
-            self._failed(exc, "no curves are written")
-
-    def add(self, scalars: dict[str, float], step: int) -> None:
-        """``scalars`` at ``step``, flushed to disk (the flush re-raises the thread's failure)."""
-        if self.writer is None:
-            return
-        try:
-            for tag, value in scalars.items():
-                self.writer.add_scalar(tag, value, step)
-            self.writer.flush()
-        except OSError as exc:
-            self._failed(exc, f"the curves stop at step {step}")
-
-    def close(self) -> None:
-        if self.writer is None:
-            return
-        try:
-            self.writer.close()
-        except OSError as exc:
-            self._failed(exc, "the curves may miss their last step")
-
-    def _failed(self, exc: OSError, what: str) -> None:
-        self.writer = None
-        warnings.warn(f"TensorBoard could not write to {self.folder}: {exc.strerror or exc}; {what}. Training "
-                      f"goes on (checkpoints and summary.json are written apart)")
-
-
 def _validate_and_save(cfg: Config, trainer: Trainer, run: RunState, valid_loader, valid_truth: np.ndarray,
                        files: Layout, booking: Booking, curves: Curves, device, started: float) -> dict:
     """After an epoch (rank 0): validation AUROC and losses to TensorBoard, the ledger, ``best.pt`` when
@@ -1095,7 +1055,8 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
 
     valid_loader = evaluation_loader(data.valid, data.table, cfg.data, cfg.training.physical_batch_size)
     valid_truth = data.valid[list(cfg.data.labels)].to_numpy()
-    curves = Curves(files.tensorboard, purge_step=run.steps + 1 if ckpt else None) if ranks.main else None
+    curves = Curves(files.tensorboard, "Training goes on (checkpoints and summary.json are written apart)",
+                    purge_step=run.steps + 1 if ckpt else None) if ranks.main else None
     started, summary = time.time(), {}
     for epoch in range(run.epoch, cfg.training.epochs):
         run.epoch = epoch

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 from config import InputError
 
@@ -191,6 +192,52 @@ def load_checkpoint(path: Path, state_dict_ok: bool = False) -> dict:
     if broken:
         raise bad(f"non-finite weights in {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}")
     return ckpt
+
+
+class Curves:
+    """TensorBoard curves of an experiment (``private/tensorboard``). TensorBoard writes from a thread of
+    its own, whose failure (a full disk) comes back as a bare OSError at a later call, which would stop
+    the command without saying what failed: here a failed write is said once, naming the folder and the
+    step the curves stop at, and the command goes on (``after``: what is written apart, e.g. the
+    checkpoints or the results, and a full disk stops with its own error there)."""
+
+    def __init__(self, folder: Path, after: str, purge_step: int | None = None):
+        self.folder, self.after, self.writer = folder, after, None
+        try:
+            self.writer = SummaryWriter(str(folder), purge_step=purge_step)
+        except OSError as exc:
+            self._failed(exc, "no curves are written")
+
+    def add(self, scalars: dict[str, float], step: int) -> None:
+        """``scalars`` at ``step``, flushed to disk (the flush re-raises the thread's failure)."""
+        self._write(lambda w: [w.add_scalar(tag, value, step) for tag, value in scalars.items()],
+                    f"the curves stop at step {step}")
+
+    def hparams(self, hparams: dict, metrics: dict[str, float], run_name: str) -> None:
+        """One run of TensorBoard's hyper-parameter view."""
+        self._write(lambda w: w.add_hparams(hparams, metrics, run_name=run_name), f"run {run_name} is missing")
+
+    def close(self) -> None:
+        if self.writer is None:
+            return
+        try:
+            self.writer.close()
+        except OSError as exc:
+            self._failed(exc, "the curves may miss their last step")
+
+    def _write(self, write, what: str) -> None:
+        if self.writer is None:
+            return
+        try:
+            write(self.writer)
+            self.writer.flush()
+        except OSError as exc:
+            self._failed(exc, what)
+
+    def _failed(self, exc: OSError, what: str) -> None:
+        self.writer = None
+        warnings.warn(f"TensorBoard could not write to {self.folder}: {exc.strerror or exc}; {what}. "
+                      f"{self.after}")
 
 
 class FolderLock:

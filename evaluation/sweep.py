@@ -16,12 +16,13 @@ output, with the same minimum.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy.stats import false_discovery_control, linregress, pearsonr, t as student_t
-from torch.utils.tensorboard import SummaryWriter
 
+from artifacts import Curves
 from evaluation.bootstrap import LEVEL, label_mean, percentile_interval, two_sided_p, weighted_auroc
 from evaluation.fairness import fairness_column, mean_fairness_resamples
 from privacy.release import rounded, rounded_up
@@ -142,11 +143,11 @@ def add_q_values(differences: dict, trend: dict) -> int:
 
 def log_sweep_hparams(logdir, table: pd.DataFrame) -> None:
     """One TensorBoard hparams run per budget and seed: epsilon against AUROC and the fairness metrics."""
-    with SummaryWriter(str(logdir)) as writer:
-        for row in table.to_dict(orient="records"):
-            metrics = {f"sweep/{k}": float(v) for k, v in row.items()
-                       if k not in ("run", "epsilon", "seed", "noise_multiplier", "epsilon_spent") and v is not None
-                       and np.isfinite(v)}
-            writer.add_hparams({"epsilon": float(row["epsilon"]) if np.isfinite(row["epsilon"]) else 1e9,
-                                "private": bool(np.isfinite(row["epsilon"])), "seed": int(row["seed"])}, metrics,
-                               run_name=row["run"])
+    curves = Curves(Path(logdir), "The sweep's table, JSON and report are written apart")
+    for row in table.to_dict(orient="records"):
+        metrics = {f"sweep/{k}": float(v) for k, v in row.items()
+                   if k not in ("run", "epsilon", "seed", "noise_multiplier", "epsilon_spent") and v is not None
+                   and np.isfinite(v)}
+        curves.hparams({"epsilon": float(row["epsilon"]) if np.isfinite(row["epsilon"]) else 1e9,
+                        "private": bool(np.isfinite(row["epsilon"])), "seed": int(row["seed"])}, metrics, row["run"])
+    curves.close()

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.tensorboard import SummaryWriter
 
-from artifacts import Layout, json_text, read_json
+from artifacts import Curves, Layout, json_text, read_json
 from config import InputError
 from data.dataset import evaluation_loader, load_table
 from evaluation.bootstrap import resampling
@@ -98,11 +97,11 @@ def audit_experiment(exp_dir: Path, reference_dirs: list[Path] = (), checkpoint:
     outputs[files.audit / "report.html"] = page(f"{exp_dir.name}: privacy audit (private)", audit_sections(
         audit, attack_rows, out, scored if canaries is not None else None))
     write_results(files.checkpoint(checkpoint), outputs)
-    with SummaryWriter(str(files.tensorboard)) as writer:
-        for name, attack in attacks.items():
-            writer.add_scalar(f"audit/{name}/attack_auroc", attack["overall"]["auroc"]["value"], best.epoch)
-        if audit["canaries"]:
-            writer.add_scalar("audit/epsilon_lower_bound", audit["canaries"]["epsilon_lower_bound"], best.epoch)
+    curves = Curves(files.tensorboard, "The audit's results and report are written apart")
+    curves.add({**{f"audit/{name}/attack_auroc": attack["overall"]["auroc"]["value"] for name, attack in attacks.items()},
+                **({"audit/epsilon_lower_bound": audit["canaries"]["epsilon_lower_bound"]} if audit["canaries"] else {})},
+               best.epoch)
+    curves.close()
     return audit
 
 

@@ -343,3 +343,8 @@ def test_a_full_disk_under_tensorboard_is_said_and_training_goes_on(tiny_config,
     assert code == 0, err
     assert f"TensorBoard could not write to {curves}: No space left on device; {said}" in err, err
     assert _summary(_exp(path))["epochs_completed"] == epochs
+    if epochs == 1:  # predict, whose curves go beside the training's: said, and the results are written
+        code, err = _in_tiny_filesystem(tmp_path, curves, ["predict", str(_exp(path))], size)
+        assert code == 0 and f"TensorBoard could not write to {curves}: No space left on device" in err, err
+        assert "The predictions, results and report are written apart" in err
+        assert (_exp(path) / "results" / "test_metrics.json").is_file()
