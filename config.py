@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -29,6 +30,8 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9._=+-]{1,100}")
 MAX_SEED = 2**31 - 1  # every seed fits numpy, torch and a C int
 MAX_CONFIG_BYTES = 1_000_000
 MAX_YAML_ALIASES = 100
+MAX_YAML_DEPTH = 20  # a config nests 5 levels (pretraining.training.augment.crop)
+MAX_ERRORS_SHOWN = 10  # validation errors listed; the rest counted
 
 
 def check_name(name: str, what: str) -> str:
@@ -40,10 +43,21 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
+_BRIEF = reprlib.Repr()  # shortens long strings and long or deep containers instead of building their whole repr
+_BRIEF.maxstring = _BRIEF.maxother = 200
+_BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxdict = _BRIEF.maxset = 10
+_BRIEF.maxlevel = 3
+
+
 def _shown(value: Any, limit: int = 80) -> str:
-    """repr of a value, cut to ``limit`` characters (an error never echoes a huge input back)."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+    """repr of a value, cut to ``limit`` characters (an error never echoes a huge input back, nor builds
+    its whole repr first)."""
+    text = _BRIEF.repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, str) else \
+        f" ({len(value)} items)" if isinstance(value, (list, tuple, dict, set)) else ""
+    return f"{text[:limit]}...{size}"
 
 
 def _experiment_name(name: Optional[str]) -> Optional[str]:
@@ -331,8 +345,8 @@ def flip_permutation(labels: list[str]) -> list[int]:
     label whose partner is not among ``labels`` cannot follow the flip: refused."""
     unpaired = [label for label in labels if side_partner(label) not in (None, *labels)]
     if unpaired:
-        raise ConfigError(f"training.augment.flip: a horizontal flip swaps the patient's sides, but {unpaired} would "
-                          f"keep their side while the image changes it (their partners are not in data.labels); "
+        raise ConfigError(f"training.augment.flip: a horizontal flip swaps the patient's sides, but {_shown(unpaired)} "
+                          f"would keep their side while the image changes it (their partners are not in data.labels); "
                           f"add the partner labels or set training.augment.flip: false")
     return [labels.index(side_partner(label) or label) for label in labels]
 
@@ -371,18 +385,66 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
+class YamlTooLarge(yaml.YAMLError):
+    """A YAML text that nests or expands beyond any config (not a syntax error)."""
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a document that, each alias replaced by the node it names, nests deeper than
+    ``MAX_YAML_DEPTH`` or holds more than ``MAX_CONFIG_BYTES`` characters (one per node, plus its
+    scalars'): aliases that each repeat the one before stand for gigabytes in a few hundred bytes.
+    Each node's expanded size and height are computed once, so the walk is as long as the text; an
+    alias inside its own anchor nests without end and is refused for its depth."""
+    known: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded size, height)
+
+    def walk(node: yaml.Node, depth: int) -> tuple[int, int]:
+        if depth > MAX_YAML_DEPTH:
+            raise YamlTooLarge(f"its aliases (*name) nest it deeper than {MAX_YAML_DEPTH} levels")
+        if id(node) not in known:
+            if isinstance(node, yaml.ScalarNode):
+                known[id(node)] = (1 + len(node.value), 0)
+            else:
+                children = node.value if isinstance(node, yaml.SequenceNode) else [n for kv in node.value for n in kv]
+                below = [walk(child, depth + 1) for child in children]
+                known[id(node)] = (1 + sum(size for size, _ in below), 1 + max((h for _, h in below), default=0))
+        size, height = known[id(node)]
+        if depth + height > MAX_YAML_DEPTH:
+            raise YamlTooLarge(f"its aliases (*name) nest it deeper than {MAX_YAML_DEPTH} levels")
+        return size, height
+
+    if walk(root, 1)[0] > MAX_CONFIG_BYTES:
+        raise YamlTooLarge(f"its aliases (*name) expand it beyond {MAX_CONFIG_BYTES:,} characters (each repeats "
+                           f"what it names), more than a config may hold")
+
+
 class _StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader that refuses a key given twice in one mapping (PyYAML keeps the last one
-    silently) and more than ``MAX_YAML_ALIASES`` aliases (an alias bomb expands exponentially)."""
+    silently), more than ``MAX_YAML_ALIASES`` aliases, nesting deeper than ``MAX_YAML_DEPTH`` and a
+    document that its aliases expand beyond ``MAX_CONFIG_BYTES`` (:func:`_check_expansion`), before
+    anything is built from it."""
 
     aliases = 0
+    depth = 0
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             self.aliases += 1
             if self.aliases > MAX_YAML_ALIASES:
-                raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} YAML aliases (*name): refused")
-        return super().compose_node(parent, index)
+                raise YamlTooLarge(f"more than {MAX_YAML_ALIASES} YAML aliases (*name); a config needs few")
+        if self.depth >= MAX_YAML_DEPTH:  # the composer recurses per level: refused before Python's stack runs out
+            mark = self.peek_event().start_mark
+            raise YamlTooLarge(f"nests deeper than {MAX_YAML_DEPTH} levels at line {mark.line + 1}")
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -408,6 +470,8 @@ def read_yaml(path: Path) -> dict:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except YamlTooLarge as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except (yaml.YAMLError, ValueError) as exc:  # ValueError: e.g. an integer of more digits than Python converts
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -421,25 +485,28 @@ def validate(raw: dict, source: str = "config") -> Config:
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
+        errors, lines = exc.errors(), []
+        for err in errors[:MAX_ERRORS_SHOWN]:
             key = ".".join(str(p) for p in err["loc"])
             if err["type"] == "extra_forbidden":
                 lines.append(f"{key}: unknown key")
             else:
                 shown = f" (got {_shown(err['input'])})" if not isinstance(err["input"], dict) else ""
-                lines.append(f"{key or '<section>'}: {err['msg']}{shown}")
+                message = err["msg"] if len(err["msg"]) <= 400 else f"{err['msg'][:400]}..."  # ours may quote a value
+                lines.append(f"{key or '<section>'}: {message}{shown}")
+        if len(errors) > MAX_ERRORS_SHOWN:
+            lines.append(f"... and {len(errors) - MAX_ERRORS_SHOWN} more")
         raise ConfigError(f"{source}: invalid configuration\n  " + "\n  ".join(lines)) from None
     merged = [label.rsplit("_", 1)[0] for label in STUDY_LABELS if label.endswith("_right")]
     known = list(STUDY_LABELS) + (merged if cfg.data.merge_sides else [])
     unknown = [label for label in cfg.data.labels if label not in known]
     if cfg.data.dataset == "synthetic" and unknown:
-        raise ConfigError(f"{source}: data.labels: {unknown} not in the {cfg.data.dataset} dataset, "
+        raise ConfigError(f"{source}: data.labels: {_shown(unknown, 400)} not in the {cfg.data.dataset} dataset, "
                           f"expected some of {known}")
     if cfg.data.dataset != "synthetic" and not cfg.data.root:
         raise ConfigError(f"{source}: data.root: data.dataset '{cfg.data.dataset}' needs the dataset folder")
     if len(set(cfg.data.labels)) != len(cfg.data.labels):
-        raise ConfigError(f"{source}: data.labels: duplicate labels in {cfg.data.labels}")
+        raise ConfigError(f"{source}: data.labels: duplicate labels in {_shown(cfg.data.labels, 400)}")
     if cfg.training.augment.flip:
         flip_permutation(cfg.data.labels)
     if cfg.model.pretrained_checkpoint == PUBLIC_PRETRAINING and cfg.pretraining.site == cfg.data.site:
@@ -448,7 +515,7 @@ def validate(raw: dict, source: str = "config") -> Config:
     weights = cfg.training.pos_weight
     if isinstance(weights, list) and (len(weights) != len(cfg.data.labels) or min(weights) <= 0):
         raise ConfigError(f"{source}: training.pos_weight: expected counts, none or {len(cfg.data.labels)} positive "
-                          f"values (one per label of data.labels), got {weights}")
+                          f"values (one per label of data.labels), got {_shown(weights)}")
     return cfg
 
 

@@ -69,6 +69,12 @@ CONFIG_CASES = {
     "alias bomb": ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{x}: &{x} [{', '.join(['*' + w] * 10)}]\n" for w, x in zip("abcdefghijk", "bcdefghijkl")), [],
         ["more than 100 YAML aliases"]),
+    # 82 aliases, each repeating the one before nine times: a few hundred bytes standing for 9^10 values
+    "nested aliases": ("derived:\n  a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"  {x}: &{x} [{', '.join(['*' + w] * 9)}]\n" for w, x in zip("abcdefghi", "bcdefghij")) +
+        "data:\n  labels: *j\n", [], ["cfg.yaml", "expand", "1,000,000 characters"]),
+    "deep nesting": ("data:\n  labels: " + "[" * 2000 + "]" * 2000 + "\n", [], ["cfg.yaml", "nests deeper than"]),
+    "many wrong values": ("data:\n  labels: [" + "[], " * 50_000 + "]\n", [], ["data.labels.0", "more"]),
     "nan learning rate": (None, ["training.lr=.nan"], ["training.lr", "finite"]),
     "infinite clipping norm": (None, ["dp.max_grad_norm=.inf"], ["dp.max_grad_norm", "finite"]),
     "nan weight decay": (None, ["training.weight_decay=.nan"], ["training.weight_decay", "finite"]),

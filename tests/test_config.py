@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from config import ConfigError, load_config, parse_overrides
+from config import ConfigError, load_config, parse_overrides, validate
 from main_2D_DP import main
 
 
@@ -76,3 +76,12 @@ def test_compile_is_refused_with_opacus_hooks(tiny_config, capsys):
 def test_patient_units_need_bookkeeping(tiny_config, capsys):
     code, err = run_cli(capsys, "train", "--config", str(tiny_config()), "--set", "dp.grad_sample_mode=ew")
     assert code == 2 and "dp.unit: patient" in err and "dp.unit: image" in err
+
+
+def test_an_error_quotes_a_value_without_building_its_whole_repr():
+    value = ["x"]
+    for _ in range(30):  # 2^30 strings in a shared tree: its repr would take gigabytes
+        value = [value, value]
+    with pytest.raises(ConfigError) as caught:
+        validate({"data": {"labels": value}})
+    assert "data.labels.0" in str(caught.value) and len(str(caught.value)) < 1000
