@@ -72,7 +72,7 @@ from data.dataset import (SPLITS, CXRDataset, Table, default_cache_dir, evaluati
 from models import build_model, load_pretrained, resolve_trainable, set_trainable
 from parallel import Ranks, resolve_device
 from Prediction_DP import auroc_per_label, mean_auroc, predict_scores
-from privacy import check_delta, default_delta, noise_multiplier_for, pld_epsilons, secret_seed
+from privacy import check_delta, default_delta, noise_multiplier_for, planned_epsilon, pld_epsilons, secret_seed
 from privacy.bookkeeping import BookKeeping
 from privacy.canaries import check_record, draw_canaries, reference_training_split, with_canaries
 from privacy.ledger import Booking, Ledger, earlier_default, ledger_root, patient_keys, refuse_earlier_format
@@ -514,10 +514,11 @@ def privacy_summary(cfg: Config, history: list, epsilon: float, steps: int, fina
             "budget_increase": budget_note or None}
 
 
-def _positive_weights(cfg: Config, frame, labels: list[str], units: list[np.ndarray], sample_rate: float,
-                      steps: int, generator: torch.Generator, ckpt: dict | None) -> tuple[torch.Tensor, list]:
+def _positive_weights(cfg: Config, frame, labels: list[str], units: list[np.ndarray], budget: float | None,
+                      generator: torch.Generator, ckpt: dict | None) -> tuple[torch.Tensor, list]:
     """``training.pos_weight`` and what computing it spent (accountant entries; none on resume, where
-    the weights come from the checkpoint and their cost is in its history)."""
+    the weights come from the checkpoint and their cost is in its history); under DP the counts take
+    their share of the run's epsilon ``budget``."""
     choice = cfg.training.pos_weight
     if isinstance(choice, list):
         return torch.tensor(choice), []
@@ -528,11 +529,6 @@ def _positive_weights(cfg: Config, frame, labels: list[str], units: list[np.ndar
         return exact, []
     if ckpt is not None:
         return torch.tensor(ckpt["pos_weight"]), []
-    budget = cfg.dp.epsilon
-    if budget is None:  # a fixed sigma: the budget is what DP-SGD's planned steps spend
-        books = create_accountant(cfg.dp.accountant)
-        books.history = [(cfg.dp.noise_multiplier, sample_rate, steps)]
-        budget = books.get_epsilon(cfg.dp.delta)
     sigma = label_count_noise(budget, cfg.dp.delta, cfg.dp.label_count_share)
     weights, entry = noised_positive_weights(frame, labels, units, sigma, generator, cfg.dp.secure_mode)
     return weights, [entry]
@@ -774,12 +770,15 @@ def _set_up(cfg: Config, data: TrainingData, ckpt: dict | None, device, ranks: R
                          f"split has {data.n_units} {unit}s (the sample rate B/N must be at most 1)")
     sampler = UnitSampler(len(data.units), batch_size, sampler_gen, poisson=dp)
     planned = cfg.training.epochs * sampler.steps_per_epoch
-    delta = None
+    delta, budget = None, None
     if dp:
         delta = cfg.dp.delta if cfg.dp.delta is not None else default_delta(data.n_units)
         check_delta(delta, data.n_units, unit, cfg.dp.allow_large_delta)
         cfg.dp.delta = delta
-    pos_weight, spent_before = _positive_weights(cfg, data.train, labels, data.units, sampler.sample_rate, planned,
+        # the target, or what DP-SGD's planned steps spend at a fixed sigma (refused when infinite)
+        budget = cfg.dp.epsilon if cfg.dp.epsilon is not None else planned_epsilon(
+            cfg.dp.noise_multiplier, sampler.sample_rate, planned, cfg.dp.accountant, delta)
+    pos_weight, spent_before = _positive_weights(cfg, data.train, labels, data.units, budget,
                                                  torch.Generator().manual_seed(count_seed), ckpt)
     cfg.derived = {"n_train": len(data.train), "n_valid": len(data.valid), "n_test": data.n_test,
                    "n_train_patients": data.n_patients, "privacy_unit": unit, "n_train_units": data.n_units,

@@ -223,6 +223,10 @@ class DP(_Section):
             raise ValueError("set exactly one of dp.epsilon (target) and dp.noise_multiplier, the other to null")
         if self.epsilon is not None and not math.isfinite(self.epsilon):
             raise ValueError("dp.epsilon must be finite; use dp.enabled: false for non-private training")
+        if self.enabled and self.noise_multiplier == 0:
+            raise ValueError("dp.noise_multiplier: 0 adds no noise, so epsilon is infinite: no differential "
+                             "privacy; set a positive noise multiplier (or dp.epsilon), or dp.enabled: false to "
+                             "train without noise")
         return self
 
     @model_validator(mode="after")

@@ -44,6 +44,20 @@ def check_delta(delta: float, n_units: int, unit: str, allow_large: bool = False
                          f"keep it anyway)")
 
 
+def planned_epsilon(noise_multiplier: float, sample_rate: float, steps: int, accountant: str, delta: float) -> float:
+    """The epsilon that ``steps`` DP-SGD steps at a fixed noise multiplier spend; refused when the
+    accountant finds no finite bound (next to no noise): the run would state (inf, delta)-DP, no privacy."""
+    books = create_accountant(accountant)
+    books.history = [(noise_multiplier, sample_rate, steps)]
+    epsilon = books.get_epsilon(delta)
+    if not math.isfinite(epsilon):
+        raise InputError(f"dp.noise_multiplier = {noise_multiplier:g}: {steps} steps at sample rate {sample_rate:.4g} "
+                         f"have no finite epsilon by the {accountant} accountant at delta {delta:g}, which is no "
+                         f"differential privacy; raise dp.noise_multiplier or set dp.epsilon instead (dp.enabled: "
+                         f"false trains without noise)")
+    return epsilon
+
+
 MAX_SIGMA = 2000.0
 
 
