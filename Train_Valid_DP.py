@@ -76,6 +76,7 @@ from privacy import check_delta, default_delta, noise_multiplier_for, planned_ep
 from privacy.bookkeeping import BookKeeping
 from privacy.canaries import check_record, draw_canaries, reference_training_split, with_canaries
 from privacy.ledger import Booking, Ledger, earlier_default, ledger_root, patient_keys, refuse_earlier_format
+from privacy.noise import with_one_draw_noise
 from privacy.per_sample import check_per_image
 from privacy.pos_weight import label_count_noise, noised_positive_weights
 from privacy.release import EPSILON_MEANING, plain_privacy
@@ -244,7 +245,7 @@ def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, *, sample_rate
     if noise_multiplier is None:
         noise_multiplier = noise_multiplier_for(target_epsilon, delta, sample_rate, steps, accountant, history)
     world = dist.get_world_size() if distributed else 1
-    optimizer = kind(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+    optimizer = with_one_draw_noise(kind)(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                      expected_batch_size=expected_batch_size / world, loss_reduction="mean",
                      generator=noise_generator, secure_mode=secure_mode)
     books = create_accountant(accountant)

@@ -6,8 +6,10 @@ ResNet9 (GroupNorm, Mish), 8 labels, one logical step = one physical batch (224 
 --large 512 px, batch 8). Methods: DP-CXR's ``bookkeeping`` and Opacus' ``hooks``, ``ew``,
 ``functorch`` as training wires them (``privatize``; images as privacy units, plain noise), and
 Opacus' ``ghost`` clipping. ``bookkeeping-patients`` clips patients of 1, 2, 3, 1, 2, 3... images
-(ghost norms over the pairs of a patient's images) and ``bookkeeping-secure`` adds Opacus' secure
-noise (a sum of Gaussian draws): together what a default DP-CXR run does.
+(ghost norms over the pairs of a patient's images) and ``bookkeeping-secure`` adds secure noise (a
+sum of Gaussian draws); ``bookkeeping-patients-secure`` is what a default DP-CXR run does. The noise
+is drawn for all parameters at once (``privacy.noise``); a method with ``-opacus-noise`` draws it as
+Opacus does, one call per parameter (four per parameter in secure mode), for comparison.
 ``--augmult K`` (augmentation multiplicity, ``dp.augmult``): the physical batch holds K views of each
 of batch/K images, a patient's unit being all views of its images, each view's loss weighted 1/K; the
 non-private step runs the same views, so the ratio is the price of DP at K views.
@@ -53,8 +55,8 @@ from Train_Valid_DP import MaskedBCEWithLogitsLoss, privatize  # noqa: E402
 LABELS = 8
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus' ghost: the image needs no grad
-METHODS = ("non-private", "bookkeeping", "bookkeeping-patients", "bookkeeping-secure", "hooks", "ew", "functorch",
-           "ghost")
+METHODS = ("non-private", "bookkeeping", "bookkeeping-patients", "bookkeeping-secure", "bookkeeping-patients-secure",
+           "hooks", "ew", "functorch", "ghost")
 
 
 class Step:
@@ -77,14 +79,16 @@ class Step:
                 poisson_sampling=False, grad_sample_mode=method, criterion=criterion)
             self.backward = lambda loss: loss.backward()
         elif method != "non-private":
-            engine, _, variant = method.partition("-")
+            engine, *variant = method.split("-")
             setup = privatize(model, optimizer, sample_rate=0.01, expected_batch_size=batch, steps=1, accountant="rdp",
                               max_grad_norm=1.5, grad_sample_mode=engine, noise_multiplier=1.0,
-                              secure_mode=variant == "secure")
+                              secure_mode="secure" in variant)
+            if "opacus" in variant:  # Opacus' own add_noise: the class below privacy.noise.OneDrawNoise
+                setup.optimizer.__class__ = type(setup.optimizer).__mro__[2]
             images = batch // augmult  # each seen in augmult views, consecutive in the batch
             sizes = [1 + i % 3 for i in range(images)]  # patients of 1, 2, 3 images, cut at the batch
             patient = torch.arange(images).repeat_interleave(torch.tensor(sizes))[:images]
-            units = (patient if variant == "patients" else torch.arange(images)).repeat_interleave(augmult)
+            units = (patient if "patients" in variant else torch.arange(images)).repeat_interleave(augmult)
             units = None if units.equal(torch.arange(batch)) else units
             model, optimizer = setup.model, setup.optimizer
             self.backward = lambda per_view: setup.backward(per_view / augmult, units, False)
