@@ -78,9 +78,11 @@ class _Units:
         self.count = int(index.max()) + 1 if self.size else 0
         self.singletons = torch.equal(index, torch.arange(self.size, device=index.device))
         self.sq_norms = torch.zeros(self.count, dtype=dtype, device=index.device)
-        # pairs i <= j of one unit: the (i, j) and (j, i) terms of a squared norm are equal
-        self.pairs = None if self.singletons else torch.triu(index[:, None] == index[None, :]).nonzero(as_tuple=True)
-        self.n_pairs = self.size if self.singletons else len(self.pairs[0])
+        # pairs i < j of one unit (the (i, j) and (j, i) terms of a squared norm are equal); the i = j
+        # terms come from the batch as it is, without gathering copies of it
+        self.pairs = (None if self.singletons else
+                      torch.triu(index[:, None] == index[None, :], diagonal=1).nonzero(as_tuple=True))
+        self.n_pairs = self.size + (0 if self.singletons else len(self.pairs[0]))
 
     def reduce(self, per_example: torch.Tensor) -> torch.Tensor:
         """Per-example tensors summed per unit."""
@@ -89,13 +91,17 @@ class _Units:
         return per_example.new_zeros(self.count, *per_example.shape[1:]).index_add_(0, self.index, per_example)
 
     def add_ghost_norms(self, a: torch.Tensor, g: torch.Tensor) -> None:
-        """Add ||sum_{i in u} g_i^T a_i||^2 per unit, from a (B, T, d) and g (B, T, p)."""
+        """Add ||sum_{i in u} g_i^T a_i||^2 = sum_{i in u} <a_i a_i^T, g_i g_i^T> + 2 sum_{i < j in u}
+        <a_i a_j^T, g_i g_j^T> per unit, from a (B, T, d) and g (B, T, p)."""
+        own = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).flatten(1).sum(1)
         if self.singletons:
-            self.sq_norms += (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).flatten(1).sum(1)
+            self.sq_norms += own
             return
+        self.sq_norms.index_add_(0, self.index, own)
         i, j = self.pairs
-        terms = (torch.bmm(a[i], a[j].transpose(1, 2)) * torch.bmm(g[i], g[j].transpose(1, 2))).flatten(1).sum(1)
-        self.sq_norms.index_add_(0, self.index[i], torch.where(i == j, terms, 2 * terms))
+        if len(i):
+            cross = (torch.bmm(a[i], a[j].transpose(1, 2)) * torch.bmm(g[i], g[j].transpose(1, 2))).flatten(1).sum(1)
+            self.sq_norms.index_add_(0, self.index[i], 2 * cross)
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
