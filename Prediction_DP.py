@@ -23,12 +23,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from config import PUBLIC_PRETRAINING, Config, Data, InputError, merge, read_yaml, validate
+from config import PUBLIC_PRETRAINING, Config, Data, Evaluation, InputError, merge, read_yaml, validate
 from data.dataset import Table, evaluation_loader, load_table
 from data.images import PREPROCESS_VERSION, Preprocessing
 from data.unlabelled import CARRIED, ImageFiles, list_images
 from artifacts import Curves, Layout, atomic_write_text, json_text, load_checkpoint, read_json
 from evaluation.bootstrap import bootstrap_intervals, resampling
+from evaluation.calibration import calibration_report, decision_curve
 from evaluation.fairness import fairness_report, fairness_table
 from evaluation.report import page, prediction_sections, threshold_source
 from models import build_model
@@ -591,14 +592,33 @@ def write_predictions(files: Layout, scored: Scored, source: Path, title: str,
                                min_negatives=evaluation.min_negatives, permutations=evaluation.permutations,
                                seed=evaluation.seed, no_finding=evaluation.no_finding_label)
     fairness.update(split=split, bootstrap=resampled)
+    calibration = split_calibration(truth, scores, labels, weights if evaluation.bootstrap else weights[:0],
+                                    evaluation)
+    estimable = calibration if calibration["calibration"] else None
+    metrics["calibration_mean"] = estimable and calibration["calibration"]["mean"]
     write_results(source, {
         files.predictions / f"{split}.csv": out.to_csv(index=False),
         files.results / f"{split}_metrics.json": json_text(metrics),
         files.results / f"{split}_fairness.json": json_text(fairness),
         files.results / f"{split}_fairness.csv": fairness_table(fairness).to_csv(index=False),
+        files.results / f"{split}_calibration.json": json_text(calibration),
         files.report(split): page(f"{title}: {split} split", prediction_sections(labels, truth, scores, metrics,
-                                                                                 fairness, about))})
+                                                                                 fairness, about, estimable))})
     return metrics, fairness
+
+
+def split_calibration(truth: np.ndarray, scores: np.ndarray, labels: list[str], weights: np.ndarray,
+                      evaluation: Evaluation) -> dict:
+    """Calibration per label with intervals under ``weights`` (none without resamples), reliability
+    bins and decision curves (:mod:`evaluation.calibration`). More bins than scored images is refused
+    (``InputError``, naming evaluation.calibration_bins) where fewer bins would do; a split of one
+    image has no calibration."""
+    if len(truth) < 2:
+        return {"calibration": None, "decision_curves": None, "reason": f"not estimable: {len(truth)} scored image"}
+    return {"calibration": calibration_report(truth, scores, labels, weights, evaluation.calibration_bins,
+                                              evaluation.min_positives, evaluation.min_negatives),
+            "decision_curves": {label: decision_curve(truth[:, i], scores[:, i], evaluation.decision_thresholds,
+                                                      weights) for i, label in enumerate(labels)}}
 
 
 def write_results(checkpoint: Path, outputs: dict[Path, str]) -> None:

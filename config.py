@@ -248,6 +248,9 @@ class Evaluation(_Section):
     min_positives: int = Field(10, ge=1)
     min_negatives: int = Field(10, ge=1)
     no_finding_label: Optional[str] = None
+    calibration_bins: int = Field(10, ge=2, le=1000)  # equal-mass bins of the ECE and reliability diagrams
+    # threshold probabilities of the decision curves; null = 0.01, 0.02, ..., 0.99
+    decision_thresholds: Optional[list[Annotated[float, Field(gt=0, lt=1)]]] = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _increasing_bins(self):

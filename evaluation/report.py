@@ -88,13 +88,19 @@ def page(title: str, sections: list[tuple[str, str]]) -> str:
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
 
 
-def _roc_grid(truth: np.ndarray, curves: dict[str, np.ndarray], labels: list[str]):
-    """One panel per label, one ROC curve per model."""
+def _panels(labels: list[str], height: float, **options):
+    """A grid of one panel per label, four to a row, at the page's width."""
     cols = min(4, len(labels))
     rows = math.ceil(len(labels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(PAGE_WIDTH / 4 * cols, 2.7 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(PAGE_WIDTH / 4 * cols, height * rows), squeeze=False, **options)
     for ax in axes.flat[len(labels):]:
         ax.axis("off")
+    return fig, axes
+
+
+def _roc_grid(truth: np.ndarray, curves: dict[str, np.ndarray], labels: list[str]):
+    """One panel per label, one ROC curve per model."""
+    fig, axes = _panels(labels, 2.7)
     for i, (ax, label) in enumerate(zip(axes.flat, labels)):
         keep = np.isfinite(truth[:, i].astype(np.float64))  # unlabelled images are left out
         y = truth[keep, i]
@@ -130,11 +136,7 @@ def _subgroup_panels(fairness: dict, attribute: str, labels: list[str]):
     aurocs = [e.get("metrics", {}).get("auroc", {}) for es in entries.values() for e in es]
     lows = [a["ci95"][0] for a in aurocs if a.get("value") is not None and a.get("ci95")]
     bottom = min([0.3] + [lo - 0.03 for lo in lows])
-    cols = min(4, len(labels))
-    rows = math.ceil(len(labels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(PAGE_WIDTH / 4 * cols, 3.1 * rows), squeeze=False, sharey=True)
-    for ax in axes.flat[len(labels):]:
-        ax.axis("off")
+    fig, axes = _panels(labels, 3.1, sharey=True)
     for ax, label in zip(axes.flat, labels):
         for j, entry in enumerate(entries[label]):
             auroc = entry.get("metrics", {}).get("auroc", {})
@@ -298,10 +300,102 @@ def _diagnosis_table(fairness: dict) -> str:
             + (_table(pd.DataFrame(gaps), keys=2) if gaps else ""))
 
 
+def _reliability_grid(calibration: dict, labels: list[str]):
+    """Observed fraction (Wilson 95% interval) against mean predicted probability per equal-mass bin,
+    each bin's image count beside its point, and the diagonal of perfect calibration."""
+    fig, axes = _panels(labels, 2.9)
+    for ax, label in zip(axes.flat, labels):
+        reliability = calibration["labels"][label]["reliability"]
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        for b in (reliability or {}).get("bins", []):
+            lo, hi = b["observed_ci95"] or (b["observed"], b["observed"])
+            ax.errorbar([b["mean_predicted"]], [b["observed"]], yerr=[[b["observed"] - lo], [hi - b["observed"]]],
+                        fmt="o", ms=4, capsize=2, color="tab:blue")
+            ax.annotate(str(b["n"]), (b["mean_predicted"], b["observed"]), textcoords="offset points", xytext=(4, -9),
+                        fontsize=7, color="dimgrey")
+        if not reliability:
+            ax.text(0.5, 0.5, "no labelled images", ha="center", va="center", fontsize=8)
+        ax.set(xlim=(0, 1), ylim=(-0.02, 1.02), xlabel="predicted probability", ylabel="observed fraction")
+        ax.set_title(label, fontsize=10)
+    fig.suptitle("Reliability: observed fraction (95% CI) per equal-mass bin, images per bin beside each point; "
+                 "dashed: perfect calibration", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _decision_grid(curves: dict, labels: list[str]):
+    """Net benefit of the model (with its 95% band), of treating all and of treating none, against the
+    threshold probability."""
+    fig, axes = _panels(labels, 2.9)
+    for ax, label in zip(axes.flat, labels):
+        curve = curves[label]
+        t = np.array(curve["thresholds"])
+        model = np.array(curve["model"]["value"], dtype=float)
+        band = [ci for ci in curve["model"]["ci95"]]
+        if all(ci is not None for ci in band):
+            low, high = np.array(band, dtype=float).T
+            ax.fill_between(t, low, high, color="tab:blue", alpha=0.2, lw=0)
+        else:
+            low = high = model
+        ax.plot(t, model, color="tab:blue", label="model")
+        ax.plot(t, curve["treat_all"]["value"], color="tab:orange", lw=1, label="treat all")
+        ax.axhline(0, color="black", lw=0.8, label="treat none")
+        prevalence = curve["prevalence"] or 0.0
+        ax.set(xlim=(0, 1), ylim=(min(-0.05, np.nanmin(low) - 0.01), max(prevalence, np.nanmax(high)) + 0.03),
+               xlabel="threshold probability", ylabel="net benefit")
+        ax.set_title(label, fontsize=10)
+        ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def _calibration_reading(entries: dict) -> str:
+    """Words for what the intervals show: over- or under-confident, over- or under-predicting."""
+    words = []
+    slope, oe = entries.get("slope") or {}, entries.get("observed_expected") or {}
+    if slope.get("ci95") and slope["ci95"][1] <= 0:
+        words.append("no useful ranking (slope <= 0)")
+    elif slope.get("ci95") and slope["ci95"][1] < 1:
+        words.append("over-confident (slope < 1)")
+    elif slope.get("ci95") and slope["ci95"][0] > 1:
+        words.append("under-confident (slope > 1)")
+    if oe.get("ci95") and oe["ci95"][0] > 1:
+        words.append("under-predicts (O/E > 1)")
+    elif oe.get("ci95") and oe["ci95"][1] < 1:
+        words.append("over-predicts (O/E < 1)")
+    return "; ".join(words)
+
+
+def calibration_sections(calibration: dict, labels: list[str]) -> list[tuple[str, str]]:
+    """Calibration per label with intervals and in words, reliability diagrams, decision curves."""
+    report, names = calibration["calibration"], {"brier": "Brier", "ece": "ECE", "observed_expected": "O/E",
+                                                   "intercept": "intercept", "slope": "slope"}
+    rows = [{"label": label, "images": str(entry["n"]), "positives": str(entry["positives"]),
+             **{shown: value_ci(entry["metrics"].get(name)) for name, shown in names.items()},
+             "reading": _calibration_reading(entry["metrics"])} for label, entry in report["labels"].items()]
+    rows.append({"label": "mean", "images": "", "positives": "",
+                 **{shown: value_ci(report["mean"].get(name)) for name, shown in names.items()}, "reading": ""})
+    note = (f"<p class='note'>Does a predicted 0.3 mean that 30% of such images have the finding? Brier: mean squared "
+            f"error of the probabilities (0 is best). ECE: over {report['bins']} equal-mass bins of each label's "
+            f"scores, the share-weighted gap between mean predicted and observed (0 = calibrated; its interval is a "
+            f"band that can reach 0). O/E: observed over expected positives (1 = calibrated in the large; above 1 "
+            f"the model under-predicts). Calibration intercept (0 ideal) and slope (1 ideal; below 1 the "
+            f"probabilities are too extreme: over-confident). Intervals: 95%, the same patient resamples as the "
+            f"metrics. DP-SGD and the positive-class loss weights both shift probabilities: read AUROC for ranking, "
+            f"these for the probabilities themselves.</p>")
+    curves_note = ("<p class='note'>Net benefit (Vickers & Elkin 2006) of acting on the images whose probability "
+                   "reaches a threshold: true positives minus false positives weighted by the odds of the threshold, "
+                   "per image; against treating every image (orange) or none (0). A model is useful at the "
+                   "thresholds where its curve (95% band) lies above both.</p>")
+    return [("Calibration", note + _table(pd.DataFrame(rows)) + _figure(_reliability_grid(report, labels))),
+            ("Decision curves", curves_note + _figure(_decision_grid(calibration["decision_curves"], labels)))]
+
+
 def prediction_sections(labels: list[str], truth: np.ndarray, scores: np.ndarray, metrics: dict,
-                        fairness: dict, about: dict | None = None) -> list[tuple[str, str]]:
-    """The report of a scored split: summary and facts (with ``about``), metrics, ROC curves, subgroup
-    AUROC, fairness, under/overdiagnosis."""
+                        fairness: dict, about: dict | None = None,
+                        calibration: dict | None = None) -> list[tuple[str, str]]:
+    """The report of a scored split: summary and facts (with ``about``), metrics, ROC curves, calibration
+    and decision curves (with ``calibration``), subgroup AUROC, fairness, under/overdiagnosis."""
     names = ("auroc", "sensitivity", "specificity", "precision", "f1", "accuracy")
     flagged = chance_labels(metrics)
     rows = []
@@ -328,6 +422,7 @@ def prediction_sections(labels: list[str], truth: np.ndarray, scores: np.ndarray
     return sections + [
         ("Metrics", note + _table(pd.DataFrame(rows))),
         ("ROC curves", _figure(_roc_grid(truth, {"model": scores}, labels))),
+        *(calibration_sections(calibration, labels) if calibration else []),
         ("Subgroup AUROC by sex", _figure(_subgroup_panels(fairness, "sex", labels))),
         ("Subgroup AUROC by age", _figure(_subgroup_panels(fairness, "age", labels))),
         ("Fairness", _fairness_tables(fairness, labels)),

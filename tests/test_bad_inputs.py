@@ -336,6 +336,12 @@ def _non_finite(exp):
     torch.save(state, exp / "checkpoints" / "best.pt")
 
 
+def _more_bins_than_images(exp):
+    raw = yaml.safe_load((exp / "private" / "config.yaml").read_text())
+    raw["evaluation"]["calibration_bins"] = 1000
+    (exp / "private" / "config.yaml").write_text(yaml.safe_dump(raw))
+
+
 def _best_is_a_folder(exp):
     (exp / "checkpoints" / "best.pt").unlink()
     (exp / "checkpoints" / "best.pt").mkdir()
@@ -356,6 +362,7 @@ EXPERIMENT_CASES = {
     "experiment from an older schema": (_older_schema, ["config.yaml: invalid configuration", "data.dataset",
                                                         "'master_list'"]),
     "missing experiment": (lambda exp: shutil.rmtree(exp), ["not an experiment folder (no private/config.yaml)"]),
+    "more calibration bins than images": (_more_bins_than_images, ["(evaluation.calibration_bins) = 1000 is more than the"]),
 }
 
 

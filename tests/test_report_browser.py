@@ -14,7 +14,8 @@ import pytest
 from evaluation.bootstrap import bootstrap_intervals, resampling
 from evaluation.fairness import fairness_report
 from evaluation.report import _subgroup_panels, page, plt, prediction_sections
-from Prediction_DP import add_intervals, split_metrics
+from config import Evaluation
+from Prediction_DP import add_intervals, split_calibration, split_metrics
 from privacy.release import plain_statement
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -53,6 +54,9 @@ def _scored():
     truth[young[:3], 0] = 1
     scores = 1 / (1 + np.exp(-rng.normal(truth * 1.5 - 1, 1.0)))
     scores[:, -1] = rng.random(len(patients))
+    risk = rng.uniform(0.05, 0.6, len(patients))  # cardiomegaly: true risks, scored over-confidently
+    truth[:, 1] = rng.random(len(patients)) < risk
+    scores[:, 1] = 1 / (1 + np.exp(-3 * np.log(risk / (1 - risk))))
     thresholds = dict.fromkeys(LABELS, 0.4)
     weights, units, info = resampling(patients, 200, 0, "patient")
     metrics = {"split": "test", "threshold_split": "valid", **split_metrics(truth, scores, LABELS, thresholds),
@@ -60,7 +64,7 @@ def _scored():
     add_intervals(metrics, bootstrap_intervals(truth, scores, LABELS, thresholds, weights))
     fairness = fairness_report(truth, scores, LABELS, thresholds, sex, age, [0, 30, 60, 70, 80, 100], weights,
                                clusters=units, permutations=100)
-    return truth, scores, metrics, fairness
+    return truth, scores, metrics, fairness, split_calibration(truth, scores, LABELS, weights, Evaluation())
 
 
 @pytest.fixture(scope="module")
@@ -69,21 +73,22 @@ def scored():
 
 
 def _report(tmp_path, scored):
-    truth, scores, metrics, fairness = scored
+    truth, scores, metrics, fairness, calibration = scored
     about = {"facts": {"model": "resnet9 (mish), 224 px", "trained on": "about 3,000 patients",
                        "scored on": "830 images of 400 patients", "privacy": "(8, 1e-06)-DP for each training patient"},
              "guarantee": plain_statement(8.0, 1e-6), "private": True, "synthetic": True,
              "curves": {"valid/loss": [(10, 1.2), (20, 1.0)], "valid/auroc_mean": [(10, 0.7), (20, 0.8)],
                         "privacy/epsilon": [(10, 5.0), (20, 8.0)]}}
     path = tmp_path / "report.html"
-    path.write_text(page("dp run: test split", prediction_sections(LABELS, truth, scores, metrics, fairness, about)))
+    path.write_text(page("dp run: test split", prediction_sections(LABELS, truth, scores, metrics, fairness, about,
+                                                                    calibration)))
     return path
 
 
 def test_subgroup_panels_show_counts_reasons_and_whole_intervals(scored):
     """Each group's images (positives) under its name, the reason where AUROC is not estimable, and
     a y-axis that holds every interval (none cut by the axis)."""
-    _, _, _, fairness = scored
+    _, _, _, fairness, _ = scored
     fig = _subgroup_panels(fairness, "age", LABELS)
     first = fig.axes[0]
     young = fairness["subgroups"]["age"]["[0,30)"]["atelectasis"]
@@ -121,6 +126,10 @@ def test_report_is_legible_in_a_browser_at_laptop_width(tmp_path, scored):
                   "guarantee: validation patients", "Research use only", "pneumothorax the AUROC interval is not above 0.5"):
         assert words in summary, words
     assert "pneumothorax †" in text and "atelectasis †" not in text  # the label at chance is flagged in the table
+    calibration = text[text.index("\nCalibration\n"):text.index("\nDecision curves\n")]
+    flagged = [line for line in calibration.splitlines() if "over-confident (slope < 1)" in line]
+    assert len(flagged) == 1 and flagged[0].startswith("cardiomegaly"), flagged  # made over-confident on purpose
+    assert any(line.startswith("pneumothorax") and "no useful ranking" in line for line in calibration.splitlines())
     assert not re.search(r"-0\.0+(?![0-9]*[1-9])", text)  # no "-0.00"
     assert result["wrapped"] == []  # no table cell wraps
     assert result["wide"] == [] and result["tables"] >= 8  # no table is wider than the column (wide ones are cut)

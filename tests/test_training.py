@@ -62,7 +62,11 @@ def test_run_writes_every_artifact(tiny_config, capfd, dp):
     fairness = json.loads((exp / "results" / "test_fairness.json").read_text())
     assert set(fairness["subgroups"]) == {"sex", "age", "sex_age"} and set(fairness["fairness"]) == {"sex", "age"}
     assert len(pd.read_csv(exp / "results" / "test_fairness.csv")) > 0
-    assert_report(exp / "report.html", ["Summary", "Model, data and privacy", "Metrics", "ROC curves", "Subgroup AUROC by sex",
+    calibration = json.loads((exp / "results" / "test_calibration.json").read_text())
+    assert set(calibration["calibration"]["labels"]) == set(calibration["decision_curves"]) == set(TINY_LABELS)
+    assert calibration["calibration"]["binning"].startswith("equal-mass") and "brier" in calibration["calibration"]["mean"]
+    assert_report(exp / "report.html", ["Summary", "Model, data and privacy", "Metrics", "ROC curves", "Calibration",
+                                        "Decision curves", "Subgroup AUROC by sex",
                                         "Subgroup AUROC by age", "Fairness", "Underdiagnosis"], min_figures=4)
     page = (exp / "report.html").read_text()  # says what it is, without the private training loss or exact N
     assert ("DP for each training patient" in page) is dp and ("NOT PRIVATE" in page) is not dp
