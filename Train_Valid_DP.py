@@ -69,17 +69,18 @@ from data.augment import augmentation
 from data.synthetic import generator_fingerprint
 from data.dataset import (SPLITS, CXRDataset, Table, default_cache_dir, evaluation_loader, load_table,
                           positive_weights, preprocessing)
-from models import build_model, load_pretrained, resolve_trainable, set_trainable
+from models import build_model, load_pretrained, read_pretrained, resolve_trainable, set_trainable
 from parallel import Ranks, resolve_device
 from Prediction_DP import auroc_per_label, mean_auroc, predict_scores
 from privacy import check_delta, default_delta, noise_multiplier_for, planned_epsilon, pld_epsilons, secret_seed
 from privacy.bookkeeping import BookKeeping
 from privacy.canaries import check_record, draw_canaries, reference_training_split, with_canaries
-from privacy.ledger import Booking, Ledger, earlier_default, ledger_root, patient_keys, refuse_earlier_format
+from privacy.ledger import (Booking, Ledger, carried, earlier_default, ledger_root, patient_keys, provenance,
+                            refuse_earlier_format, worst)
 from privacy.noise import with_one_draw_noise
 from privacy.per_sample import check_per_image
 from privacy.pos_weight import label_count_noise, noised_positive_weights
-from privacy.release import EPSILON_MEANING, plain_privacy
+from privacy.release import EPSILON_MEANING, plain_privacy, start_note, statement_epsilon
 from privacy.units import UnitSampler, plan_chunks, unit_rows, with_views
 
 CHECKPOINT_FORMAT = 4  # 3: logical batches of privacy units, secret generator states; 4: schedule, weight average
@@ -483,15 +484,17 @@ def _set_rng_state(state: dict, sampler: torch.Generator, noise: torch.Generator
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def privacy_summary(cfg: Config, history: list, epsilon: float, steps: int, final: bool, budget_note: dict) -> dict:
+def privacy_summary(cfg: Config, history: list, epsilon: float, steps: int, final: bool, budget_note: dict,
+                    start: dict | None = None) -> dict:
     """``private/summary.json``'s ``dp`` object: the privacy statement of a DP run and what it rests on.
 
     ``final``: training has ended, so the PLD cross-check (add/remove and replace-one adjacency,
-    dp_accounting) of the whole history is computed once.
+    dp_accounting) of the whole history is computed once. ``start``: where its weights started and what
+    the runs they come from add for its patients (:func:`_start_summary`), composed into the statement.
     """
     keys = ("unit", "units", "adjacency", "epsilon_spent", "target_epsilon", "delta", "noise_multiplier",
             "max_grad_norm", "sample_rate", "expected_units_per_step", "accountant", "pld_epsilon", "noise",
-            "secure_mode", "covers", "budget_increase")
+            "secure_mode", "start", "covers", "budget_increase")
     if not cfg.dp.enabled:
         return {"enabled": False, **dict.fromkeys(keys), "statement": "non-private training: no privacy guarantee"}
     d = cfg.derived
@@ -502,17 +505,22 @@ def privacy_summary(cfg: Config, history: list, epsilon: float, steps: int, fina
               f"thresholds and are not protected; test patients are not used in training")
     counts = (f" and one Gaussian release of label counts (noise multiplier {history[0][0]:.4g})"
               if cfg.training.pos_weight == "counts" else "")
-    statement = (f"({epsilon:.4g}, {delta:g})-DP for each training {unit} (adjacency: add or remove all images of one "
-                 f"{unit}; {cfg.dp.accountant.upper()} accountant over {steps} DP-SGD steps of Poisson sampling at rate "
-                 f"{d['sample_rate']:.4g} among {n_units} {unit}s{counts}); noise {noise.split(':')[0]}; "
-                 f"covers {covers}")
-    return {"enabled": True, "unit": unit, "units": n_units, "adjacency": f"add or remove one {unit}",
-            "epsilon_spent": epsilon, "target_epsilon": cfg.dp.epsilon, "delta": delta,
-            "noise_multiplier": d["noise_multiplier"], "max_grad_norm": cfg.dp.max_grad_norm,
-            "sample_rate": d["sample_rate"], "expected_units_per_step": d["expected_units_per_step"],
-            "accountant": cfg.dp.accountant, "pld_epsilon": pld_epsilons(history, delta) if final else None,
-            "noise": noise, "secure_mode": cfg.dp.secure_mode, "covers": covers, "statement": statement,
-            "budget_increase": budget_note or None}
+    dp = {"enabled": True, "unit": unit, "units": n_units, "adjacency": f"add or remove one {unit}",
+          "epsilon_spent": epsilon, "target_epsilon": cfg.dp.epsilon, "delta": delta,
+          "noise_multiplier": d["noise_multiplier"], "max_grad_norm": cfg.dp.max_grad_norm,
+          "sample_rate": d["sample_rate"], "expected_units_per_step": d["expected_units_per_step"],
+          "accountant": cfg.dp.accountant, "pld_epsilon": pld_epsilons(history, delta) if final else None,
+          "noise": noise, "secure_mode": cfg.dp.secure_mode, "start": start, "covers": covers,
+          "budget_increase": budget_note or None}
+    stated, note, unbounded = statement_epsilon(dp), start_note(dp), bool(start and start["unbounded"])
+    claim = (f"({stated:.4g}, {delta:g})-DP for each {'other ' if unbounded else ''}training {unit} (adjacency: add or "
+             f"remove all images of one {unit}; {cfg.dp.accountant.upper()} accountant over {steps} DP-SGD steps of "
+             f"Poisson sampling at rate {d['sample_rate']:.4g} among {n_units} {unit}s{counts}"
+             + (f"; this run alone: epsilon {epsilon:.4g})" if stated != epsilon else ")"))
+    if note:
+        claim = f"{note}; {claim}" if unbounded else f"{claim}; {note}"
+    dp["statement"] = f"{claim}; noise {noise.split(':')[0]}; covers {covers}"
+    return dp
 
 
 def _positive_weights(cfg: Config, frame, labels: list[str], units: list[np.ndarray], budget: float | None,
@@ -560,7 +568,8 @@ def _booking(cfg: Config, exp_dir: Path, data: TrainingData, delta: float | None
     patients = patient_keys(images.index)
     delta = delta if delta is not None else default_delta(len(patients))
     return Booking(ledger, identity, cfg.derived["run_id"], str(exp_dir.resolve()), cfg.dp.enabled, cfg.dp.unit,
-                   cfg.dp.accountant, delta, patients, patient_keys(images.index[images > 1]))
+                   cfg.dp.accountant, delta, patients, patient_keys(images.index[images > 1]),
+                   cfg.derived.get("pretrained_provenance"))
 
 
 def _write_summary(exp_dir: Path, summary: dict) -> None:
@@ -661,7 +670,7 @@ def public_pretraining(cfg: Config) -> tuple[Config, Path]:
     seed = cfg.data.split_seed if cfg.data.split_seed is not None else cfg.experiment.seed
     data = cfg.data.model_copy(update={"site": pre.site, "split_seed": seed})
     learned = {"data": data.model_dump(exclude={"num_workers", "cache"}),
-               "model": cfg.model.model_dump(exclude={"pretrained_checkpoint"}),
+               "model": cfg.model.model_dump(exclude={"pretrained_checkpoint", "allow_same_patients"}),
                "training": training.model_dump(exclude=RUNTIME_KEYS), "seed": seed,
                # the built-in images themselves: a change to how they are drawn trains another public model
                "images": generator_fingerprint() if cfg.data.dataset == "synthetic" else None}
@@ -679,12 +688,20 @@ def public_pretraining(cfg: Config) -> tuple[Config, Path]:
 
 
 def _start_weights(cfg: Config, data: TrainingData, ranks: Ranks) -> tuple[Path | None, dict]:
-    """Where a new run's weights start (a checkpoint, or None from scratch) and what to record of it;
-    ``public`` trains the public model first unless the cache has it, and refuses one whose
-    patients are among this run's training patients (they would be trained on without privacy)."""
+    """Where a new run's weights start (a checkpoint, or None from scratch) and what to record of it,
+    its provenance included (:func:`_start_provenance`, which refuses a start trained on this run's
+    patients); ``public`` trains the public model first unless the cache has it (:func:`_public_start`)."""
     start = cfg.model.pretrained_checkpoint
-    if start != PUBLIC_PRETRAINING:
-        return (Path(start) if start else None), {}
+    if not start:
+        return None, {}
+    folder, facts = _public_start(cfg, data, ranks) if start == PUBLIC_PRETRAINING else (Path(start), {})
+    return folder, {**facts, "pretrained_provenance": _start_provenance(cfg, data, folder, ranks)}
+
+
+def _public_start(cfg: Config, data: TrainingData, ranks: Ranks) -> tuple[Path, dict]:
+    """The folder of the public model (trained now unless the cache has it) and what to record of it;
+    refused, before it trains, when its site holds any of this run's training patients (they would be
+    trained on without privacy)."""
     pre_cfg, folder = public_pretraining(cfg)
     public = load_table(pre_cfg.data, pre_cfg.experiment.seed)
     shared = set(public.frame["patient_id"].astype(str)) & set(data.train["patient_id"].astype(str))
@@ -705,6 +722,68 @@ def _start_weights(cfg: Config, data: TrainingData, ranks: Ranks) -> tuple[Path 
         print(f"pretrained model (non-private, {cfg.pretraining.site} site) from the cache: {folder}")
     return folder, {"pretrained_checkpoint": PUBLIC_PRETRAINING, "pretrained_folder": str(folder),
                     "pretrained_site": cfg.pretraining.site, "pretrained_patients": int(public.frame["patient_id"].nunique())}
+
+
+def _start_provenance(cfg: Config, data: TrainingData, start: Path, ranks: Ranks) -> dict | str:
+    """The provenance of the checkpoint ``start`` (:func:`privacy.ledger.provenance`), or "unknown" for a
+    file that records none. A DP run whose weights would come from runs that trained any of its training
+    patients (followed through the ledger: :func:`privacy.ledger.start_chain`) is refused, naming the
+    epsilon those runs already give them, unless ``model.allow_same_patients``; its statement then
+    composes them (:func:`_start_summary`)."""
+    recorded = _recorded_provenance(start)
+    if recorded is None or not cfg.dp.enabled:
+        return recorded or "unknown"
+    root = ledger_root(cfg.output.ledger)
+    ledger, _ = Ledger.of_dataset(root, cfg.data.dataset, data.table.root)
+    mine = set(patient_keys(data.train["patient_id"]))
+    runs, count = carried(root, ledger.key, recorded, mine)
+    if not count:
+        return recorded
+    delta = cfg.dp.delta if cfg.dp.delta is not None else default_delta(data.n_units)
+    level = worst(runs, cfg.dp.accountant, delta, among=mine)
+    given = f"{level.epsilon:.4g} ({level.note})"
+    if not cfg.model.allow_same_patients:
+        raise InputError(f"model.pretrained_checkpoint: {start} comes from runs that trained {count} of this run's "
+                         f"{len(mine)} training patients, recorded in the ledger of their dataset, {ledger.folder}: "
+                         f"starting from it gives them epsilon {given} before this run adds its own. Start from "
+                         f"a model trained on other patients, or set model.allow_same_patients: true to train anyway "
+                         f"(the statement and the model card then compose those runs for them"
+                         + ("; NOT DP for these patients)" if math.isinf(level.epsilon) else ")"))
+    if ranks.main:
+        print(f"model.allow_same_patients: {start} comes from runs that trained {count} of this run's training "
+              f"patients (epsilon {given}); the statement composes them"
+              + (": NOT DP for these patients" if math.isinf(level.epsilon) else ""))
+    return recorded
+
+
+def _start_summary(cfg: Config, booking: Booking, history: list, steps: int) -> dict | None:
+    """``summary.json``'s ``dp.start``: whether the checkpoint the weights started from recorded its
+    provenance and, when the runs they come from trained some of this run's patients, how many, and
+    those runs composed with this one (its ``history`` after ``steps``) for its worst-off patient
+    (unbounded if one of them was non-private); None from scratch."""
+    recorded = cfg.derived.get("pretrained_provenance")
+    if recorded is None:
+        return None
+    start = {"checkpoint": str(cfg.model.pretrained_checkpoint),
+             "provenance": "unknown" if recorded == "unknown" else "recorded", "same_patients": 0,
+             "epsilon": None, "unbounded": False, "note": None}
+    mine = set(booking.patients)
+    runs, count = carried(booking.ledger.root, booking.ledger.key, recorded, mine)
+    if count:
+        level = worst(runs + [booking.entry(history, steps)], cfg.dp.accountant, booking.delta, among=mine)
+        start.update(same_patients=count, epsilon=level.epsilon, unbounded=math.isinf(level.epsilon), note=level.note)
+    return start
+
+
+def _recorded_provenance(start: Path) -> dict | None:
+    """What the checkpoint ``start`` records of the run that wrote it; for an experiment folder whose
+    checkpoints predate the record, what its config says; None for a file from elsewhere."""
+    recorded = read_pretrained(start).get("provenance")
+    if recorded is None and start.is_dir() and Layout(start).config.is_file():
+        raw = read_yaml(Layout(start).config)
+        if "ledger_key" in raw.get("derived", {}):
+            recorded = provenance(raw["derived"]["ledger_key"], raw["derived"]["run_id"], raw["dp"]["enabled"])
+    return recorded
 
 
 def _generators(secret: bool, run_seed: int, device, ranks: Ranks) -> tuple[torch.Generator, torch.Generator, int]:
@@ -906,13 +985,20 @@ def _budget_steps(dp: DP, trainer: Trainer, run: RunState, allow_increase: bool,
     return steps
 
 
-def _save_last(trainer: Trainer, run: RunState, model_name: str, labels: list[str], path: Path) -> None:
+def _provenance(cfg: Config) -> dict:
+    """What every checkpoint of the run records of it (:func:`privacy.ledger.provenance`): a run started
+    from it finds its entry, and the patients it trained, in the ledger."""
+    return provenance(cfg.derived["ledger_key"], cfg.derived["run_id"], cfg.dp.enabled)
+
+
+def _save_last(trainer: Trainer, run: RunState, cfg: Config, path: Path) -> None:
     """``last.pt``: everything to continue exactly from here (only tensors and plain values: safe to
-    load). The steps it holds are booked before it is written."""
+    load), and the run's provenance. The steps it holds are booked before it is written."""
     progress = run.progress
     save_checkpoint({
         "format": CHECKPOINT_FORMAT, "model": trainer.core.state_dict(), "optimizer": trainer.optimizer.state_dict(),
-        "labels": labels, "model_name": model_name, "epoch": run.epoch + progress.complete, "steps": run.steps,
+        "labels": list(cfg.data.labels), "model_name": cfg.model.name, "provenance": _provenance(cfg),
+        "epoch": run.epoch + progress.complete, "steps": run.steps,
         "step_in_epoch": 0 if progress.complete else progress.done, "epoch_sampler_state": run.epoch_start,
         "epoch_loss": [progress.loss_sum, progress.seen], "best_valid_auroc_mean": run.best,
         "best_epoch": run.best_epoch,
@@ -932,7 +1018,7 @@ def _train_epoch(cfg: Config, trainer: Trainer, run: RunState, data: TrainingDat
     if run.progress is None:
         run.epoch_start = trainer.sampler_gen.get_state()
         run.progress = EpochProgress(trainer.sampler.draw_epoch())
-    every, labels = cfg.training.checkpoint_every_steps, list(cfg.data.labels)
+    every = cfg.training.checkpoint_every_steps
 
     def after_step() -> None:
         run.steps += 1
@@ -941,7 +1027,7 @@ def _train_epoch(cfg: Config, trainer: Trainer, run: RunState, data: TrainingDat
             trainer.ema.update_parameters(trainer.core)
         if ranks.main and every and run.steps % every == 0 and not run.progress.complete:
             booking.record(trainer.history(), run.steps)  # the ledger never lags a checkpoint
-            _save_last(trainer, run, cfg.model.name, labels, files.last)
+            _save_last(trainer, run, cfg, files.last)
 
     dp = trainer.accountant is not None
     try:
@@ -986,8 +1072,9 @@ def _validate_and_save(cfg: Config, trainer: Trainer, run: RunState, valid_loade
     if auroc_mean > run.best or run.best_epoch is None:
         run.best, run.best_epoch = (auroc_mean if auroc_mean > run.best else run.best), epoch + 1
         save_checkpoint({"format": CHECKPOINT_FORMAT, "model": trainer.evaluated.state_dict(), "labels": labels,
-                         "model_name": cfg.model.name, "epoch": epoch + 1, "valid_auroc_mean": auroc_mean}, files.best)
-    _save_last(trainer, run, cfg.model.name, labels, files.last)
+                         "model_name": cfg.model.name, "provenance": _provenance(cfg), "epoch": epoch + 1,
+                         "valid_auroc_mean": auroc_mean}, files.best)
+    _save_last(trainer, run, cfg, files.last)
     if run.budget_note:
         run.budget_note["epsilon_spent"] = eps
     summary = {
@@ -996,7 +1083,8 @@ def _validate_and_save(cfg: Config, trainer: Trainer, run: RunState, valid_loade
         "last_valid_auroc_mean": auroc_mean, "last_valid_loss": valid_loss, "last_train_loss": progress.loss,
         "stopped": run.stopped,
         "dp": privacy_summary(cfg, trainer.history(), eps, steps, final=bool(run.stopped) or epoch + 1 == epochs,
-                              budget_note=run.budget_note)}
+                              budget_note=run.budget_note,
+                              start=_start_summary(cfg, booking, trainer.history(), steps) if dp else None)}
     _write_summary(files.root, summary)
     privacy = f", epsilon {eps:.3f}" if dp else ""
     train_loss = "" if dp else f"train loss {progress.loss:.4f}, "  # private under DP (summary.json keeps it)

@@ -150,6 +150,9 @@ class Model(_Section):
     activation: Literal["mish", "relu"] = "mish"
     # 'public' (pretrain non-privately, cached), a local .pt/.pth or experiment folder, or None (from scratch)
     pretrained_checkpoint: Optional[UserPath] = PUBLIC_PRETRAINING
+    # start a DP run from a checkpoint whose runs trained some of its training patients (refused otherwise):
+    # its statement and model card then compose those runs for them (unbounded if non-private: not DP)
+    allow_same_patients: bool = False
 
 
 class Augment(_Section):

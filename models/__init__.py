@@ -65,21 +65,25 @@ def set_trainable(model: nn.Module, trainable: str | list[str]) -> int:
     return count
 
 
-def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
-    """Initialise ``model`` from a local file; returns the names of layers left at random init.
-
-    ``path`` is a DP-CXR experiment folder (its ``checkpoints/best.pt``), a DP-CXR checkpoint, or a
-    plain state dict such as torchvision's ImageNet ``resnet18-f37072fd.pth`` saved beforehand. An RGB
-    first convolution is summed over its colour channels for grayscale input; the classification
-    head is kept only when its shape matches (different label sets start a new head).
-    """
+def read_pretrained(path: str | Path) -> dict:
+    """The checkpoint ``model.pretrained_checkpoint`` names: a DP-CXR experiment folder (its
+    ``checkpoints/best.pt``), a DP-CXR checkpoint (with its ``provenance``), or a plain state dict such as
+    torchvision's ImageNet ``resnet18-f37072fd.pth`` saved beforehand, as ``{"model": it}``."""
     path = Path(path).expanduser()
     if path.is_dir():
         path = Layout(path).best
     if not path.is_file():
         raise InputError(f"model.pretrained_checkpoint: {path} not found. Weights are never downloaded: "
                          f"put a local .pt/.pth file (e.g. torchvision ImageNet weights) or an experiment folder there")
-    state = load_checkpoint(path, state_dict_ok=True)["model"]
+    return load_checkpoint(path, state_dict_ok=True)
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
+    """Initialise ``model`` from a local file (:func:`read_pretrained`); returns the names of layers left
+    at random init. An RGB first convolution is summed over its colour channels for grayscale input; the
+    classification head is kept only when its shape matches (different label sets start a new head).
+    """
+    state = read_pretrained(path)["model"]
     own = model.state_dict()
     conv1 = "conv1.weight" if "conv1.weight" in own else "patch_embed.weight"
     if conv1 in state and state[conv1].dim() == 4 and state[conv1].shape[1] == 3 and own[conv1].shape[1] == 1:

@@ -45,6 +45,13 @@ into the current ledger of their dataset, each counted for every patient of it (
 it trained: this overstates, never hides), and pointed the experiments' configs at it; the old folder is
 renamed ``<name>.migrated``. The ledger holds exact counts and sample rates: it is private, like the
 experiments it lists.
+
+Provenance. Every checkpoint a run writes records its ledger's key, its run id and whether it was private
+(:func:`provenance`), and each entry records where its weights started (``start``: that record of the
+checkpoint it was initialised from, ``"unknown"`` for a file without one, None from scratch), so the runs
+a model's weights come from can be followed (:func:`start_chain`). A model carries what those runs learnt
+of their patients: a run started from one trained on some of its own patients composes that run's
+history for them into its statement, and releasing a model releases the runs its weights come from.
 """
 from __future__ import annotations
 
@@ -101,6 +108,21 @@ def dataset_identity(dataset: str, root: str | Path) -> dict:
             "patients_per_site": made["n_patients"]}
 
 
+def provenance(ledger_key: str, run_id: str, private: bool) -> dict:
+    """What a checkpoint records of the run that wrote it: its ledger (by key: the dataset, never a path),
+    its entry there, and whether it was private."""
+    return {"ledger": ledger_key, "run_id": run_id, "private": private}
+
+
+def trained(entries: list[dict], keys: set[str]) -> tuple[list[dict], int]:
+    """The runs of ``entries`` that trained any of the patients ``keys``, and how many of them they trained
+    (a run that did not record its patients counts for all of them)."""
+    runs = [e for e in entries if e.get("patients") is None or keys & set(e["patients"])]
+    if any(e.get("patients") is None for e in runs):
+        return runs, len(keys)
+    return runs, len(set().union(*(keys & set(e["patients"]) for e in runs)))
+
+
 def is_released(entry: dict) -> bool:
     """Whether the run left the hospital; an entry without the field predates the record: released."""
     return "released" not in entry or bool(entry["released"])
@@ -144,14 +166,40 @@ def worst(entries: list[dict], accountant: str, delta: float | None = None, plan
     return Level(top, None if None in counts else sum(counts), at_top[0].note)
 
 
-def released_level(entries: list[dict], accountant: str, delta: float | None = None) -> Level:
-    """:func:`worst` of the released ``entries``; the internal ones are counted in the note, not composed."""
+def released_level(entries: list[dict], accountant: str, delta: float | None = None,
+                   among: set[str] | None = None) -> Level:
+    """:func:`worst` of the released ``entries``, over every patient or only those ``among``; the internal
+    ones (that trained any of them) are counted in the note, not composed."""
     released = [e for e in entries if is_released(e)]
-    level = worst(released, accountant, delta) if released else Level(0.0, 0, "no run released")
-    internal = len(entries) - len(released)
+    level = worst(released, accountant, delta, among=among) if released else Level(0.0, 0, "no run released")
+    internal = [e for e in entries if not is_released(e)]
+    internal = len(internal if among is None else trained(internal, among)[0])
     if internal:
         level.note += f"; {internal} other run(s) on these patients not released, not composed"
     return level
+
+
+def carried(root: Path, key: str, start: dict | str | None, patients: set[str]) -> tuple[list[dict], int]:
+    """The runs a model's weights come from (:func:`start_chain` of ``start``) in ledger ``key`` that trained
+    any of ``patients``, and how many of them they trained."""
+    return trained([e for e in start_chain(root, start) if e["ledger"] == key], patients)
+
+
+def start_chain(root: Path, start: dict | str | None) -> list[dict]:
+    """The entries of the runs a model's weights come from, nearest first: the run its checkpoint's
+    provenance ``start`` names, the run that one started from, and so on, each from its ledger under
+    ``root`` (with the ledger's key added as ``ledger``). A run missing from its ledger stands for every
+    patient of it, non-private: whom it trained and how cannot be told."""
+    chain, seen = [], set()
+    while isinstance(start, dict) and start["run_id"] not in seen:
+        seen.add(start["run_id"])
+        path = Ledger(root, start["ledger"]).folder / f"{start['run_id']}.json"
+        entry = read_json(path) if path.is_file() else {
+            "experiment": f"run {start['run_id']} (no entry in ledger {start['ledger']})", "private": False,
+            "unit": "patient", "patients": None, "history": None, "delta": None, "start": None, "missing": True}
+        chain.append({**entry, "ledger": start["ledger"]})
+        start = entry.get("start")
+    return chain
 
 
 def _unbounded_patients(entry: dict) -> set[str] | None:
@@ -219,18 +267,26 @@ class Ledger:
         atomic_write_text(path, json_text(
             {**entry, **kept, "run_id": run_id, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}))
 
+    def entry(self, run_id: str) -> dict:
+        """The entry of run ``run_id`` (:class:`InputError` when it has none)."""
+        return self._entry(run_id)[1]
+
     def _entry(self, run_id: str) -> tuple[Path, dict]:
         path = self.folder / f"{run_id}.json"
         if not path.is_file():
             raise InputError(f"{path}: this run has no entry in the privacy ledger (output.ledger of its "
-                             f"private/config.yaml); its release cannot be recorded")
+                             f"private/config.yaml), which records its release and the patients it trained")
         return path, read_json(path)
 
     def release(self, run_id: str, how: str) -> None:
-        """Record that the run left the hospital (``export`` or ``published``); never undone."""
+        """Record that the run left the hospital (``export`` or ``published``), and with it the runs its
+        weights come from (:func:`start_chain`: what they learnt is in its weights); never undone."""
         path, entry = self._entry(run_id)
-        entry["released"] = [*entry.get("released", []), {"how": how, "date": time.strftime("%Y-%m-%d")}]
-        atomic_write_text(path, json_text(entry))
+        _add_release(path, how)
+        for earlier in start_chain(self.root, entry.get("start")):
+            if not earlier.get("missing"):
+                _add_release(Ledger(self.root, earlier["ledger"]).folder / f"{earlier['run_id']}.json",
+                             f"{how} in {Path(entry['experiment']).name}")
 
     def keep_internal(self, run_id: str) -> None:
         """Settle an entry that predates the release record as internal; a recorded release stays."""
@@ -254,11 +310,11 @@ class Ledger:
         level = worst(entries, accountant, delta)
         return level.epsilon, level.note
 
-    def released_total(self, entries: list[dict], accountant: str,
-                       delta: float | None = None) -> tuple[float, str]:
-        """:meth:`total` of the released ``entries``; the internal ones are counted in the note, not composed."""
-        level = released_level(entries, accountant, delta)
-        return level.epsilon, level.note
+
+def _add_release(path: Path, how: str) -> None:
+    entry = read_json(path)
+    entry["released"] = [*entry.get("released", []), {"how": how, "date": time.strftime("%Y-%m-%d")}]
+    atomic_write_text(path, json_text(entry))
 
 
 @dataclass
@@ -277,6 +333,7 @@ class Booking:
     delta: float
     patients: list[str]  # patient_keys of the patients it trains
     several_images: list[str]  # of those, the ones with several training images (unbounded by an image-level run)
+    start: dict | str | None  # the provenance of the checkpoint its weights started from ("unknown": none recorded)
     plan: tuple[list, int] = ([], 0)  # the history and steps as planned (set by open)
 
     def entry(self, history: list, steps: int) -> dict:
@@ -289,7 +346,8 @@ class Booking:
                 "accountant": self.accountant, "delta": self.delta if self.private else None, "epsilon": epsilon,
                 "history": self._lists(history), "steps": steps, "planned_history": self._lists(self.plan[0]),
                 "planned_steps": self.plan[1], "patients": self.patients,
-                "several_images": self.several_images if self.unit == "image" else []}
+                "several_images": self.several_images if self.unit == "image" else [],
+                "start": self.start}
 
     def _lists(self, history: list) -> list | None:
         return [list(step) for step in history] if self.private else None

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from artifacts import Layout, atomic_write_text, json_text, load_checkpoint, read_json
 from config import PUBLIC_PRETRAINING, Config, InputError
 from models import resolve_trainable
-from privacy.ledger import Ledger
+from privacy.ledger import Ledger, released_level
 
 BUNDLE_FORMAT = 1
 FILES = ("model.safetensors", "model.json", "model_card.json", "model_card.md")
@@ -61,22 +61,61 @@ def is_bundle(path: Path) -> bool:
     return (Path(path) / "model.json").is_file() and (Path(path) / "model.safetensors").is_file()
 
 
+UNKNOWN_START = ("started from an external checkpoint of unknown provenance: if it was trained on these patients, "
+                 "this guarantee does not hold for them")
+
+
+def start_note(dp: dict) -> str | None:
+    """What the weights a DP run started from (``summary.json`` ``dp.start``) do to its guarantee: None
+    from scratch or from runs on other patients."""
+    start = dp.get("start")
+    if not start:
+        return None
+    if start["provenance"] == "unknown":
+        return UNKNOWN_START
+    if not start["same_patients"]:
+        return None
+    if start["unbounded"]:
+        return f"NOT DP for the training {dp['unit']}s its starting weights were trained on ({start['note']})"
+    return (f"composed with the runs its starting weights come from, which trained some of the same {dp['unit']}s "
+            f"({start['note']})")
+
+
+def unbounded_start(dp: dict) -> bool:
+    """Whether the runs the weights started from left some of the training patients without a bound."""
+    return bool((dp.get("start") or {}).get("unbounded"))
+
+
+def statement_epsilon(dp: dict) -> float:
+    """The epsilon a DP run states per training patient: its own, composed with the runs its weights come
+    from where they trained the same patients and are bounded (unbounded: its own, for the others)."""
+    start = dp.get("start") or {}
+    return start["epsilon"] if start.get("same_patients") and not start["unbounded"] else dp["epsilon_spent"]
+
+
 def privacy_statement(dp: dict) -> str:
     """The one-sentence privacy statement of a run's ``summary.json`` ``dp`` section, fit for release
-    (no exact count of training patients, epsilon rounded up: :func:`rounded_up`)."""
+    (no exact count of training patients, epsilon rounded up: :func:`rounded_up`), with what the weights
+    it started from do to it (:func:`start_note`)."""
     if not dp["enabled"]:
         return "NOT PRIVATE: trained without differential privacy; no privacy guarantee"
-    reproducible = dp["noise"].startswith("reproducible")
-    return (f"({rounded_up(dp['epsilon_spent']):g}, {dp['delta']:g})-DP for each training {dp['unit']} "
-            f"(add/remove adjacency, {dp['accountant'].upper()} accountant)"
-            + ("; WARNING: the noise was seeded from a configuration value (reproducible mode), so the guarantee "
-               "does not hold against anyone who knows that seed" if reproducible else "; the noise was secret"))
+    reproducible, note = dp["noise"].startswith("reproducible"), start_note(dp)
+    claim = (f"({rounded_up(statement_epsilon(dp)):g}, {dp['delta']:g})-DP for each "
+             f"{'other ' if unbounded_start(dp) else ''}training {dp['unit']} "
+             f"(add/remove adjacency, {dp['accountant'].upper()} accountant)")
+    if note:
+        claim = f"{note}; {claim}" if unbounded_start(dp) else f"{claim}; {note}"
+    return (claim + ("; WARNING: the noise was seeded from a configuration value (reproducible mode), so the "
+                     "guarantee does not hold against anyone who knows that seed" if reproducible
+                     else "; the noise was secret"))
 
 
 # Who a DP-SGD guarantee leaves out: every report and card that states the guarantee says so.
 NOT_COVERED = ("validation patients: they chose the checkpoint and the decision thresholds",
                "test patients: their metrics are published by the researcher's choice",
                "other models released from the same patients: see the privacy ledger's total")
+
+
 EPSILON_MEANING = ("Epsilon bounds how much any one patient can change what training produces: the smaller it is, the "
                    "less the model can reveal about any one patient (see docs/privacy.md).")
 
@@ -101,27 +140,36 @@ def plain_privacy(dp: dict) -> str:
     """:func:`plain_statement` of a run's ``summary.json`` ``dp`` section, epsilon rounded up."""
     if not dp["enabled"]:
         return plain_statement(None, None)
-    return plain_statement(rounded_up(dp["epsilon_spent"]), dp["delta"], dp["unit"],
-                           dp["noise"].startswith("reproducible"))
+    words = plain_statement(rounded_up(statement_epsilon(dp)), dp["delta"], dp["unit"],
+                            dp["noise"].startswith("reproducible"))
+    if unbounded_start(dp):
+        return (f"Not private for the training {dp['unit']}s its starting weights were trained on without a bound: "
+                f"they have no formal protection. For the other training {dp['unit']}s: {words}")
+    return words
 
 
 def model_card(cfg: Config, summary: dict, metrics: dict, parameters: int, epoch: int, ledger_total: dict) -> dict:
-    """The card of a trained experiment (``summary.json`` and the test split's metrics)."""
+    """The card of a trained experiment (``summary.json`` and the test split's metrics); ``ledger_total``:
+    every released run composed for its training patients."""
     dp, d = summary["dp"], cfg.derived
     private = dp["enabled"]
     privacy = {"private": private}
     if private:
         unit = dp["unit"]
+        starting = start_note(dp)
+        # a start of unknown provenance, or runs that left some training patients unbounded, limit the guarantee
+        limits = [starting] if starting and (unbounded_start(dp) or dp["start"]["provenance"] == "unknown") else []
         privacy.update(
-            unit=unit, epsilon=rounded_up(dp["epsilon_spent"]), delta=dp["delta"],
+            unit=unit, epsilon=rounded_up(statement_epsilon(dp)), epsilon_this_run=rounded_up(dp["epsilon_spent"]),
+            delta=dp["delta"], starting_weights=starting,
             adjacency=f"add or remove one {unit} (all of the {unit}'s training images)",
             accountant=f"{dp['accountant'].upper()} (Opacus), Poisson sampling",
             epsilon_pld={k: rounded_up(v) for k, v in dp["pld_epsilon"].items()} if dp["pld_epsilon"] else None,
             units=f"about {rounded_count(dp['units']):,} training {unit}s", sample_rate=rounded(dp["sample_rate"]),
             steps=summary["steps"], noise_multiplier=rounded(dp["noise_multiplier"]),
             max_grad_norm=dp["max_grad_norm"], noise=dp["noise"], secure_mode=dp["secure_mode"],
-            covers=f"the training {unit}s",
-            does_not_cover=list(NOT_COVERED),
+            covers=f"the training {unit}s" + (" its starting weights were not trained on" * unbounded_start(dp)),
+            does_not_cover=list(NOT_COVERED) + limits,
             loss_weights=d.get("pos_weight_source"),
             ledger_total={**ledger_total, "epsilon": rounded_up(ledger_total["epsilon"])
                           if math.isfinite(ledger_total["epsilon"]) else None},
@@ -180,17 +228,18 @@ def card_markdown(card: dict) -> str:
         total = privacy["ledger_total"]
         lines += ["## Privacy", "",
                   f"- Unit of privacy: one {privacy['unit']}; neighbouring datasets: {privacy['adjacency']}.",
-                  f"- epsilon {privacy['epsilon']:.4g} at delta {privacy['delta']:g}, {privacy['accountant']}; "
-                  f"{privacy['steps']} steps at sample rate about {privacy['sample_rate']:g} among "
-                  f"{privacy['units']}; noise multiplier {privacy['noise_multiplier']:.4g}, clipping norm "
+                  f"- This run: epsilon {privacy['epsilon_this_run']:.4g} at delta {privacy['delta']:g}, "
+                  f"{privacy['accountant']}; {privacy['steps']} steps at sample rate about {privacy['sample_rate']:g} "
+                  f"among {privacy['units']}; noise multiplier {privacy['noise_multiplier']:.4g}, clipping norm "
                   f"{privacy['max_grad_norm']:g}.",
+                  *([f"- Starting weights: {privacy['starting_weights']}."] if privacy["starting_weights"] else []),
                   f"- Noise: {privacy['noise']}; floating-point-attack-resistant sampling: "
                   f"{'yes' if privacy['secure_mode'] else 'no'}.",
                   f"- Loss weights: {privacy['loss_weights']}.",
                   f"- Covers: {privacy['covers']}. Does not cover: " + "; ".join(privacy["does_not_cover"]) + ".",
-                  f"- All models released from these patients so far, composed: epsilon {total['epsilon']:.4g} "
-                  f"({total['note']})." if total["epsilon"] is not None else
-                  f"- All models released from these patients so far, composed: unbounded ({total['note']}).",
+                  f"- All models released from its training {privacy['unit']}s so far, this one included, composed: "
+                  + (f"epsilon {total['epsilon']:.4g}" if total["epsilon"] is not None else "unbounded")
+                  + f" for the worst-off {privacy['unit']} ({total['note']}).",
                   "- Under replace-one adjacency (PLD): epsilon "
                   + (f"{privacy['epsilon_pld']['replace_one']:.4g}." if privacy["epsilon_pld"] else "not computed."),
                   f"- Numbers rounded {privacy['rounding']}.", ""]
@@ -237,12 +286,14 @@ def export_bundle(exp_dir: Path, out_dir: Path, cfg: Config, non_private: bool =
     metrics = read_json(metrics_path)
     best = load_checkpoint(files.best)
     weights = {k: v.contiguous() for k, v in best["model"].items()}
-    ledger = Ledger.of_experiment(cfg, exp_dir)
-    ledger.release(cfg.derived["run_id"], "export")  # before the bundle: a failed write overstates, never hides
+    ledger, run_id = Ledger.of_experiment(cfg, exp_dir), cfg.derived["run_id"]
+    ledger.release(run_id, "export")  # before the bundle: a failed write overstates, never hides
     total = {"epsilon": None, "note": "non-private run"}
-    if summary["dp"]["enabled"]:  # this model and every run released before it
-        epsilon, note = ledger.released_total(ledger.entries(), cfg.dp.accountant, summary["dp"]["delta"])
-        total = {"epsilon": epsilon, "note": note}
+    if summary["dp"]["enabled"]:  # for its training patients: this model and every run released before it
+        patients = ledger.entry(run_id).get("patients")
+        level = released_level(ledger.entries(), cfg.dp.accountant, summary["dp"]["delta"],
+                               among=None if patients is None else set(patients))
+        total = {"epsilon": level.epsilon, "note": level.note}
     card = model_card(cfg, summary, metrics, sum(v.numel() for v in weights.values()), best["epoch"], total)
     rebuild = {"format": BUNDLE_FORMAT, "model": {"name": cfg.model.name, "activation": cfg.model.activation},
                "labels": list(cfg.data.labels),
