@@ -76,11 +76,11 @@ from privacy import check_delta, default_delta, noise_multiplier_for, planned_ep
 from privacy.bookkeeping import BookKeeping
 from privacy.canaries import check_record, draw_canaries, reference_training_split, with_canaries
 from privacy.ledger import (Booking, Ledger, carried, earlier_default, ledger_root, patient_keys, provenance,
-                            refuse_earlier_format, worst)
+                            refuse_earlier_format, test_use, worst)
 from privacy.noise import with_one_draw_noise
 from privacy.per_sample import check_per_image
 from privacy.pos_weight import label_count_noise, noised_positive_weights
-from privacy.release import EPSILON_MEANING, plain_privacy, start_note, statement_epsilon
+from privacy.release import EPSILON_MEANING, plain_privacy, start_note, statement_epsilon, test_use_note
 from privacy.units import UnitSampler, plan_chunks, unit_rows, with_views
 
 CHECKPOINT_FORMAT = 4  # 3: logical batches of privacy units, secret generator states; 4: schedule, weight average
@@ -485,24 +485,23 @@ def _set_rng_state(state: dict, sampler: torch.Generator, noise: torch.Generator
 
 
 def privacy_summary(cfg: Config, history: list, epsilon: float, steps: int, final: bool, budget_note: dict,
-                    start: dict | None = None) -> dict:
+                    start: dict | None = None, tests: dict | None = None) -> dict:
     """``private/summary.json``'s ``dp`` object: the privacy statement of a DP run and what it rests on.
 
     ``final``: training has ended, so the PLD cross-check (add/remove and replace-one adjacency,
     dp_accounting) of the whole history is computed once. ``start``: where its weights started and what
-    the runs they come from add for its patients (:func:`_start_summary`), composed into the statement.
+    the runs they come from add for its patients (:func:`_start_summary`), composed into the statement;
+    ``tests``: which other runs trained its test patients (:func:`privacy.ledger.test_use`).
     """
     keys = ("unit", "units", "adjacency", "epsilon_spent", "target_epsilon", "delta", "noise_multiplier",
             "max_grad_norm", "sample_rate", "expected_units_per_step", "accountant", "pld_epsilon", "noise",
-            "secure_mode", "start", "covers", "budget_increase")
+            "secure_mode", "start", "test_patients_trained", "covers", "budget_increase")
     if not cfg.dp.enabled:
         return {"enabled": False, **dict.fromkeys(keys), "statement": "non-private training: no privacy guarantee"}
     d = cfg.derived
     unit, n_units, delta = cfg.dp.unit, d["n_train_units"], cfg.dp.delta
     noise = ("reproducible: seeded from experiment.seed, so the guarantee does not hold against anyone who knows "
              "the seed" if cfg.dp.reproducible_noise else "secret")
-    covers = (f"the {n_units} training {unit}s; validation patients choose the best checkpoint and the prediction "
-              f"thresholds and are not protected; test patients are not used in training")
     counts = (f" and one Gaussian release of label counts (noise multiplier {history[0][0]:.4g})"
               if cfg.training.pos_weight == "counts" else "")
     dp = {"enabled": True, "unit": unit, "units": n_units, "adjacency": f"add or remove one {unit}",
@@ -510,8 +509,8 @@ def privacy_summary(cfg: Config, history: list, epsilon: float, steps: int, fina
           "noise_multiplier": d["noise_multiplier"], "max_grad_norm": cfg.dp.max_grad_norm,
           "sample_rate": d["sample_rate"], "expected_units_per_step": d["expected_units_per_step"],
           "accountant": cfg.dp.accountant, "pld_epsilon": pld_epsilons(history, delta) if final else None,
-          "noise": noise, "secure_mode": cfg.dp.secure_mode, "start": start, "covers": covers,
-          "budget_increase": budget_note or None}
+          "noise": noise, "secure_mode": cfg.dp.secure_mode, "start": start, "test_patients_trained": tests,
+          "covers": _covers(n_units, unit, tests), "budget_increase": budget_note or None}
     stated, note, unbounded = statement_epsilon(dp), start_note(dp), bool(start and start["unbounded"])
     claim = (f"({stated:.4g}, {delta:g})-DP for each {'other ' if unbounded else ''}training {unit} (adjacency: add or "
              f"remove all images of one {unit}; {cfg.dp.accountant.upper()} accountant over {steps} DP-SGD steps of "
@@ -519,8 +518,31 @@ def privacy_summary(cfg: Config, history: list, epsilon: float, steps: int, fina
              + (f"; this run alone: epsilon {epsilon:.4g})" if stated != epsilon else ")"))
     if note:
         claim = f"{note}; {claim}" if unbounded else f"{claim}; {note}"
-    dp["statement"] = f"{claim}; noise {noise.split(':')[0]}; covers {covers}"
+    dp["statement"] = f"{claim}; noise {noise.split(':')[0]}; covers {dp['covers']}"
     return dp
+
+
+def _covers(n_units: int, unit: str, tests: dict | None) -> str:
+    """Whom a DP run's statement covers and whom not, with what other runs did with its test patients."""
+    trained_by = test_use_note(tests, exact=True)
+    return (f"the {n_units} training {unit}s; validation patients choose the best checkpoint and the prediction "
+            f"thresholds and are not protected; "
+            + (f"test patients are not used in its training, but {trained_by}" if trained_by
+               else "test patients are not used in training"))
+
+
+def restate_test_patients(cfg: Config, exp_dir: Path) -> dict | None:
+    """Rewrite a DP run's statement in ``summary.json`` with what the ledger now records of its test
+    patients (an audit's reference runs, trained after it, train on half of them); returns that record
+    (:func:`privacy.ledger.test_use`)."""
+    summary = read_json(Layout(exp_dir).summary)
+    use, dp = test_use(Ledger.of_experiment(cfg, exp_dir), cfg.derived["run_id"]), summary["dp"]
+    if dp["enabled"]:
+        covers = _covers(dp["units"], dp["unit"], use)
+        dp.update(statement=dp["statement"].removesuffix(dp["covers"]) + covers, covers=covers,
+                  test_patients_trained=use)
+        _write_summary(exp_dir, summary)
+    return use
 
 
 def _positive_weights(cfg: Config, frame, labels: list[str], units: list[np.ndarray], budget: float | None,
@@ -569,7 +591,7 @@ def _booking(cfg: Config, exp_dir: Path, data: TrainingData, delta: float | None
     delta = delta if delta is not None else default_delta(len(patients))
     return Booking(ledger, identity, cfg.derived["run_id"], str(exp_dir.resolve()), cfg.dp.enabled, cfg.dp.unit,
                    cfg.dp.accountant, delta, patients, patient_keys(images.index[images > 1]),
-                   cfg.derived.get("pretrained_provenance"))
+                   patient_keys(data.table.split("test")["patient_id"]), cfg.derived.get("pretrained_provenance"))
 
 
 def _write_summary(exp_dir: Path, summary: dict) -> None:
@@ -1084,7 +1106,8 @@ def _validate_and_save(cfg: Config, trainer: Trainer, run: RunState, valid_loade
         "stopped": run.stopped,
         "dp": privacy_summary(cfg, trainer.history(), eps, steps, final=bool(run.stopped) or epoch + 1 == epochs,
                               budget_note=run.budget_note,
-                              start=_start_summary(cfg, booking, trainer.history(), steps) if dp else None)}
+                              start=_start_summary(cfg, booking, trainer.history(), steps) if dp else None,
+                              tests=test_use(booking.ledger, booking.run_id) if dp else None)}
     _write_summary(files.root, summary)
     privacy = f", epsilon {eps:.3f}" if dp else ""
     train_loss = "" if dp else f"train loss {progress.loss:.4f}, "  # private under DP (summary.json keeps it)

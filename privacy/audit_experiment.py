@@ -17,7 +17,7 @@ from privacy.audit import (attack_report, attack_table, canary_bound, lira_offli
                            signed_logit)
 from privacy.canaries import canary_scores, check_record, draw_canaries, reference_patients
 from Prediction_DP import load_trained, predict_logits, write_results
-from Train_Valid_DP import MaskedBCEWithLogitsLoss
+from Train_Valid_DP import MaskedBCEWithLogitsLoss, restate_test_patients
 
 
 def audit_experiment(exp_dir: Path, reference_dirs: list[Path] = (), checkpoint: str = "best") -> dict:
@@ -26,7 +26,9 @@ def audit_experiment(exp_dir: Path, reference_dirs: list[Path] = (), checkpoint:
     (``privacy.audit``). Writes, all private (``private/audit/``: scores of training images),
     ``audit.json``, ``audit_attacks.csv``, per-image scores ``audit_scores.csv`` (and
     ``audit_canaries.csv``) and ``report.html``; returns the audit. Reference runs are scored with
-    their best checkpoint.
+    their best checkpoint; they trained on half of the train and test patients each, booked in the
+    privacy ledger under those patients, which the audit and the experiment's statement now say
+    (:func:`Train_Valid_DP.restate_test_patients`).
 
     The bound of a non-private run is computed at ``dp.delta`` if set, else at the delta a DP run on
     the same data would get."""
@@ -68,13 +70,22 @@ def audit_experiment(exp_dir: Path, reference_dirs: list[Path] = (), checkpoint:
     sex, age = candidates["sex"].to_numpy(), candidates["age"].to_numpy()
     attacks = {name: attack_report(member, score, weights, sex, age, evaluation.age_bins, evaluation.min_subgroup_size)
                for name, score in scores.items()}
+    reference_note = None
+    if reference_dirs:  # the experiment's statement says it too, with every run that trained its test patients
+        use = restate_test_patients(cfg, exp_dir)
+        reference_note = (f"{len(reference_dirs)} reference runs were trained, each on about half of the train and "
+                          f"test patients, and are booked in the privacy ledger under the patients they trained: the "
+                          f"test patients (the non-members) are no longer untouched by training"
+                          + (f" (other runs trained {use['patients']} of the {use['of']} test patients in all)"
+                             if use else ""))
     audit = {"experiment": exp_dir.name, "checkpoint": checkpoint, "checkpoint_epoch": best.epoch,
              "members": int(member.sum()), "nonmembers": int((~member).sum()), "member_split": "train",
              "nonmember_split": "test",
              "dp": {"enabled": dp["enabled"], "epsilon_spent": dp["epsilon_spent"], "delta": dp["delta"]},
              "bootstrap": resampled,
-             "reference_runs": [str(path) for path in reference_dirs], "attacks": attacks,
-             "attacks_note": (f"Offline LiRA calibrated with {len(reference_dirs)} reference runs."
+             "reference_runs": [str(path) for path in reference_dirs], "reference_training": reference_note,
+             "attacks": attacks,
+             "attacks_note": (f"Offline LiRA calibrated with {len(reference_dirs)} reference runs. {reference_note}."
                               if reference_dirs else "No reference runs: the calibrated attack (offline LiRA) needs "
                               "`audit --reference-models K`."),
              "canaries": None}

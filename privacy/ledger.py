@@ -52,6 +52,8 @@ checkpoint it was initialised from, ``"unknown"`` for a file without one, None f
 a model's weights come from can be followed (:func:`start_chain`). A model carries what those runs learnt
 of their patients: a run started from one trained on some of its own patients composes that run's
 history for them into its statement, and releasing a model releases the runs its weights come from.
+Each entry also lists its dataset's test patients (``test_patients``), so that a statement can tell
+whether other runs (an audit's reference runs train on half of the train and test patients) trained them.
 """
 from __future__ import annotations
 
@@ -202,6 +204,18 @@ def start_chain(root: Path, start: dict | str | None) -> list[dict]:
     return chain
 
 
+def test_use(ledger: Ledger, run_id: str) -> dict | None:
+    """Which other runs of ``ledger`` trained the test patients of run ``run_id`` (an audit's reference
+    runs train on half of the train and test patients): their experiments' names, how many test patients
+    they trained and of how many; None for an entry that did not record its test patients."""
+    own = ledger.entry(run_id)
+    if own.get("test_patients") is None:
+        return None
+    runs, count = trained(ledger.entries(exclude=run_id), set(own["test_patients"]))
+    return {"runs": sorted(Path(e["experiment"]).name for e in runs), "patients": count,
+            "of": len(own["test_patients"])}
+
+
 def _unbounded_patients(entry: dict) -> set[str] | None:
     """The patients a run leaves without a bound: all of them (None) for a non-private run, and for an
     image-level one that did not record them; otherwise those with several images in an image-level run."""
@@ -333,6 +347,7 @@ class Booking:
     delta: float
     patients: list[str]  # patient_keys of the patients it trains
     several_images: list[str]  # of those, the ones with several training images (unbounded by an image-level run)
+    test_patients: list[str]  # patient_keys of its dataset's test split
     start: dict | str | None  # the provenance of the checkpoint its weights started from ("unknown": none recorded)
     plan: tuple[list, int] = ([], 0)  # the history and steps as planned (set by open)
 
@@ -347,7 +362,7 @@ class Booking:
                 "history": self._lists(history), "steps": steps, "planned_history": self._lists(self.plan[0]),
                 "planned_steps": self.plan[1], "patients": self.patients,
                 "several_images": self.several_images if self.unit == "image" else [],
-                "start": self.start}
+                "test_patients": self.test_patients, "start": self.start}
 
     def _lists(self, history: list) -> list | None:
         return [list(step) for step in history] if self.private else None

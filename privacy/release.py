@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from artifacts import Layout, atomic_write_text, json_text, load_checkpoint, read_json
 from config import PUBLIC_PRETRAINING, Config, InputError
 from models import resolve_trainable
-from privacy.ledger import Ledger, released_level
+from privacy.ledger import Ledger, released_level, test_use
 
 BUNDLE_FORMAT = 1
 FILES = ("model.safetensors", "model.json", "model_card.json", "model_card.md")
@@ -116,6 +116,16 @@ NOT_COVERED = ("validation patients: they chose the checkpoint and the decision 
                "other models released from the same patients: see the privacy ledger's total")
 
 
+def test_use_note(use: dict | None, exact: bool) -> str | None:
+    """What other runs did with a run's test patients (:func:`privacy.ledger.test_use`), with exact counts
+    only for private files; None when no other run trained them (or it was not recorded)."""
+    if not use or not use["runs"]:
+        return None
+    whom = f"{use['patients']} of its {use['of']} test patients" if exact else "some of its test patients"
+    return (f"{len(use['runs'])} other run(s) on this dataset trained {whom} ({', '.join(use['runs'])}; an audit's "
+            f"reference runs train on about half of the train and test patients each), recorded in the privacy ledger")
+
+
 EPSILON_MEANING = ("Epsilon bounds how much any one patient can change what training produces: the smaller it is, the "
                    "less the model can reveal about any one patient (see docs/privacy.md).")
 
@@ -148,17 +158,20 @@ def plain_privacy(dp: dict) -> str:
     return words
 
 
-def model_card(cfg: Config, summary: dict, metrics: dict, parameters: int, epoch: int, ledger_total: dict) -> dict:
+def model_card(cfg: Config, summary: dict, metrics: dict, parameters: int, epoch: int, ledger_total: dict,
+               tests_trained: dict | None = None) -> dict:
     """The card of a trained experiment (``summary.json`` and the test split's metrics); ``ledger_total``:
-    every released run composed for its training patients."""
+    every released run composed for its training patients; ``tests_trained``: which other runs trained its
+    test patients (:func:`privacy.ledger.test_use`)."""
     dp, d = summary["dp"], cfg.derived
     private = dp["enabled"]
     privacy = {"private": private}
     if private:
         unit = dp["unit"]
-        starting = start_note(dp)
+        starting, tests = start_note(dp), test_use_note(tests_trained, exact=False)
         # a start of unknown provenance, or runs that left some training patients unbounded, limit the guarantee
         limits = [starting] if starting and (unbounded_start(dp) or dp["start"]["provenance"] == "unknown") else []
+        limits += [f"test patients: {tests}"] if tests else []
         privacy.update(
             unit=unit, epsilon=rounded_up(statement_epsilon(dp)), epsilon_this_run=rounded_up(dp["epsilon_spent"]),
             delta=dp["delta"], starting_weights=starting,
@@ -294,7 +307,8 @@ def export_bundle(exp_dir: Path, out_dir: Path, cfg: Config, non_private: bool =
         level = released_level(ledger.entries(), cfg.dp.accountant, summary["dp"]["delta"],
                                among=None if patients is None else set(patients))
         total = {"epsilon": level.epsilon, "note": level.note}
-    card = model_card(cfg, summary, metrics, sum(v.numel() for v in weights.values()), best["epoch"], total)
+    card = model_card(cfg, summary, metrics, sum(v.numel() for v in weights.values()), best["epoch"], total,
+                      test_use(ledger, run_id))
     rebuild = {"format": BUNDLE_FORMAT, "model": {"name": cfg.model.name, "activation": cfg.model.activation},
                "labels": list(cfg.data.labels),
                "preprocessing": {"image_size": cfg.data.image_size, "fit": cfg.data.fit,

@@ -1,9 +1,11 @@
-"""Provenance of checkpoints (issue 31, item 4): a DP run started from weights trained on its own
-patients composes them (or is refused), an external checkpoint is stated as such, and the card
-composes what its own patients get."""
+"""Provenance of checkpoints and who an audit trains (issue 31, items 4 and 5): a DP run started from
+weights trained on its own patients composes them (or is refused), an external checkpoint is stated
+as such, the card composes what its own patients get, and an audit's reference runs are booked under
+the test patients they train and said to."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,9 +14,11 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
+from config import load_config
 from conftest import write_tiny_config
+from data.dataset import load_table
 from main_2D_DP import main
-from privacy.ledger import Ledger
+from privacy.ledger import Ledger, patient_keys, worst
 from privacy.release import UNKNOWN_START
 
 
@@ -164,3 +168,40 @@ def test_a_checkpoint_without_provenance_is_stated_as_such(disjoint, tmp_path):
     card = disjoint.release("ext")
     assert UNKNOWN_START in card["statement"] and UNKNOWN_START in card["does_not_cover"]
     assert UNKNOWN_START in (disjoint.root / "ext_bundle" / "model_card.md").read_text()
+
+
+def test_audit_reference_runs_are_booked_under_the_test_patients_they_train_and_said_to(
+        tmp_path_factory, data_cache, capsys):
+    world = _setup(tmp_path_factory.mktemp("audit"), data_cache)
+    assert world.train("audited") == 0
+    cfg = load_config(world.exps / "audited" / "private" / "config.yaml")
+    tests = set(patient_keys(load_table(cfg.data, cfg.experiment.seed).split("test")["patient_id"]))
+    assert world.entry("audited")["test_patients"] == sorted(tests)
+    assert "test patients are not used in training" in world.summary("audited")["dp"]["statement"]
+    assert worst(world.ledger().entries(), "rdp", planned=True, among=tests).epsilon == 0
+
+    capsys.readouterr()
+    assert main(["audit", str(world.exps / "audited"), "--reference-models", "2"]) == 0
+    out = capsys.readouterr().out
+    references = [world.entry(f"ref-{k}") for k in range(2)]
+    trained = [tests & set(r["patients"]) for r in references]
+    assert all(0 < len(t) < len(tests) for t in trained)  # about half of the test patients each
+    assert worst(world.ledger().entries(), "rdp", planned=True, among=tests).epsilon > 0
+    count = len(trained[0] | trained[1])
+
+    dp = world.summary("audited")["dp"]
+    assert "test patients are not used in training" not in dp["statement"]
+    assert dp["statement"].endswith(dp["covers"]) and dp["test_patients_trained"]["runs"] == ["ref-0", "ref-1"]
+    assert f"2 other run(s) on this dataset trained {count} of its {len(tests)} test patients (ref-0, ref-1" in (
+        dp["covers"])
+    audit = json.loads((world.exps / "audited" / "private" / "audit" / "audit.json").read_text())
+    assert audit["reference_training"].startswith("2 reference runs were trained, each on about half of the train "
+                                                  "and test patients, and are booked in the privacy ledger")
+    assert audit["reference_training"] in audit["attacks_note"]
+    assert "2 reference runs were trained" in out
+    assert "booked in the privacy ledger" in (world.exps / "audited" / "private" / "audit" / "report.html").read_text()
+
+    card = world.release("audited")
+    [note] = [n for n in card["does_not_cover"] if n.startswith("test patients: 2 other run(s)")]
+    assert "trained some of its test patients (ref-0, ref-1" in note  # no exact count on the card
+    assert math.isfinite(card["ledger_total"]["epsilon"])  # the reference runs stay internal
