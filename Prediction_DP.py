@@ -34,7 +34,8 @@ from evaluation.fairness import fairness_report, fairness_table
 from evaluation.report import page, prediction_sections, threshold_source
 from models import build_model
 from parallel import resolve_device
-from privacy.release import is_bundle, plain_privacy, plain_statement, privacy_statement, read_bundle, rounded_count
+from privacy.release import (is_bundle, plain_privacy, plain_statement, privacy_statement, read_bundle, rounded_count,
+                             worst_patient_epsilon)
 
 
 @torch.no_grad()
@@ -330,7 +331,7 @@ def load_source(path: Path) -> Source:
              "privacy": privacy_statement(summary["dp"]) if summary else "unknown (no private/summary.json)"}
     prep = {"image_size": cfg.data.image_size, "fit": cfg.data.fit,
             "histogram_equalization": cfg.data.histogram_equalization}
-    epsilon = (summary["dp"]["epsilon_spent"] if summary else float("nan")) if cfg.dp.enabled else None
+    epsilon = (worst_patient_epsilon(summary["dp"]) if summary else float("nan")) if cfg.dp.enabled else None
     guarantee = plain_privacy(summary["dp"]) if summary else facts["privacy"]
     return Source(path, trained.model, trained.labels, trained.epoch, prep, "experiment valid", facts, guarantee,
                   f"{cfg.data.dataset}-{cfg.data.site}", epsilon,

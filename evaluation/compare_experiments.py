@@ -2,6 +2,7 @@
 the orchestration behind ``compare``, with its files and report."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from evaluation.bootstrap import format_p, resampling
 from evaluation.compare import paired_auroc_comparison
 from evaluation.report import comparison_report
 from Prediction_DP import score_split
-from privacy.release import rounded_up
+from privacy.release import rounded_up, worst_patient_epsilon
 
 
 def compare_experiments(exp_a: Path, exp_b: Path, split: str = "test", out_dir: Path | None = None):
@@ -75,7 +76,10 @@ def privacy_of(exp_dir: Path) -> str:
     dp = read_json(files.summary)["dp"]
     if not dp["enabled"]:
         return "not private (trained without differential privacy)"
-    return f"private, epsilon {rounded_up(dp['epsilon_spent']):g} (delta {dp['delta']:g}) per training {dp['unit']}"
+    epsilon = worst_patient_epsilon(dp)
+    if not math.isfinite(epsilon):
+        return "not private for the patients its starting weights were trained on (see its privacy statement)"
+    return f"private, epsilon {rounded_up(epsilon):g} (delta {dp['delta']:g}) per training {dp['unit']}"
 
 
 def format_comparison(table: pd.DataFrame) -> str:

@@ -25,7 +25,7 @@ from scipy.stats import false_discovery_control, linregress, pearsonr, t as stud
 from artifacts import Curves
 from evaluation.bootstrap import LEVEL, label_mean, percentile_interval, two_sided_p, weighted_auroc
 from evaluation.fairness import fairness_column, mean_fairness_resamples
-from privacy.release import rounded, rounded_up
+from privacy.release import rounded, rounded_up, worst_patient_epsilon
 
 MIN_TREND_RUNS = 5
 
@@ -36,7 +36,7 @@ def sweep_row(run: str, target_epsilon: float, seed: int, summary: dict, metrics
     exact values would give the number of training patients back."""
     ci = metrics.get("auroc_mean_ci95") or [None, None]
     sigma = summary["dp"]["noise_multiplier"]
-    row = {"run": run, "epsilon": target_epsilon, "seed": seed, "epsilon_spent": rounded_up(summary["dp"]["epsilon_spent"]),
+    row = {"run": run, "epsilon": target_epsilon, "seed": seed, "epsilon_spent": rounded_up(worst_patient_epsilon(summary["dp"])),
            "noise_multiplier": None if sigma is None else rounded(sigma), "auroc_mean": metrics["auroc_mean"],
            "auroc_mean_ci95_low": ci[0], "auroc_mean_ci95_high": ci[1]}
     for attribute, fair in fairness["fairness"].items():

@@ -93,6 +93,13 @@ def statement_epsilon(dp: dict) -> float:
     return start["epsilon"] if start.get("same_patients") and not start["unbounded"] else dp["epsilon_spent"]
 
 
+def worst_patient_epsilon(dp: dict) -> float:
+    """The epsilon of a DP run's worst-off training patient: :func:`statement_epsilon`, or infinite when
+    its starting weights trained some of its patients without a bound."""
+    start = dp.get("start") or {}
+    return math.inf if start.get("same_patients") and start["unbounded"] else statement_epsilon(dp)
+
+
 def privacy_statement(dp: dict) -> str:
     """The one-sentence privacy statement of a run's ``summary.json`` ``dp`` section, fit for release
     (no exact count of training patients, epsilon rounded up: :func:`rounded_up`), with what the weights

@@ -17,9 +17,10 @@ from opacus.accountants import RDPAccountant
 from config import load_config
 from conftest import write_tiny_config
 from data.dataset import load_table
+from evaluation.compare_experiments import privacy_of
 from main_2D_DP import main
 from privacy.ledger import Ledger, patient_keys, worst
-from privacy.release import UNKNOWN_START
+from privacy.release import UNKNOWN_START, rounded_up
 
 
 def _setup(root: Path, data_cache: Path, **sections) -> SimpleNamespace:
@@ -110,6 +111,8 @@ def test_an_allowed_start_from_the_same_patients_is_composed_into_the_statement_
     assert card["epsilon"] >= composed > card["epsilon_this_run"]
     assert card["statement"].startswith(f"({card['epsilon']:g}, ") and "composed with the runs" in card["statement"]
     assert f"epsilon {card['epsilon']:g}" in card["in_words"]
+    assert privacy_of(same.exps / "dp2") == f"private, epsilon {rounded_up(composed):g} (delta {dp['delta']:g}) per " \
+                                            f"training patient"  # compare names the composed epsilon
     assert [r["how"] for r in same.entry("dp")["released"]] == ["export in dp2"]  # its weights left with dp2's
 
     # from the non-private run: NOT DP for these patients, said first, on the card and in the ledger's total
@@ -129,6 +132,7 @@ def test_an_allowed_start_from_the_same_patients_is_composed_into_the_statement_
     assert [r["how"] for r in same.entry("open")["released"]] == ["export in notdp"]
     markdown = (same.root / "notdp_bundle" / "model_card.md").read_text()
     assert markdown.count("NOT DP for the training patients") >= 2 and "composed: unbounded" in markdown
+    assert privacy_of(same.exps / "notdp").startswith("not private for the patients its starting weights")
 
 
 @pytest.fixture(scope="module")
