@@ -81,7 +81,7 @@ from privacy.noise import with_one_draw_noise
 from privacy.per_sample import check_per_image
 from privacy.pos_weight import label_count_noise, noised_positive_weights
 from privacy.release import EPSILON_MEANING, plain_privacy, start_note, statement_epsilon, test_use_note
-from privacy.units import UnitSampler, plan_chunks, unit_rows, with_views
+from privacy.units import UnitSampler, plan_chunks, sampling_plan, unit_rows, with_views
 
 CHECKPOINT_FORMAT = 4  # 3: logical batches of privacy units, secret generator states; 4: schedule, weight average
 # Settings that may change on --resume; anything else would change the data, the model or the
@@ -855,11 +855,32 @@ class Trainer:
         return self.accountant.get_epsilon(self.delta) if self.accountant is not None else None
 
 
+def _privacy_plan(cfg: Config, data: TrainingData) -> float | None:
+    """A DP run's checks that need the data but nothing trained or written (so a refusal comes before the
+    public model is trained): the batch fits the units, ``dp.delta`` (set to its default here) is
+    allowed, and a fixed sigma's planned epsilon is finite. Returns the epsilon budget: the target, or
+    what the planned steps spend at the fixed sigma (None without DP)."""
+    if not cfg.dp.enabled:
+        return None
+    unit, batch_size = cfg.dp.unit, cfg.training.logical_batch_size
+    if batch_size > data.n_units:
+        raise InputError(f"training.logical_batch_size = {batch_size} expected {unit}s per step, but the training "
+                         f"split has {data.n_units} {unit}s (the sample rate B/N must be at most 1)")
+    delta = cfg.dp.delta if cfg.dp.delta is not None else default_delta(data.n_units)
+    check_delta(delta, data.n_units, unit, cfg.dp.allow_large_delta)
+    cfg.dp.delta = delta
+    if cfg.dp.epsilon is not None:
+        return cfg.dp.epsilon
+    sample_rate, steps_per_epoch = sampling_plan(len(data.units), batch_size, poisson=True)
+    return planned_epsilon(cfg.dp.noise_multiplier, sample_rate, cfg.training.epochs * steps_per_epoch,
+                           cfg.dp.accountant, delta)
+
+
 def _set_up(cfg: Config, data: TrainingData, ckpt: dict | None, device, ranks: Ranks, run_seed: int,
-            start: str | Path | None) -> Trainer:
+            start: str | Path | None, budget: float | None) -> Trainer:
     """Model (from ``start`` on a new run), sampler, loss and (under DP) Opacus' optimizer and accountant,
     with sigma solved for the target; fills ``cfg.derived`` with the facts of the run (sizes, privacy
-    parameters)."""
+    parameters). ``budget``: :func:`_privacy_plan`'s."""
     dp, unit, labels, views = cfg.dp.enabled, cfg.dp.unit, list(cfg.data.labels), cfg.dp.augmult
     model, optimizer, ema, trained = _model_and_optimizer(cfg, len(labels), device, start if ckpt is None else None)
     train_set = CXRDataset(data.train, data.table.root, labels, preprocessing(cfg.data), data.table.cache,
@@ -867,19 +888,8 @@ def _set_up(cfg: Config, data: TrainingData, ckpt: dict | None, device, ranks: R
     secret = dp and not cfg.dp.reproducible_noise
     sampler_gen, noise_gen, count_seed = _generators(secret, run_seed, device, ranks)
     batch_size = cfg.training.logical_batch_size
-    if dp and batch_size > data.n_units:
-        raise InputError(f"training.logical_batch_size = {batch_size} expected {unit}s per step, but the training "
-                         f"split has {data.n_units} {unit}s (the sample rate B/N must be at most 1)")
     sampler = UnitSampler(len(data.units), batch_size, sampler_gen, poisson=dp)
     planned = cfg.training.epochs * sampler.steps_per_epoch
-    delta, budget = None, None
-    if dp:
-        delta = cfg.dp.delta if cfg.dp.delta is not None else default_delta(data.n_units)
-        check_delta(delta, data.n_units, unit, cfg.dp.allow_large_delta)
-        cfg.dp.delta = delta
-        # the target, or what DP-SGD's planned steps spend at a fixed sigma (refused when infinite)
-        budget = cfg.dp.epsilon if cfg.dp.epsilon is not None else planned_epsilon(
-            cfg.dp.noise_multiplier, sampler.sample_rate, planned, cfg.dp.accountant, delta)
     pos_weight, spent_before = _positive_weights(cfg, data.train, labels, data.units, budget,
                                                  torch.Generator().manual_seed(count_seed), ckpt)
     cfg.derived = {"n_train": len(data.train), "n_valid": len(data.valid), "n_test": data.n_test,
@@ -895,7 +905,7 @@ def _set_up(cfg: Config, data: TrainingData, ckpt: dict | None, device, ranks: R
                           expected_batch_size=batch_size, steps=planned, accountant=cfg.dp.accountant,
                           max_grad_norm=cfg.dp.max_grad_norm, grad_sample_mode=cfg.dp.grad_sample_mode,
                           noise_multiplier=ckpt["noise_multiplier"] if ckpt else cfg.dp.noise_multiplier,
-                          target_epsilon=cfg.dp.epsilon, delta=delta, noise_generator=noise_gen,
+                          target_epsilon=cfg.dp.epsilon, delta=cfg.dp.delta, noise_generator=noise_gen,
                           secure_mode=cfg.dp.secure_mode, history=spent_before,
                           example_shape=tuple(train_set[0][0].shape))
         model, optimizer, accountant, backward = setup.model, setup.optimizer, setup.accountant, setup.backward
@@ -917,7 +927,8 @@ def _set_up(cfg: Config, data: TrainingData, ckpt: dict | None, device, ranks: R
     schedule = learning_rate_schedule(optimizer, cfg.training.schedule, cfg.training.warmup_steps, planned)
     return Trainer(forward, core, optimizer, backward, accountant, train_set, sampler, sampler_gen,
                    noise_gen if dp else None, pos_weight, MaskedBCEWithLogitsLoss(pos_weight).to(device),
-                   MaskedBCEWithLogitsLoss(pos_weight, reduction="none").to(device), delta, planned,
+                   MaskedBCEWithLogitsLoss(pos_weight, reduction="none").to(device),
+                   cfg.dp.delta if dp else None, planned,
                    cfg.derived.get("noise_multiplier"), scaler, with_views(data.units, views), views, schedule, ema)
 
 
@@ -1155,8 +1166,9 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
                          f"runs on {device.type}; use bf16 or fp32")
 
     data = _training_data(cfg.data, cfg.dp.enabled, cfg.dp.unit, cfg.audit, seed)
+    budget = _privacy_plan(cfg, data)
     start, started_from = _start_weights(cfg, data, ranks) if ckpt is None else (None, {})
-    trainer = _set_up(cfg, data, ckpt, device, ranks, run_seed, start)
+    trainer = _set_up(cfg, data, ckpt, device, ranks, run_seed, start, budget)
     cfg.derived.update(started_from)
     run = _resume(trainer, ckpt)
     if ckpt is not None and ranks.main:

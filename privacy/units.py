@@ -44,6 +44,12 @@ def with_views(units: list[np.ndarray], views: int) -> list[np.ndarray]:
     return [(rows[:, None] * views + offsets).ravel() for rows in units]
 
 
+def sampling_plan(n_units: int, batch_size: int, poisson: bool) -> tuple[float, int]:
+    """(sample rate q = B/N, steps per epoch) of :class:`UnitSampler`, known before it is built."""
+    steps = max(1, round(n_units / batch_size)) if poisson else math.ceil(n_units / batch_size)
+    return batch_size / n_units, steps
+
+
 class UnitSampler:
     """The logical batches of an epoch, as lists of unit indices, drawn from ``generator``.
 
@@ -54,8 +60,7 @@ class UnitSampler:
 
     def __init__(self, n_units: int, batch_size: int, generator: torch.Generator, poisson: bool):
         self.n, self.batch_size, self.generator, self.poisson = n_units, batch_size, generator, poisson
-        self.sample_rate = batch_size / n_units
-        self.steps_per_epoch = max(1, round(n_units / batch_size)) if poisson else math.ceil(n_units / batch_size)
+        self.sample_rate, self.steps_per_epoch = sampling_plan(n_units, batch_size, poisson)
 
     def draw_epoch(self) -> list[list[int]]:
         """All logical batches of one epoch, drawn up front, so that an epoch is a pure function of

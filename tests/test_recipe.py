@@ -138,6 +138,16 @@ def test_the_public_model_is_keyed_by_how_the_built_in_images_are_drawn(tiny_con
     assert Train_Valid_DP.public_pretraining(cfg)[1] != before  # not the model trained on the old images
 
 
+def test_a_refused_privacy_setting_trains_no_public_model_first(tiny_config, capsys):
+    path = tiny_config(model={"pretrained_checkpoint": "public"},
+                       dp={"epsilon": None, "noise_multiplier": 1e-153}, training={"epochs": 400})
+    assert main(["train", "--config", str(path)]) == 2
+    assert "no finite epsilon" in capsys.readouterr().err
+    cache = path.parent / "pretrained"
+    assert not cache.exists() or not any(cache.iterdir())  # refused before the public model was trained
+    assert not _exp(path).exists()
+
+
 def test_public_pretraining_runs_once_per_recipe_and_never_on_the_private_patients(tiny_config, capsys):
     path = tiny_config(training={"epochs": 1}, model={"pretrained_checkpoint": "public"},
                        data={"synthetic": {"public_patients": 120, "private_patients": 120}},
