@@ -144,7 +144,7 @@ def run_predict(source: Path, split: str, data: Path | None = None, overrides: l
             print(f"labels absent from this dataset, not scored: {', '.join(absent)}")
     print(format_metrics(metrics))
     print(f"wrote in {out}: private/predictions/{split}.csv, results/{split}_metrics.json, "
-          f"results/{split}_fairness.json and .csv, {Layout(out).report(split).name}")
+          f"results/{split}_fairness.json and .csv, results/{split}_calibration.json, {Layout(out).report(split).name}")
     return out
 
 
