@@ -13,6 +13,8 @@ Opacus does, one call per parameter (four per parameter in secure mode), for com
 ``--augmult K`` (augmentation multiplicity, ``dp.augmult``): the physical batch holds K views of each
 of batch/K images, a patient's unit being all views of its images, each view's loss weighted 1/K; the
 non-private step runs the same views, so the ratio is the price of DP at K views.
+``--trainable norms_and_head`` trains what the default two-stage recipe fine-tunes (GroupNorm scales and
+shifts and the last layer, ``training.trainable``) in every method; the default ``all`` trains every weight.
 A method ending in ``+compile`` (``non-private+compile``, ``bookkeeping+compile``) runs its forward
 pass through ``torch.compile`` (``training.compile``); its compile time, spent in the warm-up, is
 printed. One compiled method per run: Dynamo's cache is per code object, so a second compiled ResNet9
@@ -49,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.cache import Cache  # noqa: E402
 from data.dataset import CXRDataset  # noqa: E402
 from data.images import Preprocessing  # noqa: E402
-from models import build_model  # noqa: E402
+from models import build_model, set_trainable  # noqa: E402
 from Train_Valid_DP import MaskedBCEWithLogitsLoss, privatize  # noqa: E402
 
 LABELS = 8
@@ -62,12 +64,14 @@ METHODS = ("non-private", "bookkeeping", "bookkeeping-patients", "bookkeeping-se
 class Step:
     """One method's model, optimizer and loss on a fixed batch; ``run()`` takes one optimizer step."""
 
-    def __init__(self, method: str, size: int, batch: int, device: torch.device, augmult: int = 1):
+    def __init__(self, method: str, size: int, batch: int, device: torch.device, augmult: int = 1,
+                 trainable: str = "all"):
         method, _, compiled = method.partition("+")
         torch.manual_seed(0)
         self.x = torch.rand(batch, 1, size, size, device=device)
         self.y = (torch.rand(batch, LABELS, device=device) < 0.3).float()
         model = build_model("resnet9", LABELS, "mish", size).to(device)
+        set_trainable(model, trainable)
         optimizer = torch.optim.NAdam(model.parameters(), lr=2e-4)
         criterion = MaskedBCEWithLogitsLoss(torch.ones(LABELS, device=device), reduction="none")
         self.backward = lambda per_image: per_image.mean().backward()
@@ -106,11 +110,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def peak_memory(method: str, size: int, batch: int, device_name: str, augmult: int, queue) -> None:
+def peak_memory(method: str, size: int, batch: int, device_name: str, augmult: int, trainable: str, queue) -> None:
     """Child process: peak memory (bytes) of two steps of ``method``: CUDA memory allocated beyond the
     model and data, or on CPU the peak resident set of the whole process."""
     device = torch.device(device_name)
-    step = Step(method, size, batch, device, augmult)
+    step = Step(method, size, batch, device, augmult, trainable)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
@@ -133,10 +137,10 @@ def _peak_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_memory(method: str, size: int, batch: int, device: torch.device, augmult: int) -> float:
+def measure_memory(method: str, size: int, batch: int, device: torch.device, augmult: int, trainable: str) -> float:
     context = mp.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=peak_memory, args=(method, size, batch, str(device), augmult, queue))
+    child = context.Process(target=peak_memory, args=(method, size, batch, str(device), augmult, trainable, queue))
     child.start()
     result = queue.get()
     child.join()
@@ -165,6 +169,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--augmult", type=int, default=1, help="views per image in the batch (dp.augmult)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated; at most one ending in +compile")
+    parser.add_argument("--trainable", default="all", choices=["all", "norms_and_head", "head"],
+                        help="training.trainable (norms_and_head: the default two-stage recipe's fine-tuning)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
     args = parser.parse_args()
     size = args.size or (512 if args.large else 224)
@@ -176,7 +182,7 @@ def main() -> None:
 
     if batch % args.augmult:
         parser.error(f"--batch {batch} must hold whole images of --augmult {args.augmult} views")
-    steps = {m: Step(m, size, batch, device, args.augmult) for m in methods}
+    steps = {m: Step(m, size, batch, device, args.augmult, args.trainable) for m in methods}
     for method, step in steps.items():
         start = time.perf_counter()
         step.run()  # warm-up (and compilation)
@@ -191,7 +197,7 @@ def main() -> None:
             _sync(device)
             times[method].append(time.perf_counter() - start)
     del steps
-    memory = {m: measure_memory(m, size, batch, device, args.augmult) for m in methods}
+    memory = {m: measure_memory(m, size, batch, device, args.augmult, args.trainable) for m in methods}
     rate = loader_rate(size, batch)
 
     base_time, base_memory = statistics.median(times[methods[0]]), memory[methods[0]]
@@ -207,6 +213,7 @@ def main() -> None:
     print(table)
     device_text = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     views = f" ({batch // args.augmult} images x {args.augmult} views)" if args.augmult > 1 else ""
+    views += f", trainable {args.trainable}" if args.trainable != "all" else ""
     header = (f"\n## ResNet9, {size} px, physical batch {batch}{views}, {device_text}\n\n"
               f"{datetime.date.today()}, {platform.processor() or platform.machine()}, Python "
               f"{platform.python_version()}, torch {torch.__version__}, opacus {opacus.__version__}; "

@@ -104,6 +104,13 @@ class _Units:
             self.sq_norms.index_add_(0, self.index[i], 2 * cross)
 
 
+def saved_group_stats(output: torch.Tensor) -> list[torch.Tensor] | None:
+    """(mean, rstd), each (B, G), that ATen's GroupNorm saved on ``output`` for its backward; None where
+    the output came from another implementation (then they are recomputed)."""
+    saved = [getattr(output.grad_fn, f"_saved_result{i}", None) for i in (1, 2)]
+    return None if None in saved else [x.detach() for x in saved]
+
+
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
     if not isinstance(conv.padding, str):
         return tuple(conv.padding)
@@ -135,6 +142,7 @@ class _Layer:
         self.per_unit: dict[str, torch.Tensor] = {}
         self.ghost: tuple[torch.Tensor, torch.Tensor] | None = None
         self.ghost_mode = False  # whether the last backward used ghost norms (for tests and benchmarks)
+        self.group_stats = None  # a GroupNorm's (mean, rstd) as its forward pass saved them for autograd
 
     def positions(self, output: torch.Tensor) -> int | None:
         """T for an ungrouped convolution or a token-wise linear layer (ghost candidates), else None."""
@@ -171,14 +179,11 @@ class _Layer:
             self._conv(a, grad, units, ghost)
         elif isinstance(m, nn.Linear):
             self._linear(a, grad, units, ghost)
-        elif isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
-            if isinstance(m, nn.GroupNorm):
-                normalised = F.group_norm(a, m.num_groups, eps=m.eps)
-                dims = tuple(range(2, a.dim()))
-            else:
-                normalised = F.layer_norm(a, m.normalized_shape, eps=m.eps)
-                dims = tuple(range(1, a.dim() - len(m.normalized_shape)))
-            self._store("weight", _sum_over(grad * normalised, dims), units)
+        elif isinstance(m, nn.GroupNorm):
+            self._group_norm(a, grad, units)
+        elif isinstance(m, nn.LayerNorm):
+            dims = tuple(range(1, a.dim() - len(m.normalized_shape)))
+            self._store("weight", _sum_over(grad * F.layer_norm(a, m.normalized_shape, eps=m.eps), dims), units)
             self._store("bias", _sum_over(grad, dims), units)
         else:  # Embedding: scatter each example's output gradients onto the rows it looked up
             b = a.shape[0]
@@ -193,6 +198,26 @@ class _Layer:
             self.per_unit[key] = per_unit
             if not units.summing:
                 units.sq_norms += per_unit.flatten(1).pow(2).sum(1)
+
+    def _group_norm(self, a, g, units):
+        """Per-example GroupNorm gradients dgamma_(i,c) = sum g * xhat and dbeta_(i,c) = sum g, from ATen's
+        fused GroupNorm backward run on the batch as one example whose groups are every example's groups
+        (the batch's mean and rstd, shape (B, G), are exactly those groups' statistics), with the statistics
+        the forward pass saved: at 224 px materialising xhat and multiplying was the largest cost of
+        fine-tuning norms and head."""
+        m = self.module
+        b, c, positions = a.shape[0], a.shape[1], a[0, 0].numel()
+        stats, self.group_stats = self.group_stats, None
+        if stats is None:
+            _, *stats = torch.ops.aten.native_group_norm(a, None, None, b, c, positions, m.num_groups, m.eps)
+        mean, rstd = (x.to(a.dtype) for x in stats)
+        flat = (1, b * c, positions)
+        _, weight, bias = torch.ops.aten.native_group_norm_backward(
+            g.reshape(flat), a.reshape(flat), mean.view(1, -1), rstd.view(1, -1), None, 1, b * c, positions,
+            b * m.num_groups, [False, "weight" in self.params, "bias" in self.params])
+        for key, per_example in (("weight", weight), ("bias", bias)):
+            if per_example is not None:
+                self._store(key, per_example.view(b, c), units)
 
     def _conv(self, a, g, units, ghost):
         m = self.module
@@ -291,6 +316,8 @@ class BookKeeping:
                 raise InputError(f"dp.grad_sample_mode bookkeeping: layer {layer.name} is used twice in one "
                                  f"forward pass (shared weights), which is not supported; use hooks")
             layer.activation = inputs[0].detach()
+            if isinstance(module, nn.GroupNorm):
+                layer.group_stats = saved_group_stats(output)
             return _Tap.apply(output, self._anchor, lambda g: layer.backward(g, self._units))
         return hook
 
@@ -338,6 +365,7 @@ class BookKeeping:
         finally:
             for layer in self.layers:
                 layer.calls, layer.fired, layer.activation, layer.per_unit, layer.ghost = 0, False, None, {}, None
+                layer.group_stats = None
             self._units = None
         return norms
 

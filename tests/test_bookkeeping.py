@@ -69,6 +69,8 @@ class Layers(nn.Module):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_every_layer_type_matches_naive_loop(ghost_ratio, dtype, monkeypatch):
     monkeypatch.setattr(bookkeeping, "GHOST_RATIO", ghost_ratio)
+    if ghost_ratio:  # and GroupNorm's statistics recomputed rather than read from its forward pass
+        monkeypatch.setattr(bookkeeping, "saved_group_stats", lambda output: None)
     torch.manual_seed(0)
     model = Layers().to(dtype)
     x, y = torch.randn(6, 2, 16, 16, dtype=dtype), torch.randn(6, 3, dtype=dtype)
