@@ -11,7 +11,8 @@ G_i = dl_i/dy_i (T x p) and A_i (T x d). Book-keeping (Bu et al., ICML 2023) obt
 a single backward pass that stops at the layer outputs -- the ordinary weight gradients, which
 per-sample methods make redundant, are never computed -- and then per layer either
 
-* materialises G_i^T A_i for every example and sums them per unit (cost T*d*p per example), or
+* materialises G_i^T A_i for every example and sums them per unit (cost T*d*p per example; a
+  convolution as one grouped convolution, or through unfolded activations where T^2 <= d*p), or
 * computes only the units' norms, ||sum_{i in u} G_i^T A_i||^2 = sum_{i,j in u} <A_i A_j^T, G_i G_j^T>
   ("ghost norm", cost T^2*(d+p) per pair i <= j of examples of one unit), keeps (A, G), and forms
   S = (diag(c_u(i)) G)^T A with one batched weight-gradient product once the c_u are known.
@@ -43,9 +44,13 @@ from config import InputError
 from privacy.per_sample import check_per_image
 
 # Ghost norms when the Gram matrices (2*T^2 per example) are at least this much smaller than the
-# per-example gradient (d*p): measured on ResNet9 at 224 px, 2 CPU threads, materialising is faster
-# for layer3's first convolution (T=196, d*p=295k) and ghost norms for the larger ones.
-GHOST_RATIO = 8
+# per-example gradient (d*p): measured on ResNet9 at 224 px, 2 CPU threads, batch 32 of patients of
+# 1-3 images, materialising is faster for layer3's convolutions (T=196, d*p=295k and 590k: 55 and 132 ms
+# against 85 and 166 ms with ghost norms) and ghost norms for layer4's (T=49: 37 and 88 ms against 71
+# and 170). A convolution materialises through unfold and one product per example where T^2 <= d*p
+# (layer3: 55 ms against 75 ms as a grouped convolution), else as a grouped convolution (layer2's
+# 3x3 convolutions at T=784: 25 and 49 ms against 58 and 106).
+GHOST_RATIO = 16
 
 
 class _Tap(torch.autograd.Function):
@@ -227,6 +232,10 @@ class _Layer:
                 unfolded = F.unfold(a, m.kernel_size, m.dilation, self.padding, m.stride)  # B, d, T
                 units.add_ghost_norms(unfolded.transpose(1, 2), g.flatten(2).transpose(1, 2))
             self.ghost = (a, g)
+        elif "weight" in self.params and m.groups == 1 and self.positions(g) ** 2 <= m.weight.numel():
+            # few positions for the kernel's size: one (p x T)(T x d) product per example
+            unfolded = F.unfold(a, m.kernel_size, m.dilation, self.padding, m.stride)  # B, d, T
+            self._store("weight", torch.bmm(g.flatten(2), unfolded.transpose(1, 2)).view(b, *m.weight.shape), units)
         elif "weight" in self.params:
             # all examples at once as one grouped convolution: example i is group i
             merged = torch.nn.grad.conv2d_weight(
