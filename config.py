@@ -202,6 +202,10 @@ class Training(_Section):
         return self
 
 
+MAX_EPSILON = 1000.0  # dp.epsilon above this is refused: e^1000 is no bound on anything
+MIN_NOISE_MULTIPLIER = 0.01  # below it one Gaussian step alone spends epsilon > 500 (delta 1e-6)
+
+
 class DP(_Section):
     enabled: bool = True
     unit: Literal["patient", "image"] = "patient"  # what one (epsilon, delta) protects
@@ -224,8 +228,14 @@ class DP(_Section):
     def _one_noise_source(self):
         if self.enabled and (self.epsilon is None) == (self.noise_multiplier is None):
             raise ValueError("set exactly one of dp.epsilon (target) and dp.noise_multiplier, the other to null")
-        if self.epsilon is not None and not math.isfinite(self.epsilon):
-            raise ValueError("dp.epsilon must be finite; use dp.enabled: false for non-private training")
+        if self.epsilon is not None and not self.epsilon <= MAX_EPSILON:
+            raise ValueError(f"dp.epsilon = {self.epsilon:g} is above {MAX_EPSILON:g}: a factor e^{MAX_EPSILON:g} bounds "
+                             f"nothing (and the noise search cannot resolve it); use dp.enabled: false for "
+                             f"non-private training")
+        if self.enabled and self.noise_multiplier is not None and 0 < self.noise_multiplier < MIN_NOISE_MULTIPLIER:
+            raise ValueError(f"dp.noise_multiplier = {self.noise_multiplier:g} is below {MIN_NOISE_MULTIPLIER:g}: a "
+                             f"single step spends an epsilon in the hundreds or more (beyond what the accountants "
+                             f"compute reliably); raise it, set dp.epsilon instead, or dp.enabled: false")
         if self.enabled and self.noise_multiplier == 0:
             raise ValueError("dp.noise_multiplier: 0 adds no noise, so epsilon is infinite: no differential "
                              "privacy; set a positive noise multiplier (or dp.epsilon), or dp.enabled: false to "
