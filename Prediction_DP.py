@@ -29,8 +29,8 @@ from data.images import PREPROCESS_VERSION, Preprocessing
 from data.unlabelled import CARRIED, ImageFiles, list_images
 from artifacts import Curves, Layout, atomic_write_text, json_text, load_checkpoint, read_json
 from evaluation.bootstrap import bootstrap_intervals, resampling
-from evaluation.calibration import calibration_report, decision_curve
-from evaluation.fairness import fairness_report, fairness_table
+from evaluation.calibration import calibration_report, decision_curve, subgroup_calibration
+from evaluation.fairness import fairness_report, fairness_table, join_calibration
 from evaluation.report import page, prediction_sections, threshold_source
 from models import build_model
 from parallel import resolve_device
@@ -593,6 +593,13 @@ def write_predictions(files: Layout, scored: Scored, source: Path, title: str,
                                min_negatives=evaluation.min_negatives, permutations=evaluation.permutations,
                                seed=evaluation.seed, no_finding=evaluation.no_finding_label)
     fairness.update(split=split, bootstrap=resampled)
+    if len(truth) >= 2:  # the same groups, resamples and permutations: the calibration gaps join the q-values
+        join_calibration(fairness, subgroup_calibration(
+            truth, scores, labels, frame["sex"].to_numpy(), frame["age"].to_numpy(), evaluation.age_bins, weights,
+            clusters=units, bins=evaluation.calibration_bins, min_size=evaluation.min_subgroup_size,
+            permutations=evaluation.permutations, seed=evaluation.seed))
+    else:  # as split_calibration: one image has no bins
+        fairness["calibration"] = {"bins": None, "reason": f"not estimable: {len(truth)} scored image"}
     calibration = split_calibration(truth, scores, labels, weights if evaluation.bootstrap else weights[:0],
                                     evaluation)
     estimable = calibration if calibration["calibration"] else None

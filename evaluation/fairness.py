@@ -15,7 +15,9 @@ that random groups also produce is not a finding. With G the groups compared:
 - demographic parity difference max_g P(call | g) - min_g P(call | g) and equalized odds difference
   max(range_g TPR_g, range_g FPR_g) (fairlearn's definitions), over the groups holding both classes
   (a group without positives has no TPR: it is left out, never counted as 0);
-- AUROC gap (best minus worst group) and worst-group AUROC, over the groups whose AUROC is estimable.
+- AUROC gap (best minus worst group) and worst-group AUROC, over the groups whose AUROC is estimable;
+- with :func:`join_calibration`, the calibration-in-the-large and ECE gaps of
+  :func:`evaluation.calibration.subgroup_calibration`, over the groups of ``min_size`` or more images.
 
 Underdiagnosis per group: the share of abnormal images called normal (1 - TPR of "any finding"), and
 overdiagnosis, the share of normal images called abnormal (its FPR). "Abnormal" is composite by
@@ -413,6 +415,29 @@ def _diagnosis(abnormal, called, names, groups, worlds: _Worlds, permuted, min_s
                 _spread(list(point_rates.values()))[0], None, _spread(list(perm_rates.values())) if perm_rates else None,
                 two_sided=False, band=_spread([boot_rates[g] - point_rates[g] for g in point_rates]))
     return out
+
+
+def join_calibration(report: dict, calibration: dict) -> None:
+    """Join :func:`evaluation.calibration.subgroup_calibration` of the same images, groups, resamples
+    and permutations into ``report``: each group's calibration beside its other metrics, the
+    calibration gaps beside the other gaps (per label and averaged), their definitions, the binning
+    under "calibration", and the Benjamini-Hochberg q-values recomputed over the enlarged set of tests
+    (a gap tested outside it would escape the adjustment)."""
+    settings = ("min_subgroup_size", "permutations")
+    if any(report[key] != calibration[key] for key in settings):
+        raise ValueError(f"subgroup calibration with other {' or '.join(settings)} than the fairness report")
+    for attribute, groups in calibration["subgroups"].items():
+        for group, per_label in groups.items():
+            for label, entry in per_label.items():
+                if entry["estimable"]:  # the same labelled images and minimum size: estimable in both
+                    report["subgroups"][attribute][group][label]["metrics"].update(entry["metrics"])
+    for attribute, fair in calibration["fairness"].items():
+        for label, entry in fair["labels"].items():
+            report["fairness"][attribute]["labels"][label]["metrics"].update(entry["metrics"])
+        report["fairness"][attribute]["mean"].update(fair["mean"])
+    report["definitions"] = {**report["definitions"], **calibration["definitions"]}
+    report["calibration"] = {"bins": calibration["bins"]}
+    _add_q_values(report)
 
 
 def _fairness_entries(report: dict):

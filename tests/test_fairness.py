@@ -1,16 +1,23 @@
-"""Subgroups and fairness metrics against hand-computed values and fairlearn/scikit-learn."""
+"""Subgroups and fairness metrics against hand-computed values and fairlearn/scikit-learn; calibration gaps
+joined into the fairness report, its q-values and table."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
+from scipy.special import expit, logit
 from sklearn.metrics import accuracy_score, roc_auc_score
 
 from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
 
+from artifacts import Layout
+from config import InputError, validate
 from evaluation.bootstrap import resample_counts, resampling
-from evaluation.fairness import _fairness_entries, age_bins, fairness_report, fairness_table
+from evaluation.calibration import subgroup_calibration
+from evaluation.fairness import _fairness_entries, age_bins, fairness_report, fairness_table, join_calibration
+from Prediction_DP import Scored, write_predictions
 
 EDGES = [0, 30, 60, 70, 80, 100]
 
@@ -145,6 +152,59 @@ def test_a_real_gap_is_detected_and_a_chance_gap_is_not():
     assert gap["ci95"][0] == 0.0 <= gap["value"] <= gap["ci95"][1] and "simultaneous" in gap["ci_method"]
     assert all(m["q_value"] >= m["p_value"] for *_, m in _fairness_entries(chance) if m.get("p_value") is not None)
     assert chance["multiplicity"]["tests"] > 10
+
+
+def test_calibration_gaps_join_the_fairness_report_its_q_values_and_table():
+    """Women's scores of label a are shifted up on purpose: its calibration-in-the-large gap by sex is
+    found (interval above 0, small p); label b, calibrated alike in both groups, is not flagged. The
+    gaps join the Benjamini-Hochberg set, the subgroups' metrics and the CSV rows."""
+    rng = np.random.default_rng(5)
+    patients, sex, age, truth, scores = _population(500, rng)
+    women = sex == "F"
+    scores[women, 0] = expit(logit(scores[women, 0]) + 1.0)
+    weights, units, _ = resampling(patients, 300, 0, "patient")
+    report = fairness_report(truth, scores, ["a", "b"], {"a": 0.5, "b": 0.5}, sex, age, EDGES, weights,
+                             clusters=units, permutations=300)
+    before = report["multiplicity"]["tests"]
+    auroc_gap = dict(report["fairness"]["sex"]["labels"]["a"]["metrics"]["auroc_gap"])
+    join_calibration(report, subgroup_calibration(truth, scores, ["a", "b"], sex, age, EDGES, weights,
+                                                  clusters=units, permutations=300))
+    by_sex = report["fairness"]["sex"]["labels"]
+    shifted = by_sex["a"]["metrics"]["calibration_in_the_large_gap"]
+    assert shifted["ci95"][0] > 0 and shifted["p_value"] < 0.01 and shifted["q_value"] < 0.05
+    assert by_sex["b"]["metrics"]["calibration_in_the_large_gap"]["p_value"] > 0.05
+    assert report["multiplicity"]["tests"] == before + 12  # 2 gaps x (2 labels + their mean) x (sex, age)
+    assert all("q_value" in m for *_, m in _fairness_entries(report) if m.get("p_value") is not None)
+    kept = by_sex["a"]["metrics"]["auroc_gap"]
+    assert {k: kept[k] for k in auroc_gap if k != "q_value"} == {k: v for k, v in auroc_gap.items() if k != "q_value"}
+    assert {"auroc", "calibration_in_the_large", "ece"} <= set(report["subgroups"]["sex"]["F"]["a"]["metrics"])
+    assert "ece_gap" in report["definitions"] and report["calibration"] == {"bins": 10}
+    table = fairness_table(report)
+    row = table[(table["metric"] == "calibration_in_the_large_gap") & (table["attribute"] == "sex")
+                & (table["label"] == "a")]
+    assert len(row) == 1 and row["q_value"].iloc[0] == shifted["q_value"]
+    assert ((table["metric"] == "ece") & (table["group"] == "F")).sum() == 2
+    json.dumps(report)
+
+
+def test_a_split_too_small_for_calibration_bins_is_said_not_crashed(tmp_path):
+    """predict on one image writes its fairness with the subgroup calibration not estimable and why;
+    more calibration bins than scored images is refused naming the setting (as for the whole split)."""
+    cfg = validate({"evaluation": {"bootstrap": 20, "permutations": 20}}, source="test")
+    labels = cfg.data.labels[:2]
+    for n in (1, 3):
+        frame = pd.DataFrame({"image_id": [f"i{k}" for k in range(n)], "patient_id": [f"p{k}" for k in range(n)],
+                              "sex": ["F", "M", "F"][:n], "age": [40.0, 50.0, 70.0][:n]})
+        scored = Scored(cfg, "test", frame, labels, np.ones((n, 2)), np.full((n, 2), 0.7), dict.fromkeys(labels, 0.5),
+                        "valid", 1)
+        files = Layout(tmp_path / str(n))
+        if n == 1:
+            write_predictions(files, scored, tmp_path / "best.pt", "tiny")
+            fairness = json.loads((files.results / "test_fairness.json").read_text())
+            assert fairness["calibration"] == {"bins": None, "reason": "not estimable: 1 scored image"}
+        else:
+            with pytest.raises(InputError, match=r"evaluation.calibration_bins\) = 10 is more than the 3 scored"):
+                write_predictions(files, scored, tmp_path / "best.pt", "tiny")
 
 
 def test_no_finding_label_defines_underdiagnosis():
