@@ -7,6 +7,7 @@ import io
 import math
 
 import matplotlib
+import matplotlib.lines
 import matplotlib.patches
 import matplotlib.ticker
 import numpy as np
@@ -14,6 +15,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from evaluation.bootstrap import format_p
+from evaluation.calibration import GAP_DEFINITIONS
 from privacy.release import EPSILON_MEANING, NOT_COVERED
 
 matplotlib.use("Agg")
@@ -252,24 +254,128 @@ def _fairness_tables(fairness: dict, labels: list[str]) -> str:
     mean_rows, per_label = [], ""
     for attribute, fair in fairness["fairness"].items():
         for name, entry in fair["mean"].items():
+            if name in GAP_DEFINITIONS:  # the calibration gaps have their own section
+                continue
             mean_rows.append({"attribute": attribute, "metric": _metric_name(name),
                               "mean over labels [95% CI]": value_ci(entry), "labels": entry["labels"],
                               "p (permutation)": format_p(entry.get("p_value")), "q (BH)": format_p(entry.get("q_value"))})
-        names = list(dict.fromkeys(n for e in fair["labels"].values() for n in e["metrics"]))
+        names = list(dict.fromkeys(n for e in fair["labels"].values() for n in e["metrics"] if n not in GAP_DEFINITIONS))
         rows = [{"label": label, **{_metric_name(name): value_ci(fair["labels"][label]["metrics"].get(name), 2)
                                     for name in names}} for label in labels if label in fair["labels"]]
         per_label += f"<h4>By {html.escape(attribute)}</h4>" + _table(pd.DataFrame(rows))
     definitions = "".join(f"<li><b>{html.escape(k.replace('_', ' '))}</b>: {html.escape(v)}</li>"
-                          for k, v in fairness["definitions"].items())
+                          for k, v in fairness["definitions"].items() if k not in GAP_DEFINITIONS)
     multiplicity = fairness.get("multiplicity", {})
+    calibrated = " (the calibration gaps' among them)" if fairness.get("calibration", {}).get("bins") else ""
     note = (f"<p class='note'>p: share of {fairness['permutations']} shuffles of the patients' group labels (same "
             f"predictions) whose gap is at least the observed one: a gap with a large p is what random groups also "
             f"produce, not a finding. q: Benjamini-Hochberg over the {multiplicity.get('tests', 0)} p-values of this "
-            f"report; unadjusted p-values are exploratory. Groups below {fairness['min_subgroup_size']} images, "
-            f"groups without positives or negatives (rates), and groups with fewer than {fairness['min_positives']} "
-            f"positives or {fairness['min_negatives']} negatives (AUROC) are left out.</p><ul class='note'>"
-            f"{definitions}</ul>")
+            f"report{calibrated}; unadjusted p-values are exploratory. Groups below {fairness['min_subgroup_size']} "
+            f"images, groups without positives or negatives (rates), and groups with fewer than "
+            f"{fairness['min_positives']} positives or {fairness['min_negatives']} negatives (AUROC) are left out.</p>"
+            f"<ul class='note'>{definitions}</ul>")
     return note + _table(pd.DataFrame(mean_rows), keys=2) + "<h3>Per label</h3>" + per_label
+
+
+def _calibration_group_panels(fairness: dict, attribute: str, labels: list[str]):
+    """One panel per label: each group's calibration-in-the-large and ECE with 95% intervals, its
+    labelled images (positives) under its name, and "group too small" where it is not estimable."""
+    groups = list(fairness["subgroups"][attribute])
+    entries = {label: [fairness["subgroups"][attribute][g][label] for g in groups] for label in labels}
+    shown = {"calibration_in_the_large": ("o", "tab:blue", -0.12), "ece": ("s", "tab:orange", 0.12)}
+    ends = [end for es in entries.values() for e in es for name in shown
+            for end in (e.get("metrics", {}).get(name, {}).get("ci95") or [])]
+    fig, axes = _panels(labels, 3.1, sharey=True)
+    for ax, label in zip(axes.flat, labels):
+        for j, entry in enumerate(entries[label]):
+            if not entry["estimable"]:
+                ax.text(j, 0.5, _not_estimable_reason(entry, fairness), ha="center", va="center", fontsize=7,
+                        color="grey", rotation=90, transform=ax.get_xaxis_transform())
+                continue
+            for name, (marker, color, offset) in shown.items():
+                metric = entry["metrics"][name]
+                if metric["value"] is not None:
+                    lo, hi = metric["ci95"] or (metric["value"], metric["value"])
+                    ax.errorbar([j + offset], [metric["value"]], yerr=[[metric["value"] - lo], [hi - metric["value"]]],
+                                fmt=marker, capsize=3, ms=5, color=color)
+        ax.axhline(0, color="grey", lw=0.8, ls="--")
+        names = [f"{g}\n{e['n']}\n({e['positives']})" for g, e in zip(groups, entries[label])]
+        ax.set_xticks(range(len(groups)), names, fontsize=7 if len(groups) > 2 else 8)
+        ax.set_title(label, fontsize=10)
+        ax.set(xlim=(-0.6, len(groups) - 0.4), ylim=(min([-0.05] + [e - 0.02 for e in ends]),
+                                                      max([0.1] + [e + 0.02 for e in ends])))
+        ax.tick_params(axis="y", labelsize=9)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("probability scale (95% CI)", fontsize=9)
+    handles = [matplotlib.lines.Line2D([], [], marker=marker, color=color, ls="")
+               for marker, color, _ in shown.values()]
+    fig.legend(handles, ["calibration-in-the-large (mean predicted - observed)", "ECE"], loc="lower center",
+               ncol=2, fontsize=9, frameon=False, bbox_to_anchor=(0.5, -0.04))
+    fig.suptitle(f"Calibration by {attribute}; under each group: its labelled images (positives); dashed: 0",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _calibration_gap_reading(name: str, entry: dict, values: dict[str, float]) -> str:
+    """The groups at both ends of a calibration gap (``values``: group -> its value; none for a mean)
+    and whether the gap is beyond what random groups give (its q-value below 0.05)."""
+    q = entry.get("q_value")
+    if q is None:  # not estimable, or no permutations
+        return ""
+    shown = format_p(q)
+    verdict = f"{'beyond' if q < 0.05 else 'within'} chance (q {'' if shown.startswith('<') else '= '}{shown})"
+    if not values:
+        return verdict
+    ends = [max(values, key=values.get), min(values, key=values.get)]
+    if name == "ece_gap":
+        return f"ECE {', '.join(f'{g} {fixed(values[g], 2)}' for g in ends)}: {verdict}"
+    said, before = [], None
+    for g in ends:  # "F over-predicts by 0.20, M by 0.05", the direction said once when it is shared
+        direction = "over" if values[g] > 0 else "under"
+        said.append(f"{g} {direction + '-predicts ' if direction != before else ''}by {fixed(abs(values[g]), 2)}")
+        before = direction
+    return f"{', '.join(said)}: {verdict}"
+
+
+def subgroup_calibration_section(fairness: dict, labels: list[str]) -> str:
+    """Per attribute: each label's calibration gaps (and their mean over labels) with interval, p, q and
+    a reading, and each group's calibration with intervals in a figure."""
+    calibration = fairness["calibration"]
+    if calibration["bins"] is None:
+        return f"<p class='note'>{html.escape(calibration['reason'])}.</p>"
+    definitions = "".join(f"<li><b>{html.escape(k.replace('_', ' '))}</b>: {html.escape(v)}</li>"
+                          for k, v in GAP_DEFINITIONS.items())
+    content = (f"<p class='note'>Is the model as well calibrated for one group as for another? Per group: "
+               f"calibration-in-the-large, the mean predicted probability minus the observed fraction of positives "
+               f"(0 = calibrated in the large; above 0 the model over-predicts for that group), and the ECE over each "
+               f"label's {calibration['bins']} equal-mass bins of all scored images (the same bins for every group). "
+               f"Gaps: the highest minus the lowest group, over the groups of at least {fairness['min_subgroup_size']} "
+               f"labelled images (smaller ones: 'group too small'), with the fairness gaps' simultaneous band, "
+               f"permutation p and Benjamini-Hochberg q (over every test of the fairness section). A smaller group's "
+               f"ECE is noisier and biased up; the permutation reference keeps group sizes, so that alone is not "
+               f"read as a gap.</p><ul class='note'>{definitions}</ul>")
+    for attribute, fair in fairness["fairness"].items():
+        rows = []
+        for label in [*labels, "mean"]:
+            metrics = fair["mean"] if label == "mean" else fair["labels"][label]["metrics"]
+            compared = [] if label == "mean" else fair["labels"][label]["groups"]["size"]
+            for name in GAP_DEFINITIONS:
+                if name not in metrics:
+                    continue
+                metric = name.removesuffix("_gap")
+                values = {g: v for g in compared if (v := fairness["subgroups"][attribute][g][label]["metrics"]
+                                                     .get(metric, {}).get("value")) is not None}
+                rows.append({"label": label, "gap": "ECE" if metric == "ece" else _metric_name(metric),
+                             "value [95% CI]": value_ci(metrics[name]),
+                             "groups": f"{len(values)} of {len(fairness['subgroups'][attribute])}" if compared else "",
+                             "p (permutation)": format_p(metrics[name].get("p_value")),
+                             "q (BH)": format_p(metrics[name].get("q_value")),
+                             "reading": _calibration_gap_reading(name, metrics[name], values)})
+        content += f"<h4>By {html.escape(attribute)}</h4>"
+        content += _table(pd.DataFrame(rows), keys=2) if rows else "<p class='note'>No gap: fewer than 2 groups.</p>"
+        content += _figure(_calibration_group_panels(fairness, attribute, labels))
+    return content
 
 
 def _diagnosis_note(fairness: dict) -> str:
@@ -426,6 +532,8 @@ def prediction_sections(labels: list[str], truth: np.ndarray, scores: np.ndarray
         ("Subgroup AUROC by sex", _figure(_subgroup_panels(fairness, "sex", labels))),
         ("Subgroup AUROC by age", _figure(_subgroup_panels(fairness, "age", labels))),
         ("Fairness", _fairness_tables(fairness, labels)),
+        *([("Calibration by subgroup", subgroup_calibration_section(fairness, labels))] if "calibration" in fairness
+          else []),
         ("Underdiagnosis and overdiagnosis", _diagnosis_table(fairness)),
     ]
 

@@ -1,8 +1,9 @@
 """Subgroups and fairness metrics against hand-computed values and fairlearn/scikit-learn; calibration gaps
-joined into the fairness report, its q-values and table."""
+joined into the fairness report, its q-values, table and report."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -14,9 +15,11 @@ from fairlearn.metrics import demographic_parity_difference, equalized_odds_diff
 
 from artifacts import Layout
 from config import InputError, validate
+from conftest import assert_report
 from evaluation.bootstrap import resample_counts, resampling
 from evaluation.calibration import subgroup_calibration
 from evaluation.fairness import _fairness_entries, age_bins, fairness_report, fairness_table, join_calibration
+from evaluation.report import page, subgroup_calibration_section
 from Prediction_DP import Scored, write_predictions
 
 EDGES = [0, 30, 60, 70, 80, 100]
@@ -154,10 +157,10 @@ def test_a_real_gap_is_detected_and_a_chance_gap_is_not():
     assert chance["multiplicity"]["tests"] > 10
 
 
-def test_calibration_gaps_join_the_fairness_report_its_q_values_and_table():
+def test_calibration_gaps_join_the_fairness_report_its_q_values_table_and_report(tmp_path):
     """Women's scores of label a are shifted up on purpose: its calibration-in-the-large gap by sex is
     found (interval above 0, small p); label b, calibrated alike in both groups, is not flagged. The
-    gaps join the Benjamini-Hochberg set, the subgroups' metrics and the CSV rows."""
+    gaps join the Benjamini-Hochberg set, the subgroups' metrics, the CSV rows and the report."""
     rng = np.random.default_rng(5)
     patients, sex, age, truth, scores = _population(500, rng)
     women = sex == "F"
@@ -184,6 +187,12 @@ def test_calibration_gaps_join_the_fairness_report_its_q_values_and_table():
                 & (table["label"] == "a")]
     assert len(row) == 1 and row["q_value"].iloc[0] == shifted["q_value"]
     assert ((table["metric"] == "ece") & (table["group"] == "F")).sum() == 2
+    section = subgroup_calibration_section(report, ["a", "b"])
+    assert re.search(r"<td>F over-predicts by [0-9.]+, M by [0-9.]+: beyond chance", section)  # label a
+    assert "within chance" in section
+    path = tmp_path / "report.html"
+    path.write_text(page("calibration", [("Calibration by subgroup", section)]))
+    assert_report(path, ["Calibration by subgroup"], min_figures=2)  # a figure per attribute
     json.dumps(report)
 
 
@@ -202,6 +211,7 @@ def test_a_split_too_small_for_calibration_bins_is_said_not_crashed(tmp_path):
             write_predictions(files, scored, tmp_path / "best.pt", "tiny")
             fairness = json.loads((files.results / "test_fairness.json").read_text())
             assert fairness["calibration"] == {"bins": None, "reason": "not estimable: 1 scored image"}
+            assert "not estimable: 1 scored image" in files.report("test").read_text()
         else:
             with pytest.raises(InputError, match=r"evaluation.calibration_bins\) = 10 is more than the 3 scored"):
                 write_predictions(files, scored, tmp_path / "best.pt", "tiny")

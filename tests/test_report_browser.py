@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from evaluation.bootstrap import bootstrap_intervals, resampling
-from evaluation.fairness import fairness_report
+from evaluation.calibration import subgroup_calibration
+from evaluation.fairness import fairness_report, join_calibration
 from evaluation.report import _subgroup_panels, page, plt, prediction_sections
 from config import Evaluation
 from Prediction_DP import add_intervals, split_calibration, split_metrics
@@ -64,6 +65,8 @@ def _scored():
     add_intervals(metrics, bootstrap_intervals(truth, scores, LABELS, thresholds, weights))
     fairness = fairness_report(truth, scores, LABELS, thresholds, sex, age, [0, 30, 60, 70, 80, 100], weights,
                                clusters=units, permutations=100)
+    join_calibration(fairness, subgroup_calibration(truth, scores, LABELS, sex, age, [0, 30, 60, 70, 80, 100],
+                                                    weights, clusters=units, permutations=100))
     return truth, scores, metrics, fairness, split_calibration(truth, scores, LABELS, weights, Evaluation())
 
 
@@ -130,6 +133,8 @@ def test_report_is_legible_in_a_browser_at_laptop_width(tmp_path, scored):
     flagged = [line for line in calibration.splitlines() if "over-confident (slope < 1)" in line]
     assert len(flagged) == 1 and flagged[0].startswith("cardiomegaly"), flagged  # made over-confident on purpose
     assert any(line.startswith("pneumothorax") and "no useful ranking" in line for line in calibration.splitlines())
+    by_group = text[text.index("\nCalibration by subgroup\n"):text.index("\nUnderdiagnosis and overdiagnosis\n")]
+    assert "predicts by" in by_group and "chance (q" in by_group  # each gap read in words
     assert not re.search(r"-0\.0+(?![0-9]*[1-9])", text)  # no "-0.00"
     assert result["wrapped"] == []  # no table cell wraps
     assert result["wide"] == [] and result["tables"] >= 8  # no table is wider than the column (wide ones are cut)
