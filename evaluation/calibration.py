@@ -77,6 +77,7 @@ TOLERANCE32 = 1e-5  # the same for float32 weights (resample counts): their sums
 SEARCH_ABOVE = 0.1  # a Newton step moving a parameter by more than this is checked (and halved if it overshoots)
 CHUNK = 2**21  # resample rows x images held at once by a fit (float64 temporaries of 16 MiB)
 METRICS = ("brier", "ece", "observed_expected", "intercept", "slope")
+PAIRED = ("brier", "ece")  # the calibration differences of compare and sweep
 DECISION_THRESHOLDS = tuple(round(t / 100, 2) for t in range(1, 100))
 BAND = "simultaneous bootstrap band (conservative)"
 BINNING = ("equal-mass bins: edges at the 0, 1/K, ..., 1 quantiles of the label's scores on the data "
@@ -220,43 +221,59 @@ def _not_estimable(reason: str) -> dict:
 
 
 def _values(y: np.ndarray, p: np.ndarray, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, bins: int,
-            start: dict | None = None) -> dict[str, np.ndarray]:
+            start: dict | None = None, fits: bool = True) -> dict[str, np.ndarray]:
     """Every metric of one label's labelled images (outcome y, score p, x = clipped logit(p), bin ids)
     under each row of ``weights``: name -> [B], with 'errors' [B, bins] (the e_k of the ECE), 'fit'
     [B, 2] (a', b of the slope fit) and 'offset_fit' [B, 1] (a of the intercept fit). Sums are one
     matrix product in the weights' dtype (float32 is exact for resample counts; pass float64 ones for
-    the data). ``start``: the fits' starting values ('offset_fit', 'fit')."""
+    the data). ``start``: the fits' starting values ('offset_fit', 'fit'). Without ``fits``, only the
+    Brier score, ECE and O/E (the logistic fits are most of the cost)."""
     columns = np.zeros((len(p), 3 + bins), dtype=weights.dtype)
     columns[:, 0], columns[:, 1], columns[:, 2] = y, p, (p - y) ** 2
     columns[np.arange(len(p)), 3 + ids] = p - y
     sums = (weights @ columns).astype(np.float64)
     total = weights.sum(axis=1, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        errors = sums[:, 3:] / total[:, None]
+        values = {"brier": sums[:, 2] / total, "ece": np.abs(errors).sum(axis=1),
+                  "observed_expected": sums[:, 0] / sums[:, 1], "errors": errors}
+    if not fits:
+        return values
     start = start or {}
     intercept = logistic_fit(y, x, weights, slope=False, start=start.get("offset_fit"))
     fit = logistic_fit(y, x, weights, slope=True, start=start.get("fit"))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        errors = sums[:, 3:] / total[:, None]
-        return {"brier": sums[:, 2] / total, "ece": np.abs(errors).sum(axis=1),
-                "observed_expected": sums[:, 0] / sums[:, 1], "intercept": intercept[:, 0], "slope": fit[:, 1],
-                "errors": errors, "offset_fit": intercept, "fit": fit}
+    return {**values, "intercept": intercept[:, 0], "slope": fit[:, 1], "offset_fit": intercept, "fit": fit}
 
 
-def label_calibration(truth: np.ndarray, score: np.ndarray, weights: np.ndarray,
-                      bins: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def label_calibration(truth: np.ndarray, score: np.ndarray, weights: np.ndarray, bins: int,
+                      fits: bool = True) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(data, resamples) of one label, labelled images only: name -> [1] and [B] values of every
-    metric (:func:`_values`); the resamples add 'ece_band', sum_k |e_k,b - e_k|. Bins are the data's."""
+    metric (:func:`_values`, without ``fits`` the Brier score, ECE and O/E only); the resamples add
+    'ece_band', sum_k |e_k,b - e_k|. Bins are the data's."""
     y, p, w = _labelled(truth, score, weights)
     y, p = y.astype(np.float64), p.astype(np.float64)
     x = clipped_logit(p)
     _, ids = bin_ids(p, bins)
-    point = _values(y, p, x, ids, np.ones((1, len(p))), bins)
-    start = {key: point[key][0] for key in ("offset_fit", "fit") if np.isfinite(point[key][0]).all()}
-    boot = _values(y, p, x, ids, w, bins, start)
+    point = _values(y, p, x, ids, np.ones((1, len(p))), bins, fits=fits)
+    start = {key: point[key][0] for key in ("offset_fit", "fit") if fits and np.isfinite(point[key][0]).all()}
+    boot = _values(y, p, x, ids, w, bins, start, fits)
     boot["ece_band"] = np.abs(boot["errors"] - point["errors"]).sum(axis=1)
     return point, boot
 
 
-def _why_missing(name: str) -> str:
+def _too_few(n: int, positives: int, min_positives: int, min_negatives: int) -> str | None:
+    """Why a label of ``n`` labelled images, ``positives`` of them positive, has no calibration (None: it has)."""
+    if positives < min_positives or n - positives < min_negatives:
+        return f"{positives} positive / {n - positives} negative images (needs {min_positives} / {min_negatives})"
+    return None
+
+
+def _why_missing(name: str, value: float, n: int, bins: int) -> str | None:
+    """Why metric ``name`` of a label with enough positives and negatives is not estimable (None: it is)."""
+    if name == "ece" and n < bins:
+        return f"{n} labelled images < {bins} calibration bins"
+    if np.isfinite(value):
+        return None
     if name in ("intercept", "slope"):
         return "no finite logistic fit (the scores separate the classes)"
     return "no predicted probability above 0" if name == "observed_expected" else "no labelled image"
@@ -285,19 +302,17 @@ def calibration_report(truth: np.ndarray, scores: np.ndarray, labels: list[str],
         entry = {"n": n, "positives": positives,
                  "reliability": reliability_bins(truth[:, i], scores[:, i], bins, level) if n >= bins else None}
         report["labels"][label] = entry
-        if positives < min_positives or n - positives < min_negatives:
-            reason = (f"{positives} positive / {n - positives} negative images "
-                      f"(needs {min_positives} / {min_negatives})")
+        reason = _too_few(n, positives, min_positives, min_negatives)
+        if reason:
             entry["metrics"] = {name: _not_estimable(reason) for name in METRICS}
             continue
         point, boot = label_calibration(truth[:, i], scores[:, i], weights, bins)
         metrics = {}
         for name in METRICS:
             value = float(point[name][0])
-            if name == "ece" and n < bins:
-                metrics[name] = _not_estimable(f"{n} labelled images < {bins} calibration bins")
-            elif not np.isfinite(value):
-                metrics[name] = _not_estimable(_why_missing(name))
+            reason = _why_missing(name, value, n, bins)
+            if reason:
+                metrics[name] = _not_estimable(reason)
             else:
                 metrics[name] = _band(value, boot["ece_band"], level) if name == "ece" else _interval(
                     value, boot[name], level)
@@ -316,6 +331,37 @@ def calibration_report(truth: np.ndarray, scores: np.ndarray, labels: list[str],
             entry = _interval(value, label_mean([estimable[label][1][name] for label in having]), level)
         report["mean"][name] = {**entry, "labels": len(having)}
     return report
+
+
+def brier_ece_resamples(truth: np.ndarray, scores: np.ndarray, labels: list[str], weights: np.ndarray,
+                        bins: int = 10, min_positives: int = 10, min_negatives: int = 10) -> dict:
+    """The Brier score and ECE (``PAIRED``) of each label and their mean over labels, on the data and
+    under each row of ``weights``: :func:`calibration_report`'s values and estimable labels (ECE in each
+    label's equal-mass bins on the data, kept in every resample), without its logistic fits. What
+    ``compare`` and ``sweep`` difference between models scored on the same images and resamples.
+
+    {"labels": {label: {name: entry}}, "mean": {name: entry}}, entry = {"value": float, "resamples": [B]}
+    or {"reason": "not estimable: ..."}; the mean is over the labels where the metric is estimable.
+    """
+    bins = check_bins(bins, len(truth))
+    truth = np.asarray(truth, dtype=np.float64)
+    out = {"labels": {}, "mean": {}}
+    for i, label in enumerate(labels):
+        known = np.isfinite(truth[:, i])
+        n, positives = int(known.sum()), int(truth[known, i].sum())
+        too_few = _too_few(n, positives, min_positives, min_negatives)
+        point, boot = label_calibration(truth[:, i], scores[:, i], weights, bins, fits=False) if not too_few else ({}, {})
+        out["labels"][label] = {}
+        for name in PAIRED:
+            reason = too_few or _why_missing(name, float(point[name][0]), n, bins)
+            out["labels"][label][name] = ({"reason": f"not estimable: {reason}"} if reason else
+                                          {"value": float(point[name][0]), "resamples": boot[name]})
+    for name in PAIRED:
+        having = [e[name] for e in out["labels"].values() if "value" in e[name]]
+        out["mean"][name] = ({"value": float(np.mean([e["value"] for e in having])),
+                              "resamples": label_mean([e["resamples"] for e in having])} if having
+                             else {"reason": "not estimable: no label is estimable"})
+    return out
 
 
 def reliability_bins(truth: np.ndarray, score: np.ndarray, bins: int, level: float = LEVEL) -> dict:
