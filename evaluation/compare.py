@@ -17,6 +17,14 @@ W_kc = sum of W_k over c's negatives, a_kc = V_kc - m_c AUROC_k and b_kc = W_kc 
 Cov(AUROC_k, AUROC_l) = I / (I - 1) sum_c [a_kc a_lc / M^2 + b_kc b_lc / N^2 + (a_kc b_lc + b_kc a_lc) / (M N)].
 z = (AUROC_A - AUROC_B) / sqrt(Var_A + Var_B - 2 Cov_AB), two-sided normal p. The image-level form
 ignores that a patient's images are correlated and is kept only as a reference.
+
+Calibration (:func:`paired_calibration_comparison`): the Brier score and ECE of A minus B per label and
+averaged, on the same images under the same resamples, with the percentile interval of the paired
+differences. Each model's ECE is in its own equal-mass bins on the data, kept in every resample (as in
+``evaluation.calibration``); an ECE is biased up by noise, by about as much for two models on the same
+images, so the difference is less biased than either ECE but its interval is approximate (not the
+band of a single ECE). These differences are descriptive: intervals only, no p-values, outside the
+AUROC endpoints and their Holm family.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import numpy as np
 from scipy.stats import norm, rankdata
 
 from evaluation.bootstrap import LEVEL, label_mean, p_value, percentile_interval, two_sided_p, weighted_auroc
+from evaluation.calibration import BINNING, PAIRED, brier_ece_resamples
 
 
 def _placements(truth: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -122,3 +131,29 @@ def paired_auroc_comparison(truth: np.ndarray, scores_a: np.ndarray, scores_b: n
             "endpoints": {"primary": "mean AUROC difference A - B (paired bootstrap)",
                           "secondary": "per-label AUROC differences, p-values Holm-adjusted across "
                                        f"{len(labels)} labels (p_holm); DeLong's p-values are unadjusted references"}}
+
+
+def paired_calibration_comparison(truth: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, labels: list[str],
+                                  weights: np.ndarray, bins: int = 10, min_positives: int = 10,
+                                  min_negatives: int = 10, level: float = LEVEL) -> dict:
+    """Brier score and ECE of A minus B, per label and averaged over labels, paired under ``weights``
+    (module doc); labels are estimable as in ``evaluation.calibration.calibration_report``.
+
+    {"bins", "binning", "ci_method", "note", "labels": {label: {name: entry}}, "mean": {name: entry}} with
+    entry = {"a", "b", "difference", "ci95"}, or these None and "reason": "not estimable: ...".
+    """
+    a, b = (brier_ece_resamples(truth, scores, labels, weights, bins, min_positives, min_negatives)
+            for scores in (scores_a, scores_b))
+
+    def difference(ea: dict, eb: dict) -> dict:
+        if "reason" in ea or "reason" in eb:
+            return {"a": None, "b": None, "difference": None, "ci95": None, "reason": ea.get("reason", eb.get("reason"))}
+        return {"a": ea["value"], "b": eb["value"], "difference": ea["value"] - eb["value"],
+                "ci95": percentile_interval(ea["resamples"] - eb["resamples"], level)}
+
+    return {"bins": bins, "binning": BINNING, "ci_method": "percentile of the paired differences",
+            "note": "descriptive: intervals only, no p-values (not among the AUROC endpoints); ECE in each model's "
+                    "own bins, its difference's interval approximate",
+            "labels": {label: {name: difference(a["labels"][label][name], b["labels"][label][name]) for name in PAIRED}
+                       for label in labels},
+            "mean": {name: difference(a["mean"][name], b["mean"][name]) for name in PAIRED}}

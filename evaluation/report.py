@@ -648,13 +648,17 @@ COMPARISON_COLUMNS = {"label": "label", "auroc_a": "AUROC A", "auroc_b": "AUROC 
                       "p_holm": "p (Holm-adjusted over labels)",
                       "p_a_not_better": "share of resamples with A not better",
                       "p_delong": "p (DeLong, clustered by patient)",
-                      "p_delong_image_level": "p (DeLong, images taken as independent)"}
+                      "p_delong_image_level": "p (DeLong, images taken as independent)",
+                      "brier_a": "Brier A", "brier_b": "Brier B", "brier_difference": "Brier A - B [95% CI]",
+                      "ece_a": "ECE A", "ece_b": "ECE B", "ece_difference": "ECE A - B [95% CI]"}
 
 
 def comparison_report(title: str, labels: list[str], truth: np.ndarray, scores_a: np.ndarray,
-                      scores_b: np.ndarray, table: pd.DataFrame, who: dict[str, str]) -> str:
-    """Which model is A and which B (name and privacy), the paired differences in words, a forest plot
-    and both models' ROC curves."""
+                      scores_b: np.ndarray, table: pd.DataFrame, calibration: pd.DataFrame, bins: int,
+                      who: dict[str, str]) -> str:
+    """Which model is A and which B (name and privacy), the paired AUROC differences in words, a forest
+    plot, the paired Brier and ECE differences (``calibration``: label, brier_* and ece_* columns of
+    comparison.csv) and both models' ROC curves."""
     fig, ax = plt.subplots(figsize=(6, 0.45 * len(table) + 1))
     y = np.arange(len(table))[::-1]
     diff = table["difference"].to_numpy(float)
@@ -673,10 +677,25 @@ def comparison_report(title: str, labels: list[str], truth: np.ndarray, scores_a
             "Holm-adjusted across the labels; DeLong's test (clustered by patient, Obuchowski) and its version that "
             "takes a patient's images as independent are unadjusted references; the share of resamples in which A "
             "is not better than B is the study's one-sided p-value.</p>")
+    calibrated = calibration.copy()
+    for name in ("brier", "ece"):
+        calibrated[f"{name}_difference"] = [
+            value_ci({"value": d if np.isfinite(d) else None, "ci95": [lo, hi] if np.isfinite(lo) else None}, 4)
+            for d, lo, hi in calibration[[f"{name}_difference", f"{name}_ci95_low", f"{name}_ci95_high"]]
+            .to_numpy(float)]
+    calibrated = calibrated.drop(columns=[c for c in calibration if c.endswith(("_ci95_low", "_ci95_high"))])
+    calibration_note = (
+        f"<p class='note'>Brier score and expected calibration error (ECE, {bins} equal-mass bins of each model's "
+        f"own scores) of A minus B, on the same images and resampled patients as the AUROC (paired): below 0, A's "
+        f"probabilities are closer to the outcomes (Brier) or better calibrated (ECE). Percentile intervals of the paired differences; an ECE is biased up by noise, "
+        f"about equally for both models, so its difference's interval is approximate. Descriptive: intervals "
+        f"only, no p-values, outside the AUROC endpoints. Labels with too few positive or negative images are "
+        f"not estimable, as in each model's own calibration results.</p>")
     return page(title, [
         ("The two models", f"<div class='summary'>{models}</div>"),
         ("AUROC differences", note + _table(shown.rename(columns=COMPARISON_COLUMNS))),
         ("Forest plot", _figure(fig)),
+        ("Calibration differences", calibration_note + _table(calibrated.rename(columns=COMPARISON_COLUMNS))),
         ("ROC curves", _figure(_roc_grid(truth, {"A": scores_a, "B": scores_b}, labels))),
     ])
 

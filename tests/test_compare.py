@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.special import expit, logit
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
 from evaluation.bootstrap import resample_counts
-from evaluation.compare import bootstrap_difference, delong_test, holm, paired_auroc_comparison
+from evaluation.calibration import calibration_report
+from evaluation.compare import (bootstrap_difference, delong_test, holm, paired_auroc_comparison,
+                                paired_calibration_comparison)
 
 
 def _delong_by_definition(truth, score_a, score_b):
@@ -103,6 +106,37 @@ def test_paired_comparison_detects_a_better_model_and_not_a_copy():
     assert copy["auroc_mean"]["difference"] == 0 and copy["auroc_mean"]["p_value"] == 1.0
 
 
+def test_paired_calibration_flags_an_over_confident_model_and_not_a_copy():
+    """The same ranking pushed towards 0 and 1 (logits x 3) against the true risks: a positive Brier
+    and ECE difference whose interval excludes 0; a copy: 0, its interval on 0; a rare label: the reason."""
+    rng = np.random.default_rng(4)
+    patients = np.repeat(np.arange(300), 2)
+    risk = rng.uniform(0.05, 0.95, (600, 3))
+    truth = (rng.random((600, 3)) < risk).astype(float)
+    truth[:, 2] = 0
+    truth[:3, 2] = 1  # 3 positives: not estimable
+    truth[10:20, 0] = np.nan  # unlabelled images are left out
+    over = expit(3 * logit(risk))
+    weights = resample_counts(600, 300, seed=0, clusters=patients)
+    labels = ["a", "b", "rare"]
+    result = paired_calibration_comparison(truth, over, risk, labels, weights, bins=10)
+    own = calibration_report(truth, over, labels, weights, bins=10)  # A's values are its calibration report's
+    for entry, mine in [(result["labels"]["a"], own["labels"]["a"]["metrics"]), (result["labels"]["b"], None),
+                        (result["mean"], own["mean"])]:
+        for name in ("brier", "ece"):
+            d = entry[name]
+            assert d["difference"] == pytest.approx(d["a"] - d["b"]) and d["difference"] > 0.01
+            assert 0 < d["ci95"][0] < d["difference"] < d["ci95"][1]
+            if mine:
+                assert d["a"] == pytest.approx(mine[name]["value"])
+    assert result["labels"]["rare"]["brier"]["difference"] is None
+    assert "3 positive" in result["labels"]["rare"]["ece"]["reason"]
+    copy = paired_calibration_comparison(truth, over, over.copy(), labels, weights, bins=10)
+    for name in ("brier", "ece"):
+        assert copy["mean"][name]["difference"] == 0 and copy["mean"][name]["ci95"] == [0, 0]
+    assert "no p-values" in result["note"]
+
+
 def test_compare_command_writes_paired_results_and_refuses_mismatches(tiny_config, capsys):
     import json
 
@@ -132,14 +166,22 @@ def test_compare_command_writes_paired_results_and_refuses_mismatches(tiny_confi
     for label, m in comparison["labels"].items():
         assert "Obuchowski" in m["delong"]["variance"] and 0 <= m["delong_image_level"]["p_value"] <= 1
         assert m["bootstrap"]["p_holm"] >= m["bootstrap"]["p_value"] > 0
-    assert_report(out / "report.html", ["The two models", "AUROC differences", "Forest plot", "ROC curves"],
-                  min_figures=2)
+    for name in ("brier", "ece"):  # calibration A - B on the same resamples, intervals only
+        d = comparison["calibration"]["mean"][name]
+        assert d["difference"] == pytest.approx(d["a"] - d["b"]) and d["ci95"][0] <= d["difference"] <= d["ci95"][1]
+        assert table[f"{name}_difference"][0] == pytest.approx(d["difference"]) and "p_value" not in d
+    assert "calibration, A - B with 95% intervals" in printed
+    assert_report(out / "report.html", ["The two models", "AUROC differences", "Forest plot",
+                                        "Calibration differences", "ROC curves"], min_figures=2)
     report = (out / "report.html").read_text()
     assert "<b>A</b> = dp: private, epsilon" in report and "<b>B</b> = nodp: not private" in report
     assert "p (paired bootstrap)" in report and "p_bootstrap" not in report  # words, not field names
+    assert "ECE A - B [95% CI]" in report and "ece_difference" not in report
     assert main(["predict", str(root / "dp")]) == 0
     metrics = json.loads((root / "dp" / "results" / "test_metrics.json").read_text())
     assert comparison["auroc_mean_a"] == pytest.approx(metrics["auroc_mean"])
+    for name in ("brier", "ece"):  # A's own calibration results
+        assert comparison["calibration"]["mean"][name]["a"] == pytest.approx(metrics["calibration_mean"][name]["value"])
     patients = pd.read_csv(root / "dp" / "private" / "predictions" / "test.csv")["patient_id"].nunique()
     assert comparison["bootstrap"]["units"] == metrics["bootstrap"]["units"] == patients < comparison["n_images"]
 
