@@ -218,7 +218,7 @@ class _Layer:
         mean, rstd = (x.to(a.dtype) for x in stats)
         flat = (1, b * c, positions)
         _, weight, bias = torch.ops.aten.native_group_norm_backward(
-            g.reshape(flat), a.reshape(flat), mean.view(1, -1), rstd.view(1, -1), None, 1, b * c, positions,
+            g.reshape(flat), a.reshape(flat), mean.view(1, -1), rstd.view(1, -1), a.new_ones(b * c), 1, b * c, positions,
             b * m.num_groups, [False, "weight" in self.params, "bias" in self.params])
         for key, per_example in (("weight", weight), ("bias", bias)):
             if per_example is not None:
