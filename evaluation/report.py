@@ -687,10 +687,11 @@ def comparison_report(title: str, labels: list[str], truth: np.ndarray, scores_a
     calibration_note = (
         f"<p class='note'>Brier score and expected calibration error (ECE, {bins} equal-mass bins of each model's "
         f"own scores) of A minus B, on the same images and resampled patients as the AUROC (paired): below 0, A's "
-        f"probabilities are closer to the outcomes (Brier) or better calibrated (ECE). Percentile intervals of the paired differences; an ECE is biased up by noise, "
-        f"about equally for both models, so its difference's interval is approximate. Descriptive: intervals "
-        f"only, no p-values, outside the AUROC endpoints. Labels with too few positive or negative images are "
-        f"not estimable, as in each model's own calibration results.</p>")
+        f"probabilities are closer to the outcomes (Brier) or better calibrated (ECE). Percentile intervals of the "
+        f"paired differences; an ECE is biased up by noise, about equally for both models, so its difference's "
+        f"interval is approximate. Descriptive: intervals only, no p-values, outside the AUROC endpoints. Labels "
+        f"with too few positive or negative images are not estimable, as in each model's own calibration "
+        f"results.</p>")
     return page(title, [
         ("The two models", f"<div class='summary'>{models}</div>"),
         ("AUROC differences", note + _table(shown.rename(columns=COMPARISON_COLUMNS))),
