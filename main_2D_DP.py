@@ -281,7 +281,7 @@ def run_sweep(epsilons: list[float], name: str, config: Path | None, overrides: 
                                  f"on the same test patients (data.split_seed)")
             resamples[(epsilon, seed)] = run_resamples(predictions, found["metrics"], weights, evaluation.age_bins,
                                                        evaluation.min_subgroup_size, evaluation.min_positives,
-                                                       evaluation.min_negatives)
+                                                       evaluation.min_negatives, evaluation.calibration_bins)
     table = pd.DataFrame(rows)
     derived = [load_experiment_config(sweep_dir / run).derived for run in table["run"]]
     books = Ledger(ledger, derived[0]["ledger_key"])
@@ -299,13 +299,18 @@ def run_sweep(epsilons: list[float], name: str, config: Path | None, overrides: 
     atomic_write_text(sweep_dir / "sweep.json", json_text(result))
     atomic_write_text(sweep_dir / "report.html", sweep_report(f"Privacy budget sweep {name}", table, result))
     log_sweep_hparams(sweep_dir / "tensorboard", table)
-    shown = ["run", "epsilon_spent", "noise_multiplier", "auroc_mean", "auroc_mean_ci95_low", "auroc_mean_ci95_high"]
+    shown = ["run", "epsilon_spent", "noise_multiplier", "auroc_mean", "auroc_mean_ci95_low", "auroc_mean_ci95_high",
+             "brier_mean", "ece_mean"]
     shown += [c for c in ("attack_auroc", "epsilon_lower_bound") if c in table]
     print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
     for budget, columns in differences.items():
-        d = columns["auroc_mean"]
-        ci = f" [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d.get("ci95") else ""
-        print(f"epsilon {budget}: mean AUROC minus non-private {d['difference']:+.4f}{ci}, p {format_p(d['p_value'])}")
+        for column, name in (("auroc_mean", "mean AUROC"), ("brier_mean", "mean Brier"), ("ece_mean", "mean ECE")):
+            d = columns[column]
+            if d["difference"] is None:
+                print(f"epsilon {budget}: {name} minus non-private not estimable")
+                continue
+            ci = f" [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d.get("ci95") else ""
+            print(f"epsilon {budget}: {name} minus non-private {d['difference']:+.4f}{ci}, p {format_p(d['p_value'])}")
     print(f"all {len(table)} runs composed per patient: the worst-off patients' epsilon {spent:.4g} ({note})")
     print(f"wrote {sweep_dir / 'sweep.csv'}, sweep.json and report.html")
     return sweep_dir

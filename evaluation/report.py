@@ -715,7 +715,10 @@ def sweep_report(title: str, table: pd.DataFrame, result: dict) -> str:
     epsilon = table["epsilon"].astype(float)
     private, reference = table[np.isfinite(epsilon)], table[~np.isfinite(epsilon)]
     budgets = sorted(private["epsilon"].unique())
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    differences = result["difference_to_non_private"]
+    fig, axes = plt.subplots(1, 2 if differences else 1, figsize=(PAGE_WIDTH if differences else 6.5, 4),
+                             squeeze=False)
+    ax = axes[0, 0]
     ax.plot(private["epsilon"], private["auroc_mean"], "o", alpha=0.5, color="tab:blue", label="DP-SGD run")
     means = private.groupby("epsilon")["auroc_mean"].mean()
     ax.plot(means.index, means.to_numpy(), "-", color="tab:blue", label="DP-SGD, mean over seeds")
@@ -724,6 +727,9 @@ def sweep_report(title: str, table: pd.DataFrame, result: dict) -> str:
     _epsilon_axis(ax, budgets)
     ax.set(ylabel="mean test AUROC", title="Privacy-utility trade-off")
     ax.legend(fontsize=8)
+    if differences:
+        _calibration_differences(axes[0, 1], differences)
+    fig.tight_layout()
     privacy_total = result["privacy_total"]
     spent = privacy_total["epsilon"]
     total = (f"<p class='note'>All runs of this sweep trained on the same patients; composed, each patient's "
@@ -731,12 +737,14 @@ def sweep_report(title: str, table: pd.DataFrame, result: dict) -> str:
              f"The privacy ledger {html.escape(privacy_total['ledger'])} adds every other run on them "
              f"(<code>python main_2D_DP.py ledger</code>).</p>")
     sections = [("Runs", total + _table(table)), ("Privacy-utility curve", _figure(fig))]
-    differences = result["difference_to_non_private"]
     if differences:
         boot = result["bootstrap"]
         note = (f"<p class='note'>Each budget minus the non-private runs on the same test patients: per resample "
                 f"({boot['resamples']} resamples of {boot['units']} {boot['unit']}s), the budget's mean over its seeds "
-                f"minus the non-private mean, the seeds drawn with replacement too. q: Benjamini-Hochberg over the "
+                f"minus the non-private mean, the seeds drawn with replacement too. Brier and ECE (mean over labels, "
+                f"each run's ECE in its own equal-mass bins): above 0, the private runs' probabilities are worse "
+                f"than the non-private ones'; an ECE is biased up by noise, about equally for runs on the same "
+                f"images, so its difference's interval is approximate. q: Benjamini-Hochberg over the "
                 f"{result['multiplicity']['tests']} tests of this sweep; unadjusted p-values are exploratory.</p>")
         rows = [{"epsilon": budget, "metric": column.replace("_", " "),
                  "difference [95% CI]": value_ci({"value": d["difference"], "ci95": d.get("ci95"), "note": d.get("note")}),
@@ -759,6 +767,22 @@ def sweep_report(title: str, table: pd.DataFrame, result: dict) -> str:
     if "attack_auroc" in table:
         sections.append(("Privacy audit vs epsilon", _figure(_sweep_audit(private, reference))))
     return page(title, sections)
+
+
+def _calibration_differences(ax, differences: dict) -> None:
+    """Each budget's mean Brier score and ECE minus the non-private runs', with 95% intervals, against epsilon."""
+    for k, (column, name, marker) in enumerate((("brier_mean", "mean Brier score", "o"), ("ece_mean", "mean ECE", "s"))):
+        shown = [(float(budget), d[column]) for budget, d in differences.items()
+                 if d.get(column, {}).get("difference") is not None and d[column].get("ci95")]
+        if shown:
+            x = np.array([e for e, _ in shown]) * (1 + 0.04 * (2 * k - 1))  # side by side at each budget
+            value = np.array([d["difference"] for _, d in shown])
+            low, high = np.array([d["ci95"] for _, d in shown]).T
+            ax.errorbar(x, value, yerr=[value - low, high - value], fmt=f"{marker}-", capsize=3, label=name)
+    ax.axhline(0, color="grey", lw=0.8, ls="--", label="as calibrated as non-private")
+    _epsilon_axis(ax, [float(budget) for budget in differences])
+    ax.set(ylabel="DP minus non-private (95% CI)", title="Calibration cost (above 0: worse than non-private)")
+    ax.legend(fontsize=8)
 
 
 def _difference_forest(differences: dict):

@@ -1,4 +1,4 @@
-"""Privacy budget sweep: accuracy and fairness per epsilon, against the non-private runs.
+"""Privacy budget sweep: accuracy, calibration and fairness per epsilon, against the non-private runs.
 
 Every run of a sweep is scored on the same test patients, so each budget is compared with the
 non-private reference *paired*: per resample b of the test patients (the resampling of
@@ -6,7 +6,10 @@ non-private reference *paired*: per resample b of the test patients (the resampl
 over its seeds, with the seeds themselves drawn with replacement in every resample (training runs
 vary too). The interval is the percentile interval of these differences, the p-value the bootstrap's
 (k + 1) / (B + 1) two-sided value, and Benjamini-Hochberg q-values adjust over all of the sweep's
-differences and trends.
+differences and trends. The calibration columns are the Brier score and ECE averaged over labels
+(``evaluation.calibration``: each run's ECE in its own equal-mass bins on the data); an ECE is biased
+up by noise, about equally for runs scored on the same images, so its difference's interval is
+approximate.
 
 The trend is the least-squares slope of each metric on log(epsilon) over every private run (seeds
 included), with its t interval (scipy's linregress); it needs at least ``MIN_TREND_RUNS`` runs. As in
@@ -24,6 +27,7 @@ from scipy.stats import false_discovery_control, linregress, pearsonr, t as stud
 
 from artifacts import Curves
 from evaluation.bootstrap import LEVEL, label_mean, percentile_interval, two_sided_p, weighted_auroc
+from evaluation.calibration import PAIRED, brier_ece_resamples
 from evaluation.fairness import fairness_column, mean_fairness_resamples
 from privacy.release import rounded, rounded_up, worst_patient_epsilon
 
@@ -31,7 +35,8 @@ MIN_TREND_RUNS = 5
 
 
 def sweep_row(run: str, target_epsilon: float, seed: int, summary: dict, metrics: dict, fairness: dict) -> dict:
-    """One row: run, budget, seed, accounting, mean AUROC with interval, label-averaged fairness metrics.
+    """One row: run, budget, seed, accounting, mean AUROC with interval, label-averaged Brier score and
+    ECE (empty for results of a version without them), label-averaged fairness metrics.
     The accounting is rounded as on the model card (epsilon up, sigma to two digits): with the steps,
     exact values would give the number of training patients back."""
     ci = metrics.get("auroc_mean_ci95") or [None, None]
@@ -39,6 +44,8 @@ def sweep_row(run: str, target_epsilon: float, seed: int, summary: dict, metrics
     row = {"run": run, "epsilon": target_epsilon, "seed": seed, "epsilon_spent": rounded_up(worst_patient_epsilon(summary["dp"])),
            "noise_multiplier": None if sigma is None else rounded(sigma), "auroc_mean": metrics["auroc_mean"],
            "auroc_mean_ci95_low": ci[0], "auroc_mean_ci95_high": ci[1]}
+    calibration = metrics.get("calibration_mean") or {}
+    row.update({f"{name}_mean": (calibration.get(name) or {}).get("value") for name in PAIRED})
     for attribute, fair in fairness["fairness"].items():
         row.update({fairness_column(attribute, name): entry["value"] for name, entry in fair["mean"].items()})
     return row
@@ -58,9 +65,11 @@ def audit_columns(audit: dict) -> dict:
 
 
 def run_resamples(predictions: pd.DataFrame, metrics: dict, weights: np.ndarray, edges: list[float],
-                  min_size: int, min_positives: int, min_negatives: int) -> dict[str, tuple[float, np.ndarray]]:
-    """column -> (value, values under each row of ``weights``) of a run's mean AUROC and label-averaged
-    fairness metrics, from its ``private/predictions/test.csv`` and the thresholds in its metrics."""
+                  min_size: int, min_positives: int, min_negatives: int,
+                  bins: int) -> dict[str, tuple[float, np.ndarray]]:
+    """column -> (value, values under each row of ``weights``) of a run's mean AUROC, label-averaged
+    Brier score and ECE (``bins`` equal-mass bins; NaN when no label is estimable) and fairness
+    metrics, from its ``private/predictions/test.csv`` and the thresholds in its metrics."""
     labels = list(metrics["labels"])
     truth = predictions[labels].to_numpy(dtype=float, na_value=np.nan)
     scores = predictions[[f"{label}_score" for label in labels]].to_numpy(dtype=float)
@@ -68,6 +77,9 @@ def run_resamples(predictions: pd.DataFrame, metrics: dict, weights: np.ndarray,
     full = np.ones((1, len(truth)), np.float32)
     out = {"auroc_mean": (float(label_mean([weighted_auroc(truth[:, i], scores[:, i], full) for i in range(len(labels))])[0]),
                           label_mean([weighted_auroc(truth[:, i], scores[:, i], weights) for i in range(len(labels))]))}
+    calibration = brier_ece_resamples(truth, scores, labels, weights, bins, min_positives, min_negatives)["mean"]
+    out.update({f"{name}_mean": (entry["value"], entry["resamples"]) if "value" in entry
+                else (math.nan, np.full(len(weights), math.nan)) for name, entry in calibration.items()})
     out.update(mean_fairness_resamples(truth, scores, labels, thresholds, predictions["sex"].fillna("").to_numpy(),
                                        predictions["age"].to_numpy(dtype=float), edges, weights, min_size=min_size,
                                        min_positives=min_positives, min_negatives=min_negatives))

@@ -7,10 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from scipy.special import expit, logit
 
 import Train_Valid_DP
 from conftest import assert_report
-from evaluation.sweep import add_q_values, paired_differences, trends
+from evaluation.bootstrap import resampling
+from evaluation.sweep import add_q_values, paired_differences, run_resamples, trends
 from main_2D_DP import main
 from privacy.release import rounded, rounded_up
 
@@ -41,6 +43,31 @@ def test_paired_difference_to_non_private_resamples_patients_and_seeds():
     assert two["difference"] == pytest.approx((0.75 + 0.79) / 2 - 0.81) and two["seeds"] == 2
     assert two["ci95"][1] - two["ci95"][0] > 0.02  # seed-to-seed variation widens the interval
     assert add_q_values({"8": {"auroc_mean": two}}, {}) == 1 and two["q_value"] == pytest.approx(two["p_value"])
+
+
+def test_calibration_differences_to_non_private_flag_an_over_confident_budget():
+    """Fabricated test predictions: at epsilon 8 the non-private ranking pushed towards 0 and 1 (logits
+    x 3), at epsilon 4 the non-private scores themselves."""
+    rng = np.random.default_rng(1)
+    risk = rng.uniform(0.05, 0.95, (400, 2))
+    frame = pd.DataFrame({"image_id": np.arange(400).astype(str), "patient_id": np.repeat(np.arange(200), 2).astype(str),
+                          "sex": rng.choice(["F", "M"], 400), "age": rng.uniform(20, 90, 400)})
+    for i, label in enumerate("ab"):
+        frame[label] = (rng.random(400) < risk[:, i]).astype(int)
+    metrics = {"labels": {label: {"threshold": 0.5} for label in "ab"}}
+    weights = resampling(frame["patient_id"].to_numpy(), 200, 0, "patient")[0]
+
+    def run(scores):
+        scored = frame.assign(**{f"{label}_score": scores[:, i] for i, label in enumerate("ab")})
+        return run_resamples(scored, metrics, weights, [0, 60, 100], 10, 10, 10, bins=10)
+
+    calibrated = run(risk)
+    runs = {(np.inf, 0): calibrated, (8.0, 0): run(expit(3 * logit(risk))), (4.0, 0): calibrated}
+    differences = paired_differences(runs, seed=0)
+    for column in ("brier_mean", "ece_mean"):
+        worse, same = differences["8"][column], differences["4"][column]
+        assert 0 < worse["ci95"][0] < worse["difference"] < worse["ci95"][1] and worse["p_value"] < 0.01
+        assert same["difference"] == 0 and same["ci95"] == [0, 0] and same["p_value"] == 1
 
 
 def test_sweep_trains_each_budget_resumes_and_skips(tiny_config, monkeypatch, capsys):
@@ -75,10 +102,14 @@ def test_sweep_trains_each_budget_resumes_and_skips(tiny_config, monkeypatch, ca
     result = json.loads((sweep / "sweep.json").read_text())
     assert "not meaningful" in result["trend_on_log_epsilon"]["auroc_mean"]["note"]  # 2 private runs
     for budget in ("8", "2"):  # paired against the non-private run on the same test patients
-        d = result["difference_to_non_private"][budget]["auroc_mean"]
-        row = table.loc[table["epsilon"] == float(budget), "auroc_mean"].item()
-        assert d["difference"] == pytest.approx(row - table["auroc_mean"][0])
-        assert d["ci95"][0] <= d["difference"] <= d["ci95"][1] and d["p_value"] > 0 and "q_value" in d
+        for column in ("auroc_mean", "brier_mean", "ece_mean"):
+            d = result["difference_to_non_private"][budget][column]
+            row = table.loc[table["epsilon"] == float(budget), column].item()
+            assert d["difference"] == pytest.approx(row - table[column][0])
+            assert d["ci95"][0] <= d["difference"] <= d["ci95"][1] and d["p_value"] > 0 and "q_value" in d
+    for run in ("eps_inf", "eps_8"):  # the runs' own calibration results
+        own = json.loads((sweep / run / "results" / "test_metrics.json").read_text())["calibration_mean"]
+        assert table.loc[table["run"] == run, "brier_mean"].item() == pytest.approx(own["brier"]["value"])
     assert result["bootstrap"]["unit"] == "patient"
     # the runs are in the ledger of the base config; with the non-private run among them, their total
     # is unbounded (null in JSON)
