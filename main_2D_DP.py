@@ -192,15 +192,17 @@ def run_transfer(experiments: list[Path], data: list[Path], split: str, override
     out = out or Path(experiments[0]).parent / "transfer"
     table = pd.DataFrame(result["table"])
     values, low, high = (matrix(result, column) for column in ("auroc_mean", "ci95_low", "ci95_high"))
+    ratio = tuple(matrix(result, f"observed_expected_{part}") for part in ("mean", "ci95_low", "ci95_high"))
     if (out / "transfer.json").exists():
         print(f"replacing the transfer matrix in {out} (recomputed)")
     atomic_write_text(out / "transfer.csv", table.to_csv(index=False))
     atomic_write_text(out / "transfer.json", json_text(result))
     atomic_write_text(out / "report.html", transfer_report(f"Transfer matrix ({split} split)", table, result,
-                                                           values, low, high))
-    shown = pd.DataFrame(values, index=[r["row"] for r in result["rows"]], columns=result["columns"])
-    print(f"mean AUROC, rows trained on, columns tested on ({split} split):")
-    print(shown.to_string(float_format=lambda v: f"{v:.3f}", na_rep="n/a"))
+                                                           values, low, high, ratio))
+    for name, cells in (("mean AUROC", values), ("observed/expected ratio, mean over labels", ratio[0])):
+        shown = pd.DataFrame(cells, index=[r["row"] for r in result["rows"]], columns=result["columns"])
+        print(f"{name}, rows trained on, columns tested on ({split} split):")
+        print(shown.to_string(float_format=lambda v: f"{v:.3f}", na_rep="n/a"))
     for pair in result["private_minus_non_private"]:
         ci = pair["ci95"]
         print(f"{pair['private']} minus {pair['non_private']} on {pair['tested_on']}: {pair['difference']:+.3f}"

@@ -7,6 +7,7 @@ import io
 import math
 
 import matplotlib
+import matplotlib.colors
 import matplotlib.lines
 import matplotlib.patches
 import matplotlib.ticker
@@ -835,48 +836,75 @@ def _sweep_audit(private: pd.DataFrame, reference: pd.DataFrame):
 
 
 def _heatmap(values: np.ndarray, low: np.ndarray, high: np.ndarray, rows: list[str], columns: list[str],
-             own: np.ndarray):
-    """Mean AUROC per (trained on, tested on), each cell annotated with its 95% interval; cells where
-    ``own`` (tested on the training data's own test split) are framed."""
+             own: np.ndarray, name: str = "mean AUROC", ratio: bool = False):
+    """``name`` per (trained on, tested on), each cell annotated with its 95% interval; cells where
+    ``own`` (tested on the training data's own test split) are framed. A ``ratio`` (1 = as it should
+    be) is coloured on a diverging scale symmetric around 1 on the log scale (1/2 and 2 equally far)."""
     height = 0.75 * len(rows) + 1.6
     fig, ax = plt.subplots(figsize=(min(PAGE_WIDTH, 2.4 * len(columns) + 3.5), height))
-    finite = values[np.isfinite(values)]
-    image = ax.imshow(values, cmap="viridis", vmin=finite.min() if finite.size else 0.5,
-                      vmax=finite.max() if finite.size else 1.0, aspect="auto")
-    middle = (finite.min() + finite.max()) / 2 if finite.size else 0.75
+    finite = values[np.isfinite(values) & (values > 0 if ratio else True)]
+    if ratio:  # at least 1.1 either side, so that a calibrated matrix is not drawn in saturated colours
+        spread = max([np.log(1.1), *np.abs(np.log(finite))])
+        norm, cmap = matplotlib.colors.LogNorm(np.exp(-spread), np.exp(spread)), "RdBu_r"
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dark = np.abs(np.log(values)) > 0.6 * spread
+    else:
+        norm = matplotlib.colors.Normalize(finite.min() if finite.size else 0.5, finite.max() if finite.size else 1.0)
+        cmap = "viridis"
+        middle = (finite.min() + finite.max()) / 2 if finite.size else 0.75
+        dark = values < middle
+    image = ax.imshow(values, cmap=cmap, norm=norm, aspect="auto")
     for (i, j), value in np.ndenumerate(values):
         text = "not estimable" if not np.isfinite(value) else (
             f"{value:.3f}" + (f"\n[{low[i, j]:.3f}, {high[i, j]:.3f}]" if np.isfinite(low[i, j]) else ""))
         ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                color="white" if np.isfinite(value) and value < middle else "black")
+                color="white" if np.isfinite(value) and dark[i, j] else "black")
         if own[i, j]:
-            ax.add_patch(matplotlib.patches.Rectangle((j - 0.48, i - 0.48), 0.96, 0.96, fill=False, lw=2, ec="red"))
+            ax.add_patch(matplotlib.patches.Rectangle((j - 0.48, i - 0.48), 0.96, 0.96, fill=False, lw=2,
+                                                      ec="gold" if ratio else "red"))  # red cells of a ratio
     ax.set_xticks(range(len(columns)), columns, fontsize=8)
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
     ax.set(xlabel="tested on", ylabel="trained on (experiment, privacy)",
-           title="Mean AUROC [95% CI]; framed: tested where trained (in distribution)")
-    fig.colorbar(image, ax=ax, label="mean AUROC", shrink=0.8)
+           title=f"{name[0].upper()}{name[1:]} [95% CI]\nframed: tested where trained (in distribution)")
+    bar = fig.colorbar(image, ax=ax, label=name, shrink=0.8)
+    if ratio:  # plain numbers at round ratios rather than powers of ten
+        bar.set_ticks([t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10) if norm.vmin <= t <= norm.vmax])
+        bar.ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        bar.ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.tight_layout()
     return fig
 
 
 def transfer_report(title: str, table: pd.DataFrame, result: dict, values: np.ndarray, low: np.ndarray,
-                    high: np.ndarray) -> str:
-    """The transfer matrix as a heat-map and a table, and each private model against its non-private
-    counterpart per tested dataset (paired)."""
+                    high: np.ndarray, ratio: tuple[np.ndarray, np.ndarray, np.ndarray]) -> str:
+    """The transfer matrix as heat-maps of mean AUROC (``values``, ``low``, ``high``) and of the mean
+    observed/expected ratio (``ratio``: value, low, high) and a table, and each private model against its
+    non-private counterpart per tested dataset (paired)."""
     rows = [f"{r['row']}\n({r['trained_on']}" + (f" from {r['pretrained_from']}" if r["pretrained_from"] else "")
             + (", non-private)" if not r["private"] else f", eps {r['epsilon']:.3g})") for r in result["rows"]]
     shown = table.assign(**{"mean AUROC [95% CI]": [value_ci({"value": v, "ci95": [lo, hi] if np.isfinite(lo) else None})
                                                     for v, lo, hi in zip(table["auroc_mean"], table["ci95_low"],
                                                                          table["ci95_high"])]})
+    shown["O/E, mean over labels [95% CI]"] = [
+        value_ci({"value": v if np.isfinite(v) else None, "ci95": [lo, hi] if np.isfinite(lo) else None})
+        for v, lo, hi in table[["observed_expected_mean", "observed_expected_ci95_low",
+                                "observed_expected_ci95_high"]].to_numpy(float)]
     shown = shown[["trained_on", "pretrained_from", "experiment", "privacy", "tested_on", "in_distribution", "images", "labels_scored",
-                   "labels_absent", "mean AUROC [95% CI]"]]
+                   "labels_absent", "mean AUROC [95% CI]", "O/E, mean over labels [95% CI]"]]
     note = (f"<p class='note'>Rows: the model and what it was trained on; columns: the dataset tested ({result['split']} "
             f"split). {html.escape(result['note'])}. Each cell's own report, predictions and fairness are in its "
             f"folder (the transfer.csv column <code>folder</code>).</p>")
     own = np.array([[r["trained_on"] == c for c in result["columns"]] for r in result["rows"]])
+    calibration_note = ("<p class='note'>Calibration-in-the-large of each cell: observed positives over the sum of "
+                        "predicted probabilities, averaged over the labels estimable on the tested dataset, with its "
+                        "patient-bootstrap interval. 1: the model predicts as many positives as there are; above 1 "
+                        "(red) it under-predicts the risk there, below 1 (blue) it over-predicts. Models often keep "
+                        "their ranking (AUROC) on another site and still mis-state its risk.</p>")
     sections = [("Transfer matrix", note + _figure(_heatmap(values, low, high, rows, result["columns"], own))
-                 + _table(shown))]
+                 + _table(shown)),
+                ("Calibration-in-the-large on each dataset", calibration_note + _figure(_heatmap(
+                    *ratio, rows, result["columns"], own, name="observed/expected, mean over labels",
+                    ratio=True)))]
     pairs = result["private_minus_non_private"]
     if pairs:
         boot = pairs[0]["bootstrap"]

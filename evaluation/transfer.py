@@ -7,6 +7,12 @@ unchanged. Per tested dataset, each private model is compared with every non-pri
 the same data: the paired difference of mean AUROC on the same images and resamples of patients
 (``evaluation.compare.paired_auroc_comparison``), so "the private model transfers worse" carries an
 interval rather than a difference of two point estimates.
+
+A cell also carries calibration-in-the-large: the observed/expected ratio (observed positives over
+the sum of predicted probabilities, 1 = calibrated in the large, above 1 the model under-predicts)
+averaged over labels, with its patient-bootstrap interval, from the same ``predict --data`` results
+(``evaluation.calibration``). A model can keep its AUROC on another site and still mis-state the
+risk there: prevalence and acquisition differ, and miscalibration is the usual failure under shift.
 """
 from __future__ import annotations
 
@@ -29,7 +35,8 @@ def dataset_name(data: Config) -> str:
 
 def score_cell(source: Source, data: Config, split: str) -> tuple[dict, Path, bool]:
     """(metrics, folder, reused) of ``source`` on ``split`` of ``data``: the results of an earlier
-    ``predict --data`` are reused when they are of the same checkpoint and settings."""
+    ``predict --data`` are reused when they are of the same checkpoint and settings and have the
+    calibration (results of a version without it are recomputed)."""
     cfg = external_config(source, data)
     folder = external_folder(source, cfg.data.dataset, cfg.data.site, split, None)
     earlier = Layout(folder).results / f"{split}_metrics.json"
@@ -37,7 +44,7 @@ def score_cell(source: Source, data: Config, split: str) -> tuple[dict, Path, bo
         metrics = read_json(earlier)
         about = metrics.get("data") or {}
         if (about.get("config_key") == config_key(cfg) and about.get("source") == str(source.path.resolve())
-                and metrics.get("checkpoint_epoch") == source.epoch):
+                and metrics.get("checkpoint_epoch") == source.epoch and "calibration_mean" in metrics):
             return metrics, folder, True
     metrics, folder = predict_external(source, data, split)
     return metrics, folder, False
@@ -108,6 +115,8 @@ def transfer_matrix(experiments: list[Path], datasets: list[Config], split: str 
             print(f"{row['row']} on {name}: mean AUROC {metrics['auroc_mean']:.3f}" + (" (reused)" if reused else ""))
             cells[name][row["row"]] = {"metrics": metrics, "folder": folder}
             ci = metrics.get("auroc_mean_ci95") or [math.nan, math.nan]
+            ratio = (metrics["calibration_mean"] or {}).get("observed_expected") or {}
+            ratio_ci = ratio.get("ci95") or [math.nan, math.nan]
             about = metrics["data"]
             table.append({"trained_on": row["trained_on"], "pretrained_from": row["pretrained_from"] or "",
                           "experiment": row["row"],
@@ -116,12 +125,15 @@ def transfer_matrix(experiments: list[Path], datasets: list[Config], split: str 
                           "images": len(pd.read_csv(Layout(folder).predictions / f"{split}.csv", usecols=[0])),
                           "labels_scored": len(about["labels"]), "labels_absent": ", ".join(about["absent"]),
                           "auroc_mean": metrics["auroc_mean"], "ci95_low": ci[0], "ci95_high": ci[1],
-                          "folder": str(folder)})
+                          "observed_expected_mean": ratio.get("value"), "observed_expected_ci95_low": ratio_ci[0],
+                          "observed_expected_ci95_high": ratio_ci[1], "folder": str(folder)})
     comparisons = privacy_cost(rows, cells, split, datasets[0].evaluation)
     return {"split": split, "rows": rows, "columns": names, "table": table,
             "private_minus_non_private": comparisons,
-            "note": "cells: mean AUROC over the labels the tested dataset has, at the model's own thresholds; "
-                    "in-distribution cells score the model's own test split"}
+            "note": "cells: mean AUROC over the labels the tested dataset has, at the model's own thresholds, and "
+                    "the observed/expected ratio averaged over the labels estimable there (calibration-in-the-large, "
+                    "1 = calibrated, above 1 the model under-predicts); in-distribution cells score the model's own "
+                    "test split"}
 
 
 def matrix(result: dict, column: str = "auroc_mean") -> np.ndarray:

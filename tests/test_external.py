@@ -133,13 +133,17 @@ def test_transfer_matrix_puts_private_beside_non_private(trained, capsys):
     own = table[(table["experiment"] == "np") & (table["tested_on"] == "synthetic-private")].iloc[0]
     mine = json.loads((trained / "np" / "results" / "test_metrics.json").read_text())
     assert own["in_distribution"] and own["auroc_mean"] == pytest.approx(mine["auroc_mean"])
+    ratio = mine["calibration_mean"]["observed_expected"]  # calibration-in-the-large, from the cell's own results
+    assert own["observed_expected_mean"] == pytest.approx(ratio["value"])
+    assert [own["observed_expected_ci95_low"], own["observed_expected_ci95_high"]] == pytest.approx(ratio["ci95"])
     pairs = result["private_minus_non_private"]
     assert [(p["private"], p["non_private"]) for p in pairs] == [("dp", "np")] * 2
     assert pairs[0]["difference"] == pytest.approx(pairs[0]["auroc_private"] - pairs[0]["auroc_non_private"])
     assert pairs[0]["ci95"][0] <= pairs[0]["difference"] <= pairs[0]["ci95"][1]
     report = (out / "report.html").read_text()
     assert "Transfer matrix" in report and "Private minus non-private" in report and "data:image/png" in report
-    capsys.readouterr()
+    assert "Calibration-in-the-large on each dataset" in report and "O/E, mean over labels [95% CI]" in report
+    assert "observed/expected ratio, mean over labels, rows trained on" in capsys.readouterr().out
     assert main(args) == 0  # unchanged models and settings: every cell is reused
     assert capsys.readouterr().out.count("(reused)") == 4
 
