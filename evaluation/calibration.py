@@ -268,15 +268,17 @@ def _too_few(n: int, positives: int, min_positives: int, min_negatives: int) -> 
     return None
 
 
-def _why_missing(name: str, value: float, n: int, bins: int) -> str | None:
-    """Why metric ``name`` of a label with enough positives and negatives is not estimable (None: it is)."""
-    if name == "ece" and n < bins:
-        return f"{n} labelled images < {bins} calibration bins"
-    if np.isfinite(value):
-        return None
+def _why_missing(name: str) -> str:
     if name in ("intercept", "slope"):
         return "no finite logistic fit (the scores separate the classes)"
     return "no predicted probability above 0" if name == "observed_expected" else "no labelled image"
+
+
+def _missing(name: str, value: float, n: int, bins: int) -> str | None:
+    """Why metric ``name`` of a label with enough positives and negatives is not estimable (None: it is)."""
+    if name == "ece" and n < bins:
+        return f"{n} labelled images < {bins} calibration bins"
+    return None if np.isfinite(value) else _why_missing(name)
 
 
 def calibration_report(truth: np.ndarray, scores: np.ndarray, labels: list[str], weights: np.ndarray,
@@ -310,7 +312,7 @@ def calibration_report(truth: np.ndarray, scores: np.ndarray, labels: list[str],
         metrics = {}
         for name in METRICS:
             value = float(point[name][0])
-            reason = _why_missing(name, value, n, bins)
+            reason = _missing(name, value, n, bins)
             if reason:
                 metrics[name] = _not_estimable(reason)
             else:
@@ -353,7 +355,7 @@ def brier_ece_resamples(truth: np.ndarray, scores: np.ndarray, labels: list[str]
         point, boot = label_calibration(truth[:, i], scores[:, i], weights, bins, fits=False) if not too_few else ({}, {})
         out["labels"][label] = {}
         for name in PAIRED:
-            reason = too_few or _why_missing(name, float(point[name][0]), n, bins)
+            reason = too_few or _missing(name, float(point[name][0]), n, bins)
             out["labels"][label][name] = ({"reason": f"not estimable: {reason}"} if reason else
                                           {"value": float(point[name][0]), "resamples": boot[name]})
     for name in PAIRED:

@@ -252,6 +252,17 @@ def test_subgroup_calibration_values_and_gaps():
     assert small["n"] >= 10 or small["reason"].startswith("n = ")
 
 
+def test_a_group_without_predicted_probability_has_no_observed_expected_ratio():
+    rng = np.random.default_rng(3)
+    sex, age = rng.choice(np.array(["F", "M"]), 200), rng.uniform(20, 95, 200)
+    truth, scores = _simulate(200, seed=3)
+    scores[sex == "F", 0] = 0.0
+    report = subgroup_calibration(truth, scores, ["x"], sex, age, EDGES, resample_counts(200, 20, 0), bins=5,
+                                  permutations=10)
+    ratio = report["subgroups"]["sex"]["F"]["x"]["metrics"]["observed_expected"]
+    assert ratio["value"] is None and ratio["reason"] == "not estimable: no predicted probability above 0"
+
+
 def test_bad_calibration_settings_are_refused_naming_the_parameter():
     truth, scores = _simulate(30, seed=0)
     weights = resample_counts(30, 10, 0)
