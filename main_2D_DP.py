@@ -306,13 +306,13 @@ def run_sweep(epsilons: list[float], name: str, config: Path | None, overrides: 
     shown += [c for c in ("attack_auroc", "epsilon_lower_bound") if c in table]
     print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
     for budget, columns in differences.items():
-        for column, name in (("auroc_mean", "mean AUROC"), ("brier_mean", "mean Brier"), ("ece_mean", "mean ECE")):
+        for column, metric in (("auroc_mean", "mean AUROC"), ("brier_mean", "mean Brier"), ("ece_mean", "mean ECE")):
             d = columns[column]
             if d["difference"] is None:
-                print(f"epsilon {budget}: {name} minus non-private not estimable")
+                print(f"epsilon {budget}: {metric} minus non-private not estimable")
                 continue
             ci = f" [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d.get("ci95") else ""
-            print(f"epsilon {budget}: {name} minus non-private {d['difference']:+.4f}{ci}, p {format_p(d['p_value'])}")
+            print(f"epsilon {budget}: {metric} minus non-private {d['difference']:+.4f}{ci}, p {format_p(d['p_value'])}")
     print(f"all {len(table)} runs composed per patient: the worst-off patients' epsilon {spent:.4g} ({note})")
     print(f"wrote {sweep_dir / 'sweep.csv'}, sweep.json and report.html")
     return sweep_dir
