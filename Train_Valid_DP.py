@@ -69,6 +69,7 @@ from data.augment import augmentation
 from data.synthetic import generator_fingerprint
 from data.dataset import (SPLITS, CXRDataset, Table, default_cache_dir, evaluation_loader, load_table,
                           positive_weights, preprocessing)
+from evaluation.calibration import stored_map
 from models import build_model, load_pretrained, read_pretrained, resolve_trainable, set_trainable
 from parallel import Ranks, resolve_device
 from Prediction_DP import auroc_per_label, mean_auroc, predict_scores
@@ -510,7 +511,8 @@ def privacy_summary(cfg: Config, history: list, epsilon: float, steps: int, fina
           "sample_rate": d["sample_rate"], "expected_units_per_step": d["expected_units_per_step"],
           "accountant": cfg.dp.accountant, "pld_epsilon": pld_epsilons(history, delta) if final else None,
           "noise": noise, "secure_mode": cfg.dp.secure_mode, "start": start, "test_patients_trained": tests,
-          "covers": _covers(n_units, unit, tests), "budget_increase": budget_note or None}
+          "covers": _covers(n_units, unit, tests, cfg.evaluation.recalibration != "none"),
+          "budget_increase": budget_note or None}
     stated, note, unbounded = statement_epsilon(dp), start_note(dp), bool(start and start["unbounded"])
     claim = (f"({stated:.4g}, {delta:g})-DP for each {'other ' if unbounded else ''}training {unit} (adjacency: add or "
              f"remove all images of one {unit}; {cfg.dp.accountant.upper()} accountant over {steps} DP-SGD steps of "
@@ -522,11 +524,12 @@ def privacy_summary(cfg: Config, history: list, epsilon: float, steps: int, fina
     return dp
 
 
-def _covers(n_units: int, unit: str, tests: dict | None) -> str:
-    """Whom a DP run's statement covers and whom not, with what other runs did with its test patients."""
+def _covers(n_units: int, unit: str, tests: dict | None, calibrated: bool) -> str:
+    """Whom a DP run's statement covers and whom not, with what other runs did with its test patients
+    (``calibrated``: the validation patients fit its calibration map too)."""
     trained_by = test_use_note(tests, exact=True)
     return (f"the {n_units} training {unit}s; validation patients choose the best checkpoint and the prediction "
-            f"thresholds and are not protected; "
+            f"thresholds{', fit the calibration map' if calibrated else ''} and are not protected; "
             + (f"test patients are not used in its training, but {trained_by}" if trained_by
                else "test patients are not used in training"))
 
@@ -538,7 +541,8 @@ def restate_test_patients(cfg: Config, exp_dir: Path) -> dict | None:
     summary = read_json(Layout(exp_dir).summary)
     use, dp = test_use(Ledger.of_experiment(cfg, exp_dir), cfg.derived["run_id"]), summary["dp"]
     if dp["enabled"]:
-        covers = _covers(dp["units"], dp["unit"], use)
+        # the map as first stated: a run of a version before recalibration has none
+        covers = _covers(dp["units"], dp["unit"], use, "calibration map" in dp["covers"])
         dp.update(statement=dp["statement"].removesuffix(dp["covers"]) + covers, covers=covers,
                   test_patients_trained=use)
         _write_summary(exp_dir, summary)
@@ -1085,12 +1089,15 @@ def _train_epoch(cfg: Config, trainer: Trainer, run: RunState, data: TrainingDat
                        f"target {cfg.dp.epsilon:g} at step {run.steps}")
 
 
-def _validate_and_save(cfg: Config, trainer: Trainer, run: RunState, valid_loader, valid_truth: np.ndarray,
+def _validate_and_save(cfg: Config, trainer: Trainer, run: RunState, valid_loader, valid: pd.DataFrame,
                        files: Layout, booking: Booking, curves: Curves, device, started: float) -> dict:
     """After an epoch (rank 0): validation AUROC and losses to TensorBoard, the ledger, ``best.pt`` when
-    the mean AUROC improved, ``last.pt`` and ``summary.json``; returns the summary."""
-    labels, dp, epochs = list(cfg.data.labels), trainer.accountant is not None, cfg.training.epochs
+    the mean AUROC improved (with the recalibration map fit on these validation scores: validation
+    patients are outside the guarantee, so it costs no privacy), ``last.pt`` and ``summary.json``;
+    returns the summary."""
+    labels, dp, epochs, ev = list(cfg.data.labels), trainer.accountant is not None, cfg.training.epochs, cfg.evaluation
     progress, epoch, steps = run.progress, run.epoch, run.steps
+    valid_truth = valid[labels].to_numpy()
     scores, valid_loss = predict_scores(trainer.evaluated, valid_loader, device, trainer.criterion, desc="valid")
     per_label = auroc_per_label(valid_truth, scores, labels)
     auroc_mean = mean_auroc(per_label)
@@ -1106,7 +1113,9 @@ def _validate_and_save(cfg: Config, trainer: Trainer, run: RunState, valid_loade
         run.best, run.best_epoch = (auroc_mean if auroc_mean > run.best else run.best), epoch + 1
         save_checkpoint({"format": CHECKPOINT_FORMAT, "model": trainer.evaluated.state_dict(), "labels": labels,
                          "model_name": cfg.model.name, "provenance": _provenance(cfg), "epoch": epoch + 1,
-                         "valid_auroc_mean": auroc_mean}, files.best)
+                         "valid_auroc_mean": auroc_mean,
+                         "calibration": stored_map(valid_truth, scores, labels, valid["patient_id"].nunique(),
+                                                   ev.recalibration, ev.min_positives, ev.min_negatives)}, files.best)
     _save_last(trainer, run, cfg, files.last)
     if run.budget_note:
         run.budget_note["epsilon_spent"] = eps
@@ -1177,7 +1186,6 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
     booking = _open_records(cfg, files, data, trainer, ckpt, run, budget_steps, ranks)
 
     valid_loader = evaluation_loader(data.valid, data.table, cfg.data, cfg.training.physical_batch_size)
-    valid_truth = data.valid[list(cfg.data.labels)].to_numpy()
     curves = Curves(files.tensorboard, "Training goes on (checkpoints and summary.json are written apart)",
                     purge_step=run.steps + 1 if ckpt else None) if ranks.main else None
     started, summary = time.time(), {}
@@ -1185,7 +1193,7 @@ def _train(cfg: Config, exp_dir: Path, resume: bool, allow_budget_increase: bool
         run.epoch = epoch
         _train_epoch(cfg, trainer, run, data, files, booking, device, ranks, run_seed, budget_steps)
         if ranks.main:  # validation, logs and checkpoints are rank 0's
-            summary = _validate_and_save(cfg, trainer, run, valid_loader, valid_truth, files, booking, curves,
+            summary = _validate_and_save(cfg, trainer, run, valid_loader, data.valid, files, booking, curves,
                                          device, started)
         run.progress = None
         if run.stopped:

@@ -44,6 +44,8 @@ expit(a logit(p) + b). A fit whose slope is not positive (the scores rank no bet
 the validation split), that has no finite maximum (the classes are separated) or a label with too few
 positives or negatives keeps the identity, with the reason. The map is fixed when recalibrated scores
 are evaluated (as thresholds are): their intervals leave out the map's own validation-split noise.
+Training fits it whenever best.pt is written (``evaluation.recalibration``, :func:`stored_map`) and
+``predict --calibrated`` applies it, with the decision thresholds mapped alike (:func:`map_thresholds`).
 
 Subgroups (sex, age bins; :func:`subgroup_calibration`): per group, calibration-in-the-large (mean
 predicted minus observed fraction), O/E and ECE in the label's bins; across groups, the gaps of the
@@ -508,6 +510,39 @@ def apply_recalibration(scores: np.ndarray, labels: list[str], maps: dict[str, d
                              f"(needs temperature > 0 or a > 0)")
         out[:, i] = expit(scale * logit(out[:, i]) + shift)
     return out
+
+
+def map_thresholds(thresholds: dict[str, float], labels: list[str], maps: dict[str, dict]) -> dict[str, float]:
+    """Decision thresholds on the scale of recalibrated scores: each mapped like the scores
+    (:func:`apply_recalibration`), so an image is positive after the map exactly when it was before."""
+    mapped = apply_recalibration(np.array([[thresholds[label] for label in labels]]), labels, maps)[0]
+    return {label: float(t) for label, t in zip(labels, mapped)}
+
+
+def stored_map(truth: np.ndarray, scores: np.ndarray, labels: list[str], patients: int, method: str,
+               min_positives: int = 10, min_negatives: int = 10) -> dict | None:
+    """What a checkpoint keeps of recalibration (``evaluation.recalibration``; None for 'none'): the maps
+    of :func:`fit_recalibration` on the validation split's labels and scores, and who they were fit on.
+
+    {"method", "split": "valid", "patients", "images", "labels": {label: map}}
+    """
+    if method == "none":
+        return None
+    return {"method": method, "split": "valid", "patients": int(patients), "images": len(truth),
+            "labels": fit_recalibration(truth, scores, labels, method, min_positives, min_negatives)}
+
+
+METHOD_WORDS = {"temperature": "temperature scaling", "platt": "Platt scaling"}
+
+
+def describe_map(stored: dict) -> str:
+    """A stored map (:func:`stored_map`) in words: its method and the validation patients it was fit on
+    ("about N" where the counts are rounded for release), and the labels it leaves unchanged."""
+    about = "about " if stored.get("counts_rounded") else ""
+    kept = [label for label, m in stored["labels"].items() if m["method"] == "identity"]
+    return (f"{METHOD_WORDS[stored['method']]} per label, fit on {about or 'the '}{stored['patients']:,} validation "
+            f"patients ({about}{stored['images']:,} images)" + (f"; left unchanged (identity) for {', '.join(kept)}"
+                                                                 if kept else ""))
 
 
 GROUP_METRICS = ("calibration_in_the_large", "observed_expected", "ece")

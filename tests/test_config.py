@@ -23,6 +23,7 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     ("data.labels=[cardiomegaly,fracture]", "['fracture'] not in the synthetic dataset"),
     ("model.name=resnet7", "model.name"),
     ("dp.noise_multiplier=1.0", "exactly one of dp.epsilon"),
+    ("evaluation.recalibration=isotonic", "evaluation.recalibration: Input should be 'none', 'temperature' or 'platt'"),
 ])
 def test_bad_values_exit_2_and_name_the_key(tiny_config, capsys, override, expected):
     code, err = run_cli(capsys, "train", "--config", str(tiny_config()), "--set", override)
