@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,8 @@ from data.images import PREPROCESS_VERSION, Preprocessing
 from data.unlabelled import CARRIED, ImageFiles, list_images
 from artifacts import Curves, Layout, atomic_write_text, json_text, load_checkpoint, read_json
 from evaluation.bootstrap import bootstrap_intervals, resampling
-from evaluation.calibration import calibration_report, decision_curve, subgroup_calibration
+from evaluation.calibration import (apply_recalibration, calibration_report, decision_curve, describe_map,
+                                    map_thresholds, subgroup_calibration)
 from evaluation.fairness import fairness_report, fairness_table, join_calibration
 from evaluation.report import page, prediction_sections, threshold_source
 from models import build_model
@@ -145,6 +146,17 @@ class Scored:
     threshold_split: str
     epoch: int
     data: dict | None = None  # another dataset scored (external validation): what it is, labels absent
+    recalibration: dict | None = None  # the stored map applied to scores and thresholds (predict --calibrated)
+    uncalibrated: np.ndarray | None = None  # the model's own scores, where ``scores`` are recalibrated
+
+    @property
+    def output(self) -> str:
+        """The stem of its result files: calibrated results never replace uncalibrated ones."""
+        return output_name(self.split, self.recalibration is not None)
+
+
+def output_name(split: str, calibrated: bool) -> str:
+    return f"{split}_calibrated" if calibrated else split
 
 
 @dataclass
@@ -156,6 +168,7 @@ class Trained:
     labels: list[str]
     epoch: int
     device: torch.device
+    calibration: dict | None = None  # the recalibration map fit on the validation split (None: none stored)
 
 
 def load_trained(exp_dir: Path, checkpoint: str = "best") -> Trained:
@@ -174,14 +187,20 @@ def load_trained(exp_dir: Path, checkpoint: str = "best") -> Trained:
     except (RuntimeError, KeyError) as exc:
         raise InputError(f"{path}: weights do not fit model {cfg.model.name} "
                          f"with {len(labels)} labels ({str(exc).splitlines()[0]})") from None
-    return Trained(cfg, model.to(device), labels, ckpt["epoch"], device)
+    return Trained(cfg, model.to(device), labels, ckpt["epoch"], device, ckpt.get("calibration"))
 
 
-def score_split(exp_dir: Path, split: str) -> Scored:
-    """Score ``split`` with ``checkpoints/best.pt``; Youden thresholds come from the validation split."""
+def score_split(exp_dir: Path, split: str, calibrated: bool = False) -> Scored:
+    """Score ``split`` with ``checkpoints/best.pt``; Youden thresholds come from the validation split.
+    ``calibrated``: with the stored recalibration map applied (:func:`calibrate`), refused on the
+    validation split, the map's own."""
     exp_dir = Path(exp_dir)
+    if calibrated and split == "valid":
+        raise InputError("--calibrated --split valid: the calibration map was fit on the validation split, so "
+                         "its calibration there would be optimistic; score the test split (or another dataset)")
     best = load_trained(exp_dir)
     cfg, model, labels, device = best.cfg, best.model, best.labels, best.device
+    stored = require_map(best.calibration, Layout(exp_dir).best, labels) if calibrated else None
     table = load_table(cfg.data, cfg.experiment.seed)
     batch = cfg.training.physical_batch_size
 
@@ -189,7 +208,41 @@ def score_split(exp_dir: Path, split: str) -> Scored:
     truth, scores = score_frame(model, device, frame, table, cfg.data, batch, f"{exp_dir.name} {split}")
     thresholds = youden_thresholds(*((truth, scores) if split == "valid" else score_frame(
         model, device, table.split("valid"), table, cfg.data, batch, f"{exp_dir.name} valid")), labels)
-    return Scored(cfg, split, frame, labels, truth, scores, thresholds, "valid", best.epoch)
+    scored = Scored(cfg, split, frame, labels, truth, scores, thresholds, "valid", best.epoch)
+    return calibrate(scored, stored, labels, side_groups(labels, merge=False)) if stored else scored
+
+
+def require_map(stored: dict | None, where: Path, labels: list[str]) -> dict:
+    """The recalibration map a model stores (``where``: its best.pt or model.json), for ``--calibrated``;
+    InputError naming the file when there is none or it does not fit the model's ``labels``."""
+    if not stored:
+        again = " and export it again" if where.name == "model.json" else ""
+        raise InputError(f"--calibrated: {where} has no calibration map (trained with evaluation.recalibration: none, "
+                         f"or by a DP-CXR version without it): retrain with evaluation.recalibration: temperature (or "
+                         f"platt){again}, or predict without --calibrated")
+    try:
+        apply_recalibration(np.full((1, len(labels)), 0.5), labels, stored["labels"])
+        describe_map(stored)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"--calibrated: {where}: its calibration map cannot be applied ({type(exc).__name__}: "
+                         f"{exc})") from None
+    return stored
+
+
+def calibrate(scored: Scored, stored: dict, labels: list[str], groups: dict[str, list[int]]) -> Scored:
+    """``scored`` with each label's scores and threshold mapped by the stored recalibration map of its
+    column (``labels``: the model's; ``groups``: the columns behind each scored label, :func:`side_groups`).
+    Each map is strictly increasing, so AUROC and every thresholded call stay as they were; a label merged
+    from sides with different maps keeps its scores (the larger of two differently mapped probabilities
+    is no increasing map of the larger one)."""
+    maps = {}
+    for name in scored.labels:
+        sides = [stored["labels"][labels[i]] for i in groups[name]]
+        maps[name] = sides[0] if all(m == sides[0] for m in sides) else {
+            "method": "identity", "reason": "not applied: its right and left sides, merged, have different maps"}
+    return replace(scored, scores=apply_recalibration(scored.scores, scored.labels, maps), uncalibrated=scored.scores,
+                   thresholds=map_thresholds(scored.thresholds, scored.labels, maps),
+                   recalibration={**stored, "labels": maps})
 
 
 def score_frame(model: torch.nn.Module, device: torch.device, frame: pd.DataFrame, table: Table, data: Data,
@@ -220,14 +273,14 @@ def youden_thresholds(truth: np.ndarray, scores: np.ndarray, labels: list[str]) 
     return {label: youden_threshold(truth[:, i], scores[:, i]) for i, label in enumerate(labels)}
 
 
-def predict_experiment(exp_dir: Path, split: str = "test") -> dict:
-    """Write ``private/predictions/<split>.csv``, ``results/<split>_*`` and the split's report; return the
-    metrics."""
+def predict_experiment(exp_dir: Path, split: str = "test", calibrated: bool = False) -> dict:
+    """Write ``private/predictions/<split>.csv``, ``results/<split>_*`` and the split's report (with
+    ``calibrated``, recalibrated: ``<split>_calibrated`` in each name); return the metrics."""
     exp_dir = Path(exp_dir)
     files = Layout(exp_dir)
-    scored = score_split(exp_dir, split)
+    scored = score_split(exp_dir, split, calibrated)
     metrics, fairness = write_predictions(files, scored, files.best, exp_dir.name, experiment_about(files, scored))
-    _log_scalars(files.tensorboard, split, metrics, fairness)
+    _log_scalars(files.tensorboard, scored.output, metrics, fairness)
     return metrics
 
 
@@ -251,6 +304,12 @@ class Source:
     experiment: Trained | None = None  # None for a bundle
     _thresholds: dict[str, float] | None = None  # a bundle's, per model label
     _valid: tuple[np.ndarray, np.ndarray] | None = None  # an experiment's validation (labels, scores)
+    calibration: dict | None = None  # the recalibration map it stores (best.pt or model.json); None: none
+
+    def calibration_map(self) -> dict:
+        """The stored recalibration map, for ``--calibrated``; InputError naming the file without one."""
+        return require_map(self.calibration, Layout(self.path).best if self.experiment else self.path / "model.json",
+                           self.labels)
 
     def thresholds(self, device: torch.device, groups: dict[str, list[int]]) -> dict[str, float]:
         """The model's threshold per scored label (:func:`side_groups`). An experiment's: Youden's J on
@@ -323,7 +382,8 @@ def load_source(path: Path) -> Source:
         epsilon = privacy.get("epsilon", float("nan")) if privacy.get("private", rebuild["private"]) else None
         guarantee = privacy.get("in_words") or (plain_statement(None, None) if epsilon is None else facts["privacy"])
         return Source(path, model, list(rebuild["labels"]), -1, rebuild["preprocessing"], "bundle", facts, guarantee,
-                      trained_on, epsilon, training.get("pretrained_from"), _thresholds=dict(rebuild["thresholds"]))
+                      trained_on, epsilon, training.get("pretrained_from"), _thresholds=dict(rebuild["thresholds"]),
+                      calibration=rebuild.get("calibration"))
     trained = load_trained(path)
     cfg, files = trained.cfg, Layout(path)
     summary = read_json(files.summary) if files.summary.is_file() else None
@@ -335,23 +395,27 @@ def load_source(path: Path) -> Source:
     guarantee = plain_privacy(summary["dp"]) if summary else facts["privacy"]
     return Source(path, trained.model, trained.labels, trained.epoch, prep, "experiment valid", facts, guarantee,
                   f"{cfg.data.dataset}-{cfg.data.site}", epsilon,
-                  Path(cfg.model.pretrained_checkpoint).name if cfg.model.pretrained_checkpoint else None, trained)
+                  Path(cfg.model.pretrained_checkpoint).name if cfg.model.pretrained_checkpoint else None, trained,
+                  calibration=trained.calibration)
 
 
 SPLIT_CHOICES = ("test", "valid", "train", "all")
 
 
-def score_external(source: Source, data: Config, split: str = "test", recalibrate: str | None = None) -> Scored:
+def score_external(source: Source, data: Config, split: str = "test", recalibrate: str | None = None,
+                   calibrated: bool = False) -> Scored:
     """Score ``split`` (or ``all`` images) of the dataset ``data`` describes with ``source``.
 
     The dataset is read with the model's preprocessing and labels (matched through ``data.label_map``
     and ``data.merge_sides``); labels it lacks are listed as absent and not scored. Decision thresholds
     are the model's own unless ``recalibrate`` names a split of this dataset: then Youden's J on it,
     and its images are left out of what is scored. Images the experiment trained on are refused.
+    ``calibrated``: scores and thresholds mapped by the model's stored recalibration (:func:`calibrate`).
     """
     if recalibrate is not None and recalibrate == split:
         raise InputError(f"--recalibrate {recalibrate}: thresholds chosen on the scored split would be optimistic; "
                          f"recalibrate on another split (its images are then left out of scoring)")
+    stored = source.calibration_map() if calibrated else None
     cfg = external_config(source, data)
     key = config_key(cfg)
     table = load_table(cfg.data, cfg.experiment.seed, absent_ok=True)
@@ -389,7 +453,8 @@ def score_external(source: Source, data: Config, split: str = "test", recalibrat
              "left_out_split": recalibrate if split == "all" else None, "labels": present, "absent": table.absent,
              "label_map": dict(cfg.data.label_map), "merge_sides": cfg.data.merge_sides,
              "source": str(source.path.resolve()), "checkpoint_epoch": source.epoch, "config_key": key}
-    return Scored(cfg, split, frame, present, truth, scores, thresholds, threshold_split, source.epoch, about)
+    scored = Scored(cfg, split, frame, present, truth, scores, thresholds, threshold_split, source.epoch, about)
+    return calibrate(scored, stored, source.labels, groups) if stored else scored
 
 
 def external_config(source: Source, data: Config) -> Config:
@@ -416,12 +481,12 @@ def external_folder(source: Source, dataset: str, site: str, split: str, recalib
 
 
 def predict_external(source: Source, data: Config, split: str = "test", recalibrate: str | None = None,
-                     out: Path | None = None) -> tuple[dict, Path]:
+                     out: Path | None = None, calibrated: bool = False) -> tuple[dict, Path]:
     """Score another dataset (:func:`score_external`) and write predictions, metrics, fairness and a
     report into ``out``; a folder holding another dataset's results is refused, never overwritten."""
-    scored = score_external(source, data, split, recalibrate)
+    scored = score_external(source, data, split, recalibrate, calibrated)
     out = Path(out) if out else external_folder(source, scored.data["dataset"], scored.data["site"], split, recalibrate)
-    earlier = Layout(out).results / f"{split}_metrics.json"
+    earlier = Layout(out).results / f"{scored.output}_metrics.json"
     if earlier.is_file():
         before = read_json(earlier).get("data") or {}
         if any(before.get(key) != scored.data[key] for key in ("dataset", "site", "root", "source")):
@@ -443,23 +508,27 @@ def predict_external(source: Source, data: Config, split: str = "test", recalibr
     return metrics, out
 
 
-def images_folder(source: Source, images: Path) -> Path:
+def images_folder(source: Source, images: Path, calibrated: bool = False) -> Path:
     """Default output folder of ``--images``: ``<experiment>/inference/<name>`` (for a bundle,
-    ``<bundle>_inference/<name>`` beside it), named after the folder or CSV file scored."""
-    name = (images.stem if images.is_file() else images.resolve().name) or "images"
+    ``<bundle>_inference/<name>`` beside it), named after the folder or CSV file scored, ``<name>_calibrated``
+    with ``--calibrated``."""
+    name = output_name((images.stem if images.is_file() else images.resolve().name) or "images", calibrated)
     parent = source.path / "inference" if source.experiment else source.path.parent / f"{source.path.name}_inference"
     return parent / name
 
 
 @torch.no_grad()
-def predict_images(source: Source, images: Path, out: Path | None = None) -> tuple[dict, Path]:
+def predict_images(source: Source, images: Path, out: Path | None = None,
+                   calibrated: bool = False) -> tuple[dict, Path]:
     """Score new, unlabelled images (a folder or a CSV listing them, :mod:`data.unlabelled`) with
     ``source`` at its own thresholds, streamed one batch at a time; write ``scores.csv``,
     ``bad_images.csv`` and ``inference.json`` into ``out`` (default :func:`images_folder`), which must
-    not hold files yet. Returns (what inference.json says, out)."""
+    not hold files yet. ``calibrated``: probabilities and thresholds mapped by the model's stored
+    recalibration, the model's own probabilities beside them. Returns (what inference.json says, out)."""
     images = Path(images).expanduser()
+    stored = source.calibration_map() if calibrated else None
     listed, ignored = list_images(images)
-    out = Path(out).expanduser() if out else images_folder(source, images)
+    out = Path(out).expanduser() if out else images_folder(source, images, calibrated)
     if out.is_dir() and any(out.iterdir()):
         raise InputError(f"{out} already holds results; choose another --out (earlier results are never replaced)")
     if listed.empty:
@@ -502,16 +571,23 @@ def predict_images(source: Source, images: Path, out: Path | None = None) -> tup
                          + ", ".join(f"{kind}: {n}" for kind, n in per_reason.items()) + "); nothing scored")
     probabilities = np.concatenate(scores)
     thresholds = source.thresholds(device, side_groups(source.labels, merge=False))  # every output as it is
+    if stored:
+        raw, maps = probabilities, stored["labels"]
+        probabilities = apply_recalibration(raw, source.labels, maps)
+        thresholds = map_thresholds(thresholds, source.labels, maps)
     table = listed.loc[reasons == "", ["path", *[c for c in CARRIED if c in listed]]].reset_index(drop=True)
     for i, label in enumerate(source.labels):
         table[label] = probabilities[:, i]
+        if stored:
+            table[f"{label}_uncalibrated"] = raw[:, i]
         table[f"{label}_positive"] = (probabilities[:, i] >= thresholds[label]).astype(int)
     result = {"images": str(images), "source": {"path": str(source.path),
                                                 "kind": "experiment" if trained else "release bundle",
                                                 "checkpoint_epoch": source.epoch, **source.facts},
               "privacy": source.facts["privacy"], "labels": source.labels, "thresholds": thresholds,
               "threshold_split": source.threshold_split,
-              "thresholds_from": threshold_source({"threshold_split": source.threshold_split}),
+              "thresholds_from": threshold_source({"threshold_split": source.threshold_split, "recalibration": stored}),
+              **({"recalibration": stored} if stored else {}),
               "positive": "probability >= threshold", "preprocessing": prep,
               "counts": {"images": len(listed), "scored": len(table), "bad": len(bad), "bad_per_reason": per_reason,
                          "other_files_ignored": ignored}}
@@ -568,17 +644,23 @@ def training_curves(tensorboard: Path) -> dict[str, list[tuple[int, float]]]:
 def write_predictions(files: Layout, scored: Scored, source: Path, title: str,
                       about: dict | None = None) -> tuple[dict, dict]:
     """Per-image predictions, metrics and fairness with their intervals, and the report of a scored
-    split, into ``files``' private/predictions/, results/ and report; returns (metrics, fairness)."""
+    split, into ``files``' private/predictions/, results/ and report, named ``scored.output`` (recalibrated:
+    the calibration before and after, the model's own scores beside the mapped ones); returns (metrics,
+    fairness)."""
     split, frame, labels, truth, scores = scored.split, scored.frame, scored.labels, scored.truth, scored.scores
+    name, raw = scored.output, scored.uncalibrated
     out = frame[["image_id", "patient_id"]].copy()
     out["sex"] = frame["sex"].where(frame["sex"].isin(["F", "M"]), "")
     out["age"] = frame["age"]
     for i, label in enumerate(labels):
         out[label] = pd.Series(truth[:, i]).astype("Int64")  # empty where unlabelled
         out[f"{label}_score"] = scores[:, i]
+        if raw is not None:
+            out[f"{label}_score_uncalibrated"] = raw[:, i]
     metrics = {"split": split, "threshold_split": scored.threshold_split,
                "thresholds_optimistic": split == scored.threshold_split, "checkpoint_epoch": scored.epoch,
                **({"data": scored.data} if scored.data else {}),
+               **({"recalibration": scored.recalibration} if scored.recalibration else {}),
                **split_metrics(truth, scores, labels, scored.thresholds)}
     evaluation = scored.cfg.evaluation
     # One set of resample counts for the metrics and every subgroup: all intervals are paired.
@@ -600,18 +682,21 @@ def write_predictions(files: Layout, scored: Scored, source: Path, title: str,
             permutations=evaluation.permutations, seed=evaluation.seed))
     else:  # as split_calibration: one image has no bins
         fairness["calibration"] = {"bins": None, "reason": f"not estimable: {len(truth)} scored image"}
-    calibration = split_calibration(truth, scores, labels, weights if evaluation.bootstrap else weights[:0],
-                                    evaluation)
+    resamples = weights if evaluation.bootstrap else weights[:0]
+    calibration = split_calibration(truth, scores, labels, resamples, evaluation)
+    if raw is not None:
+        calibration.update(recalibration=scored.recalibration,
+                           uncalibrated=split_calibration(truth, raw, labels, resamples, evaluation))
     estimable = calibration if calibration["calibration"] else None
     metrics["calibration_mean"] = estimable and calibration["calibration"]["mean"]
     write_results(source, {
-        files.predictions / f"{split}.csv": out.to_csv(index=False),
-        files.results / f"{split}_metrics.json": json_text(metrics),
-        files.results / f"{split}_fairness.json": json_text(fairness),
-        files.results / f"{split}_fairness.csv": fairness_table(fairness).to_csv(index=False),
-        files.results / f"{split}_calibration.json": json_text(calibration),
-        files.report(split): page(f"{title}: {split} split", prediction_sections(labels, truth, scores, metrics,
-                                                                                 fairness, about, estimable))})
+        files.predictions / f"{name}.csv": out.to_csv(index=False),
+        files.results / f"{name}_metrics.json": json_text(metrics),
+        files.results / f"{name}_fairness.json": json_text(fairness),
+        files.results / f"{name}_fairness.csv": fairness_table(fairness).to_csv(index=False),
+        files.results / f"{name}_calibration.json": json_text(calibration),
+        files.report(name): page(f"{title}: {split} split" + (", recalibrated" if raw is not None else ""),
+                                 prediction_sections(labels, truth, scores, metrics, fairness, about, estimable))})
     return metrics, fairness
 
 

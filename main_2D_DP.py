@@ -3,10 +3,10 @@
     python main_2D_DP.py                      train with configs/config.yaml, then predict on test
     python main_2D_DP.py train [--config FILE] [--name NAME] [--resume [--allow-budget-increase]]
                                [--audit-canaries M] [--set KEY=VALUE ...]
-    python main_2D_DP.py predict EXPERIMENT_DIR [--split test|valid]
+    python main_2D_DP.py predict EXPERIMENT_DIR [--split test|valid] [--calibrated]
     python main_2D_DP.py predict EXPERIMENT_OR_BUNDLE --data DATA_CONFIG [--split test|valid|train|all]
-                               [--recalibrate SPLIT] [--out DIR] [--set ...]
-    python main_2D_DP.py predict EXPERIMENT_OR_BUNDLE --images FOLDER_OR_CSV [--out DIR]
+                               [--recalibrate SPLIT] [--calibrated] [--out DIR] [--set ...]
+    python main_2D_DP.py predict EXPERIMENT_OR_BUNDLE --images FOLDER_OR_CSV [--calibrated] [--out DIR]
     python main_2D_DP.py export EXPERIMENT_DIR OUT_DIR [--non-private]
     python main_2D_DP.py compare EXP_A EXP_B [--split test|valid] [--out DIR]
     python main_2D_DP.py transfer --experiments DIR [DIR ...] --data CONFIG [CONFIG ...] [--split S] [--out DIR]
@@ -48,8 +48,8 @@ from privacy.ledger import (Ledger, describe as describe_ledger, earlier_default
                             refuse_earlier_format)
 from privacy.release import FILES as RELEASE_FILES, export_bundle, is_bundle
 from privacy.audit_experiment import audit_experiment, format_audit
-from Prediction_DP import (SPLIT_CHOICES, format_metrics, load_experiment_config, load_source, predict_experiment,
-                           predict_external, predict_images)
+from Prediction_DP import (SPLIT_CHOICES, format_metrics, load_experiment_config, load_source, output_name,
+                           predict_experiment, predict_external, predict_images)
 from Train_Valid_DP import TrainingStopped, check_resume_compatible, train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "config.yaml"
@@ -124,10 +124,10 @@ def inside(target_dir: Path, name: str, what: str) -> Path:
 
 
 def run_predict(source: Path, split: str, data: Path | None = None, overrides: list[str] = (),
-                out: Path | None = None, recalibrate: str | None = None) -> Path:
+                out: Path | None = None, recalibrate: str | None = None, calibrated: bool = False) -> Path:
     """Score a split of an experiment's own dataset with its best.pt or, given a data config, a split
-    of another dataset with an experiment or a release bundle (external validation); return the
-    folder written."""
+    of another dataset with an experiment or a release bundle (external validation), with
+    ``calibrated`` through the model's stored recalibration map; return the folder written."""
     expect_folder(out, "--out")
     if data is None:
         if is_bundle(source):
@@ -136,23 +136,26 @@ def run_predict(source: Path, split: str, data: Path | None = None, overrides: l
         if overrides or out is not None or recalibrate is not None or split not in ("test", "valid"):
             raise InputError("--set, --out, --recalibrate and --split train/all are for scoring another dataset "
                              "(--data CONFIG); an experiment scores its own test or valid split into its own folder")
-        metrics, out = predict_experiment(source, split), source
+        metrics, out = predict_experiment(source, split, calibrated), source
     else:
-        metrics, out = predict_external(load_source(source), load_config(data, overrides), split, recalibrate, out)
+        metrics, out = predict_external(load_source(source), load_config(data, overrides), split, recalibrate, out,
+                                        calibrated)
         absent = metrics["data"]["absent"]
         if absent:
             print(f"labels absent from this dataset, not scored: {', '.join(absent)}")
     print(format_metrics(metrics))
-    print(f"wrote in {out}: private/predictions/{split}.csv, results/{split}_metrics.json, "
-          f"results/{split}_fairness.json and .csv, results/{split}_calibration.json, {Layout(out).report(split).name}")
+    name = output_name(split, calibrated)
+    print(f"wrote in {out}: private/predictions/{name}.csv, results/{name}_metrics.json, "
+          f"results/{name}_fairness.json and .csv, results/{name}_calibration.json, {Layout(out).report(name).name}")
     return out
 
 
-def run_images(source: Path, images: Path, out: Path | None = None) -> Path:
+def run_images(source: Path, images: Path, out: Path | None = None, calibrated: bool = False) -> Path:
     """Score new, unlabelled images (a folder or a CSV listing them) with an experiment or a release
-    bundle, at the model's own thresholds; return the folder written."""
+    bundle, at the model's own thresholds (``calibrated``: through its recalibration map); return the
+    folder written."""
     expect_folder(out, "--out")
-    result, out = predict_images(load_source(source), images, out)
+    result, out = predict_images(load_source(source), images, out, calibrated)
     counts = result["counts"]
     kinds = ", ".join(f"{kind}: {n}" for kind, n in counts["bad_per_reason"].items())
     reasons = f" ({kinds})" if kinds else ""
@@ -500,6 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--recalibrate", choices=["valid", "train", "test"], default=None, metavar="SPLIT",
                     help="with --data: choose the thresholds on this split of the other dataset (left out of scoring) "
                          "instead of the model's own")
+    pr.add_argument("--calibrated", action="store_true",
+                    help="apply the model's calibration map (evaluation.recalibration, fit on its validation "
+                         "split) to the probabilities and thresholds; results go beside the uncalibrated ones as "
+                         "<split>_calibrated (--images: <name>_calibrated); not on the experiment's own valid split")
     pr.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                     help="with --data: override keys of that config")
     pr.add_argument("--out", type=Path, default=None,
@@ -605,9 +612,10 @@ def main(argv: list[str] | None = None) -> int:
             if given:
                 raise InputError(f"{', '.join(given)} cannot be combined with --images: new images have no split, "
                                  f"labels or data config (their preprocessing is the model's)")
-            run_images(args.experiment, args.images, args.out)
+            run_images(args.experiment, args.images, args.out, args.calibrated)
         elif args.command == "predict":
-            run_predict(args.experiment, args.split or "test", args.data, args.overrides, args.out, args.recalibrate)
+            run_predict(args.experiment, args.split or "test", args.data, args.overrides, args.out, args.recalibrate,
+                        args.calibrated)
         elif args.command == "export":
             run_export(args.experiment, args.out, args.non_private)
         elif args.command == "prepare":

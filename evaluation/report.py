@@ -16,8 +16,8 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from evaluation.bootstrap import format_p
-from evaluation.calibration import GAP_DEFINITIONS
-from privacy.release import EPSILON_MEANING, NOT_COVERED
+from evaluation.calibration import GAP_DEFINITIONS, describe_map
+from privacy.release import EPSILON_MEANING, not_covered
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -164,7 +164,13 @@ def _subgroup_panels(fairness: dict, attribute: str, labels: list[str]):
 
 
 def threshold_source(metrics: dict) -> str:
-    """Where the decision thresholds of a split's metrics came from, in words."""
+    """Where the decision thresholds of a split's metrics came from, in words (and, for recalibrated
+    scores, that they are mapped alike)."""
+    return _threshold_origin(metrics) + (", each mapped by the calibration map as the scores are (the same images "
+                                         "are positive)" if metrics.get("recalibration") else "")
+
+
+def _threshold_origin(metrics: dict) -> str:
     if metrics.get("thresholds_optimistic"):
         return f"thresholds by Youden's J on the {metrics['split']} split itself (optimistic)"
     if metrics["threshold_split"] == "bundle":
@@ -224,7 +230,8 @@ def summary_section(about: dict, metrics: dict) -> tuple[str, str]:
                            f"better than chance (marked † below)" if flagged else "") + ".")]
     body = "".join(f"<p><b>{name}.</b> {html.escape(text)}</p>" for name, text in lines)
     if about["private"]:
-        body += (f"<p class='warning'>Not protected by this guarantee: {html.escape('; '.join(NOT_COVERED))}.</p>")
+        covered = not_covered(bool(metrics.get("recalibration")))
+        body += f"<p class='warning'>Not protected by this guarantee: {html.escape('; '.join(covered))}.</p>"
     if about["synthetic"]:
         body += ("<p class='warning'>Research use only: the images are synthetic (DP-CXR's built-in generator); "
                  "these figures show that the pipeline works, not how a model performs on patients.</p>")
@@ -407,17 +414,21 @@ def _diagnosis_table(fairness: dict) -> str:
             + (_table(pd.DataFrame(gaps), keys=2) if gaps else ""))
 
 
-def _reliability_grid(calibration: dict, labels: list[str]):
+def _reliability_grid(calibration: dict, labels: list[str], before: dict | None = None):
     """Observed fraction (Wilson 95% interval) against mean predicted probability per equal-mass bin,
-    each bin's image count beside its point, and the diagonal of perfect calibration."""
+    each bin's image count beside its point, and the diagonal of perfect calibration; with ``before``
+    (the calibration of the scores before recalibration), its bins too, as grey open circles."""
     fig, axes = _panels(labels, 2.9)
     for ax, label in zip(axes.flat, labels):
         reliability = calibration["labels"][label]["reliability"]
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        shown = [(before["labels"][label]["reliability"], "grey", "none")] if before else []
+        for bins, color, face in [*shown, (reliability, "tab:blue", "tab:blue")]:
+            for b in (bins or {}).get("bins", []):
+                lo, hi = b["observed_ci95"] or (b["observed"], b["observed"])
+                ax.errorbar([b["mean_predicted"]], [b["observed"]], yerr=[[b["observed"] - lo], [hi - b["observed"]]],
+                            fmt="o", ms=4, capsize=2, color=color, mfc=face)
         for b in (reliability or {}).get("bins", []):
-            lo, hi = b["observed_ci95"] or (b["observed"], b["observed"])
-            ax.errorbar([b["mean_predicted"]], [b["observed"]], yerr=[[b["observed"] - lo], [hi - b["observed"]]],
-                        fmt="o", ms=4, capsize=2, color="tab:blue")
             ax.annotate(str(b["n"]), (b["mean_predicted"], b["observed"]), textcoords="offset points", xytext=(4, -9),
                         fontsize=7, color="dimgrey")
         if not reliability:
@@ -425,7 +436,8 @@ def _reliability_grid(calibration: dict, labels: list[str]):
         ax.set(xlim=(0, 1), ylim=(-0.02, 1.02), xlabel="predicted probability", ylabel="observed fraction")
         ax.set_title(label, fontsize=10)
     fig.suptitle("Reliability: observed fraction (95% CI) per equal-mass bin, images per bin beside each point; "
-                 "dashed: perfect calibration", fontsize=10)
+                 "dashed: perfect calibration" + ("; grey open circles: before recalibration" if before else ""),
+                 fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -473,15 +485,33 @@ def _calibration_reading(entries: dict) -> str:
     return "; ".join(words)
 
 
-def calibration_sections(calibration: dict, labels: list[str]) -> list[tuple[str, str]]:
-    """Calibration per label with intervals and in words, reliability diagrams, decision curves."""
-    report, names = calibration["calibration"], {"brier": "Brier", "ece": "ECE", "observed_expected": "O/E",
-                                                   "intercept": "intercept", "slope": "slope"}
+CALIBRATION_COLUMNS = {"brier": "Brier", "ece": "ECE", "observed_expected": "O/E", "intercept": "intercept",
+                       "slope": "slope"}
+
+
+def _calibration_table(report: dict, maps: dict | None = None) -> str:
+    """Per label and averaged: each calibration metric with its interval and a reading; with ``maps``
+    (recalibrated scores), each label's map."""
     rows = [{"label": label, "images": str(entry["n"]), "positives": str(entry["positives"]),
-             **{shown: value_ci(entry["metrics"].get(name)) for name, shown in names.items()},
+             **({"map": _map_words(maps[label])} if maps else {}),
+             **{shown: value_ci(entry["metrics"].get(name)) for name, shown in CALIBRATION_COLUMNS.items()},
              "reading": _calibration_reading(entry["metrics"])} for label, entry in report["labels"].items()]
-    rows.append({"label": "mean", "images": "", "positives": "",
-                 **{shown: value_ci(report["mean"].get(name)) for name, shown in names.items()}, "reading": ""})
+    rows.append({**dict.fromkeys(rows[0], ""), "label": "mean",
+                 **{shown: value_ci(report["mean"].get(name)) for name, shown in CALIBRATION_COLUMNS.items()}})
+    return _table(pd.DataFrame(rows))
+
+
+def _map_words(m: dict) -> str:
+    if m["method"] == "temperature":
+        return f"T = {m['temperature']:.3g}"
+    return f"a = {m['a']:.3g}, b = {m['b']:.3g}" if m["method"] == "platt" else "identity"
+
+
+def calibration_sections(calibration: dict, labels: list[str]) -> list[tuple[str, str]]:
+    """Calibration per label with intervals and in words, reliability diagrams, decision curves; of
+    recalibrated scores (``calibration`` has 'uncalibrated'), the map and the calibration before it too."""
+    report, before = calibration["calibration"], calibration.get("uncalibrated")
+    stored = calibration.get("recalibration")
     note = (f"<p class='note'>Does a predicted 0.3 mean that 30% of such images have the finding? Brier: mean squared "
             f"error of the probabilities (0 is best). ECE: over {report['bins']} equal-mass bins of each label's "
             f"scores, the share-weighted gap between mean predicted and observed (0 = calibrated; its interval is a "
@@ -490,11 +520,25 @@ def calibration_sections(calibration: dict, labels: list[str]) -> list[tuple[str
             f"probabilities are too extreme: over-confident). Intervals: 95%, the same patient resamples as the "
             f"metrics. DP-SGD and the positive-class loss weights both shift probabilities: read AUROC for ranking, "
             f"these for the probabilities themselves.</p>")
+    if before:
+        kept = [f"{label}: {m['reason']}" for label, m in stored["labels"].items() if m["method"] == "identity"]
+        mapped = (f"Recalibrated: {describe_map(stored)}. The validation patients are not protected "
+                  f"by the DP guarantee (they also chose the checkpoint and the thresholds); the map costs no privacy. "
+                  f"It is fixed here, as thresholds are: the intervals leave out its own noise. Each map is strictly "
+                  f"increasing (T: logit(p) / T; a, b: a logit(p) + b), so AUROC and the thresholded metrics are those "
+                  f"of the model's own probabilities." + (f" Left unchanged: {'; '.join(kept)}." if kept else ""))
+        content = (note + f"<p class='note'>{html.escape(mapped)}</p><p><b>After recalibration</b></p>"
+                   + _calibration_table(report, stored["labels"])
+                   + "<p><b>Before recalibration</b> (the model's own probabilities)</p>"
+                   + _calibration_table(before["calibration"]))
+    else:
+        content = note + _calibration_table(report)
     curves_note = ("<p class='note'>Net benefit (Vickers & Elkin 2006) of acting on the images whose probability "
                    "reaches a threshold: true positives minus false positives weighted by the odds of the threshold, "
                    "per image; against treating every image (orange) or none (0). A model is useful at the "
-                   "thresholds where its curve (95% band) lies above both.</p>")
-    return [("Calibration", note + _table(pd.DataFrame(rows)) + _figure(_reliability_grid(report, labels))),
+                   "thresholds where its curve (95% band) lies above both." + (
+                       " Of the recalibrated probabilities." if before else "") + "</p>")
+    return [("Calibration", content + _figure(_reliability_grid(report, labels, before and before["calibration"]))),
             ("Decision curves", curves_note + _figure(_decision_grid(calibration["decision_curves"], labels)))]
 
 

@@ -4,8 +4,9 @@
 
 * ``model.safetensors``: the weights of ``checkpoints/best.pt`` in a tensors-only format (loading
   runs no code);
-* ``model.json``: what rebuilds the network and its input (architecture, labels, preprocessing) and
-  the decision thresholds of the experiment's test metrics;
+* ``model.json``: what rebuilds the network and its input (architecture, labels, preprocessing), the
+  decision thresholds of the experiment's test metrics and the recalibration map of best.pt (fit on the
+  validation patients, counts rounded; ``predict --calibrated`` applies it);
 * ``model_card.json`` and ``model_card.md``: the privacy statement (unit, epsilon, delta, adjacency,
   accountant, the number of units rounded, whether the noise was secret, what the guarantee covers and
   what it does not, and the privacy ledger's total for the same patients), the training recipe, and
@@ -28,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from artifacts import Layout, atomic_write_text, json_text, load_checkpoint, read_json
 from config import PUBLIC_PRETRAINING, Config, InputError
+from evaluation.calibration import describe_map
 from models import resolve_trainable
 from privacy.ledger import Ledger, released_level, test_use
 
@@ -123,6 +125,26 @@ NOT_COVERED = ("validation patients: they chose the checkpoint and the decision 
                "other models released from the same patients: see the privacy ledger's total")
 
 
+def not_covered(calibrated: bool) -> list[str]:
+    """:data:`NOT_COVERED`, saying with ``calibrated`` that the calibration map was fit on the validation
+    patients too."""
+    return [NOT_COVERED[0] + (", and the calibration map was fit on them" if calibrated else ""), *NOT_COVERED[1:]]
+
+
+def bundle_map(stored: dict | None) -> dict | None:
+    """A checkpoint's recalibration map as a bundle carries it: the validation counts rounded as the
+    training counts are (:func:`rounded_count`): with the test counts they would give those back."""
+    return stored and {**stored, "patients": rounded_count(stored["patients"]),
+                       "images": rounded_count(stored["images"]), "counts_rounded": True}
+
+
+def calibration_words(stored: dict | None, private: bool) -> str:
+    """The model card's line on the calibration map: what it is and whom it was fit on, or 'none'."""
+    if not stored:
+        return "none"
+    return describe_map(stored) + (" (not protected by the DP guarantee)" if private else "")
+
+
 def test_use_note(use: dict | None, exact: bool) -> str | None:
     """What other runs did with a run's test patients (:func:`privacy.ledger.test_use`), with exact counts
     only for private files; None when no other run trained them (or it was not recorded)."""
@@ -166,10 +188,10 @@ def plain_privacy(dp: dict) -> str:
 
 
 def model_card(cfg: Config, summary: dict, metrics: dict, parameters: int, epoch: int, ledger_total: dict,
-               tests_trained: dict | None = None) -> dict:
+               tests_trained: dict | None = None, calibration: dict | None = None) -> dict:
     """The card of a trained experiment (``summary.json`` and the test split's metrics); ``ledger_total``:
     every released run composed for its training patients; ``tests_trained``: which other runs trained its
-    test patients (:func:`privacy.ledger.test_use`)."""
+    test patients (:func:`privacy.ledger.test_use`); ``calibration``: the bundle's recalibration map."""
     dp, d = summary["dp"], cfg.derived
     private = dp["enabled"]
     privacy = {"private": private}
@@ -189,7 +211,7 @@ def model_card(cfg: Config, summary: dict, metrics: dict, parameters: int, epoch
             steps=summary["steps"], noise_multiplier=rounded(dp["noise_multiplier"]),
             max_grad_norm=dp["max_grad_norm"], noise=dp["noise"], secure_mode=dp["secure_mode"],
             covers=f"the training {unit}s" + (" its starting weights were not trained on" * unbounded_start(dp)),
-            does_not_cover=list(NOT_COVERED) + limits,
+            does_not_cover=not_covered(bool(calibration)) + limits,
             loss_weights=d.get("pos_weight_source"),
             ledger_total={**ledger_total, "epsilon": rounded_up(ledger_total["epsilon"])
                           if math.isfinite(ledger_total["epsilon"]) else None},
@@ -211,6 +233,7 @@ def model_card(cfg: Config, summary: dict, metrics: dict, parameters: int, epoch
         "model": {"architecture": cfg.model.name, "activation": cfg.model.activation, "parameters": parameters,
                   "input": f"1 x {cfg.data.image_size} x {cfg.data.image_size} grayscale",
                   "labels": list(cfg.data.labels)},
+        "calibration": calibration_words(calibration, private),
         "training": {"dataset": cfg.data.dataset, "site": cfg.data.site, "epochs": summary["epochs_completed"],
                      "checkpoint": f"best mean validation AUROC, epoch {epoch}", "optimizer": training.optimizer,
                      "learning_rate": training.lr, "logical_batch_size": training.logical_batch_size,
@@ -264,7 +287,8 @@ def card_markdown(card: dict) -> str:
                   + (f"{privacy['epsilon_pld']['replace_one']:.4g}." if privacy["epsilon_pld"] else "not computed."),
                   f"- Numbers rounded {privacy['rounding']}.", ""]
     lines += ["## Model", "", f"- {model['architecture']} ({model['activation']}), {model['parameters']:,} "
-              f"parameters, input {model['input']}.", f"- Labels: {', '.join(model['labels'])}.", "",
+              f"parameters, input {model['input']}.", f"- Labels: {', '.join(model['labels'])}.",
+              f"- Calibration map: {card['calibration']}.", "",
               "## Training", "",
               f"- Data: {training['dataset']}, site {training['site']}; epochs: {training['epochs']}, "
               f"{training['optimizer']} at learning rate {training['learning_rate']:g} ({training['schedule']}), "
@@ -314,14 +338,16 @@ def export_bundle(exp_dir: Path, out_dir: Path, cfg: Config, non_private: bool =
         level = released_level(ledger.entries(), cfg.dp.accountant, summary["dp"]["delta"],
                                among=None if patients is None else set(patients))
         total = {"epsilon": level.epsilon, "note": level.note}
+    calibration = bundle_map(best.get("calibration"))
     card = model_card(cfg, summary, metrics, sum(v.numel() for v in weights.values()), best["epoch"], total,
-                      test_use(ledger, run_id))
+                      test_use(ledger, run_id), calibration)
     rebuild = {"format": BUNDLE_FORMAT, "model": {"name": cfg.model.name, "activation": cfg.model.activation},
                "labels": list(cfg.data.labels),
                "preprocessing": {"image_size": cfg.data.image_size, "fit": cfg.data.fit,
                                  "histogram_equalization": cfg.data.histogram_equalization},
                "thresholds": {label: m["threshold"] for label, m in metrics["labels"].items()},
-               "threshold_source": card["evaluation"]["thresholds"], "private": summary["dp"]["enabled"]}
+               "threshold_source": card["evaluation"]["thresholds"], "private": summary["dp"]["enabled"],
+               "calibration": calibration}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": f"dp-cxr-{BUNDLE_FORMAT}"})
     atomic_write_text(out_dir / "model.json", json_text(rebuild))

@@ -13,8 +13,9 @@ from sklearn.metrics import brier_score_loss, roc_auc_score
 from config import InputError
 from evaluation.bootstrap import resample_counts
 from evaluation.calibration import (CLIP, apply_recalibration, calibration_report, clipped_logit, decision_curve,
-                                    fit_recalibration, label_calibration, logistic_fit, reliability_bins,
-                                    subgroup_calibration)
+                                    describe_map, fit_recalibration, label_calibration, logistic_fit, map_thresholds,
+                                    reliability_bins, stored_map, subgroup_calibration)
+from privacy.release import bundle_map, calibration_words
 
 EDGES = [0, 30, 60, 70, 80, 100]
 
@@ -219,6 +220,34 @@ def test_recalibration_never_reverses_a_ranking():
     edge = apply_recalibration(np.array([[0.0], [CLIP / 10], [CLIP / 5], [1.0]]), ["x"],
                                {"x": {"method": "temperature", "temperature": 2.0}})
     assert edge[0, 0] == 0.0 and edge[3, 0] == 1.0 and edge[1, 0] < edge[2, 0]  # not clipped: no new ties
+
+
+def test_mapped_thresholds_keep_every_call_and_the_stored_map_says_whom_it_was_fit_on():
+    truth, scores = _simulate(400, seed=11, sharpen=3.0, labels=3)
+    scores = scores.astype(np.float32)  # as the model gives them, with ties at 1/4 of the images
+    scores[::4] = scores[1::4]
+    labels = ["temperature", "platt", "identity"]
+    maps = {"temperature": {"method": "temperature", "temperature": 2.5},
+            "platt": {"method": "platt", "a": 0.4, "b": -1.0}, "identity": {"method": "identity", "reason": "not fitted"}}
+    mapped = apply_recalibration(scores, labels, maps)
+    for t in (0.0, 1e-9, 0.5, float(scores[7, 0]), float(scores[3, 1]), 1 - 1e-7, 1.0):  # some scores themselves
+        thresholds = map_thresholds(dict.fromkeys(labels, t), labels, maps)
+        for i, label in enumerate(labels):
+            assert np.array_equal(mapped[:, i] >= thresholds[label], scores[:, i] >= t), (label, t)
+
+    assert stored_map(truth, scores, labels, 123, "none") is None
+    stored = stored_map(truth, scores, labels, 123, "platt", min_positives=5, min_negatives=5)
+    assert stored == {"method": "platt", "split": "valid", "patients": 123, "images": 400,
+                      "labels": fit_recalibration(truth, scores, labels, "platt", 5, 5)}
+    stored["labels"]["identity"] = maps["identity"]
+    assert describe_map(stored) == ("Platt scaling per label, fit on the 123 validation patients (400 images); left "
+                                    "unchanged (identity) for identity")
+    released = bundle_map(stored)  # the bundle's counts are rounded like the training count
+    assert (released["patients"], released["images"], released["counts_rounded"]) == (120, 400, True)
+    assert calibration_words(released, private=True) == (
+        "Platt scaling per label, fit on about 120 validation patients (about 400 images); left unchanged (identity) "
+        "for identity (not protected by the DP guarantee)")
+    assert calibration_words(None, private=True) == "none" and bundle_map(None) is None
 
 
 def test_subgroup_calibration_values_and_gaps():

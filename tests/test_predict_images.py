@@ -1,5 +1,6 @@
 """`predict SOURCE --images PATH`: new, unlabelled images scored like the experiment's own test images,
-at the model's thresholds; bad files listed with their reason; earlier results never replaced."""
+at the model's thresholds; bad files listed with their reason; earlier results never replaced. And
+`predict --calibrated` (an experiment's split, another dataset, new images) on this module's model."""
 from __future__ import annotations
 
 import json
@@ -11,15 +12,18 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
 from artifacts import Layout
 from conftest import TINY_LABELS, write_tiny_config
 from data.dataset import load_table
 from data.images import decode
+from evaluation.calibration import apply_recalibration, stored_map
 from main_2D_DP import main
-from Prediction_DP import load_experiment_config
-from privacy.release import FILES
+from Prediction_DP import load_experiment_config, load_trained, score_frame
+from privacy.release import FILES, rounded_count
 from test_native_adapters import write_dicom
 
 COPIED = 4  # test images copied as JPEG, of which the last goes into a subfolder
@@ -217,3 +221,139 @@ def test_a_training_image_under_another_name_is_refused_by_its_pixels(trained, c
     assert not any(digest[:16] in text for digest in digests)
     capsys.readouterr()
     assert main(["predict", str(bundle), "--images", str(folder)]) == 0  # documented: only the experiment can tell
+
+
+# A temperature, a Platt and an identity map: the tiny model ranks its few validation images worse than
+# chance, so the maps it was fit (identities) would not show that scores change and calls do not.
+MAPS = {"cardiomegaly": {"method": "temperature", "temperature": 2.5},
+        "pleural_effusion_right": {"method": "platt", "a": 0.6, "b": -0.8},
+        "pleural_effusion_left": {"method": "identity", "reason": "not fitted: set by the test"}}
+
+
+def _copy(trained, name: str, calibration) -> Path:
+    """A copy of the experiment (same weights, ledger entry and test results) whose best.pt stores
+    ``calibration`` (None: no key, as a checkpoint of a version before recalibration)."""
+    exp = trained.root / "experiments" / name
+    shutil.copytree(trained.exp, exp, ignore=shutil.ignore_patterns("inference"))
+    ckpt = torch.load(Layout(exp).best, weights_only=True)
+    ckpt.pop("calibration")
+    torch.save({**ckpt, **({"calibration": calibration} if calibration else {})}, Layout(exp).best)
+    return exp
+
+
+@pytest.fixture(scope="module")
+def mapped(trained):
+    """The experiment with :data:`MAPS` as its calibration map, and its release bundle."""
+    best = torch.load(Layout(trained.exp).best, weights_only=True)
+    exp = _copy(trained, "mapped", {**best["calibration"], "labels": MAPS})
+    bundle = trained.root / "mapped_bundle"
+    assert main(["export", str(exp), str(bundle), "--non-private"]) == 0
+    return SimpleNamespace(exp=exp, bundle=bundle)
+
+
+def test_the_map_is_fit_on_the_validation_predictions_of_best_pt(trained):
+    stored = torch.load(Layout(trained.exp).best, weights_only=True)["calibration"]
+    best = load_trained(trained.exp)
+    cfg = best.cfg
+    table = load_table(cfg.data, cfg.experiment.seed)
+    valid = table.split("valid")
+    truth, scores = score_frame(best.model, best.device, valid, table, cfg.data, 8, "valid")
+    assert cfg.evaluation.recalibration == "temperature"  # the default
+    assert stored == stored_map(truth, scores, TINY_LABELS, valid["patient_id"].nunique(), "temperature",
+                                cfg.evaluation.min_positives, cfg.evaluation.min_negatives)
+    assert (stored["split"], stored["images"]) == ("valid", len(valid))
+    card = json.loads((trained.bundle / "model_card.json").read_text())
+    assert card["calibration"].startswith(f"temperature scaling per label, fit on about "
+                                          f"{rounded_count(stored['patients'])} validation patients")
+
+
+def test_calibrated_predictions_keep_auroc_and_calls_beside_the_uncalibrated_ones(mapped, capsys):
+    results = Layout(mapped.exp).results
+    before = {path.name: path.read_bytes() for path in results.iterdir()}
+    assert main(["predict", str(mapped.exp), "--calibrated"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert ("private/predictions/test_calibrated.csv, results/test_calibrated_metrics.json, "
+            "results/test_calibrated_fairness.json and .csv, results/test_calibrated_calibration.json, "
+            "report_test_calibrated.html") in last
+    assert all((results / name).read_bytes() == text for name, text in before.items())  # nothing replaced
+
+    raw, mine = (json.loads((results / f"test{s}_metrics.json").read_text()) for s in ("", "_calibrated"))
+    assert mine["recalibration"]["labels"] == MAPS
+    for label in TINY_LABELS:
+        a, b = raw["labels"][label], mine["labels"][label]
+        threshold = apply_recalibration(np.array([[a["threshold"]]]), [label], MAPS)[0, 0]
+        assert b["threshold"] == pytest.approx(threshold, rel=1e-12)
+        assert {k: v for k, v in a.items() if k != "threshold"} == {k: v for k, v in b.items() if k != "threshold"}
+    assert (raw["auroc_mean"], raw["auroc_mean_ci95"]) == (mine["auroc_mean"], mine["auroc_mean_ci95"])
+
+    predictions = Layout(mapped.exp).predictions
+    own, calibrated = pd.read_csv(predictions / "test.csv"), pd.read_csv(predictions / "test_calibrated.csv")
+    scores = own[[f"{label}_score" for label in TINY_LABELS]].to_numpy()
+    assert np.allclose(calibrated[[f"{label}_score_uncalibrated" for label in TINY_LABELS]].to_numpy(), scores)
+    assert np.allclose(calibrated[[f"{label}_score" for label in TINY_LABELS]].to_numpy(),
+                       apply_recalibration(scores, TINY_LABELS, MAPS))
+    assert not np.allclose(calibrated["cardiomegaly_score"], own["cardiomegaly_score"])
+
+    calibration = json.loads((results / "test_calibrated_calibration.json").read_text())
+    assert calibration["uncalibrated"] == json.loads((results / "test_calibration.json").read_text())
+    assert calibration["recalibration"]["labels"] == MAPS
+    assert calibration["calibration"]["labels"]["pleural_effusion_left"] == \
+        calibration["uncalibrated"]["calibration"]["labels"]["pleural_effusion_left"]  # identity
+    assert calibration["calibration"]["labels"]["cardiomegaly"] != \
+        calibration["uncalibrated"]["calibration"]["labels"]["cardiomegaly"]
+    page = (mapped.exp / "report_test_calibrated.html").read_text()
+    assert "After recalibration" in page and "Before recalibration" in page and "T = 2.5" in page
+
+
+def test_a_bundle_carries_the_map_and_applies_it_to_another_dataset_and_new_images(trained, mapped):
+    rebuild = json.loads((mapped.bundle / "model.json").read_text())
+    assert rebuild["calibration"]["labels"] == MAPS and rebuild["calibration"]["counts_rounded"] is True
+    card = json.loads((mapped.bundle / "model_card.json").read_text())
+    assert card["calibration"].startswith("temperature scaling per label, fit on about ")
+    assert f"- Calibration map: {card['calibration']}." in (mapped.bundle / "model_card.md").read_text()
+
+    assert main(["predict", str(mapped.bundle), "--images", str(trained.folder), "--calibrated"]) == 0
+    scores, _, about = _read(trained.root / "mapped_bundle_inference" / "new_calibrated")
+    assert about["recalibration"]["labels"] == MAPS and "mapped by the calibration map" in about["thresholds_from"]
+    raw = scores[[f"{label}_uncalibrated" for label in TINY_LABELS]].to_numpy(float)
+    assert np.allclose(scores[TINY_LABELS].to_numpy(float), apply_recalibration(raw, TINY_LABELS, MAPS))
+    for i, label in enumerate(TINY_LABELS):  # the same calls as at the bundle's own thresholds
+        assert (scores[f"{label}_positive"] == (raw[:, i] >= rebuild["thresholds"][label])).all()
+
+    # sides merged: the merged label's sides have different maps, so it keeps its scores (AUROC unchanged)
+    assert main(["predict", str(mapped.bundle), "--data", str(trained.root / "config.yaml"), "--calibrated",
+                 "--set", "data.merge_sides=true"]) == 0
+    out = trained.root / "mapped_bundle_external" / "synthetic-private-test"
+    metrics = json.loads((out / "results" / "test_calibrated_metrics.json").read_text())
+    maps = metrics["recalibration"]["labels"]
+    assert maps["cardiomegaly"] == MAPS["cardiomegaly"] and "different maps" in maps["pleural_effusion"]["reason"]
+    predictions = pd.read_csv(out / "private" / "predictions" / "test_calibrated.csv")
+    for label in ("cardiomegaly", "pleural_effusion"):
+        known = predictions[label].notna()
+        truth = predictions.loc[known, label]
+        assert metrics["labels"][label]["auroc"] == pytest.approx(
+            roc_auc_score(truth, predictions.loc[known, f"{label}_score_uncalibrated"]), abs=1e-12)
+    assert not (out / "results" / "test_metrics.json").exists()  # only the calibrated results were asked for
+
+
+def test_calibrated_is_refused_on_the_validation_split_and_without_a_map(trained, capsys):
+    assert main(["predict", str(trained.exp), "--split", "valid", "--calibrated"]) == 2
+    assert "--calibrated --split valid: the calibration map was fit on the validation split" in capsys.readouterr().err
+    assert not list(trained.exp.rglob("*valid_calibrated*"))
+
+    old = _copy(trained, "before_recalibration", None)  # a checkpoint without the key still predicts
+    assert main(["predict", str(old), "--images", str(trained.folder)]) == 0
+    assert main(["predict", str(old), "--calibrated"]) == 2
+    err = capsys.readouterr().err
+    assert f"{Layout(old).best} has no calibration map" in err and "evaluation.recalibration: temperature" in err
+    assert not list(old.rglob("*_calibrated*"))
+    bundle = trained.root / "bundle_without_map"
+    assert main(["export", str(old), str(bundle), "--non-private"]) == 0
+    assert json.loads((bundle / "model.json").read_text())["calibration"] is None
+    card = json.loads((bundle / "model_card.json").read_text())
+    assert card["calibration"] == "none" and "- Calibration map: none." in (bundle / "model_card.md").read_text()
+    capsys.readouterr()
+    assert main(["predict", str(bundle), "--images", str(trained.folder), "--calibrated"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bundle / 'model.json'} has no calibration map" in err and "export it again" in err
+    assert not (trained.root / "bundle_without_map_inference").exists()

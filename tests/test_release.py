@@ -20,7 +20,7 @@ from conftest import REPO, write_tiny_config
 from data.dataset import load_table
 from main_2D_DP import main
 from privacy.ledger import Ledger
-from privacy.release import FILES, rounded, rounded_count, rounded_up
+from privacy.release import FILES, bundle_map, rounded, rounded_count, rounded_up
 
 
 def test_bundle_holds_only_releasable_files_and_states_the_privacy(tiny_config, capsys):
@@ -132,6 +132,20 @@ def test_nothing_exported_names_a_path_of_the_training_machine(released):
         for path in local:
             assert len(path) < 2 or path not in text, (name, path)
         assert not re.search(r"(?<![\w.~-])~?/[\w.-]+/", text), name  # nor any other absolute path
+
+
+def test_the_card_and_statement_say_the_calibration_map_was_fit_on_unprotected_validation_patients(released):
+    card, stored = released.card, torch.load(released.exp / "checkpoints" / "best.pt", weights_only=True)["calibration"]
+    assert card["calibration"].startswith(f"temperature scaling per label, fit on about "
+                                          f"{rounded_count(stored['patients'])} validation patients")
+    assert card["calibration"].endswith("(not protected by the DP guarantee)")
+    assert card["privacy"]["does_not_cover"][0] == ("validation patients: they chose the checkpoint and the decision "
+                                                    "thresholds, and the calibration map was fit on them")
+    carried = json.loads((released.bundle / "model.json").read_text())["calibration"]
+    assert carried == bundle_map(stored)  # the exact validation counts stay with the experiment
+    statement = json.loads((released.exp / "private" / "summary.json").read_text())["dp"]["statement"]
+    assert "validation patients choose the best checkpoint and the prediction thresholds, fit the calibration map and " \
+           "are not protected" in statement
 
 
 def test_the_card_does_not_give_the_number_of_training_patients_back(released):
