@@ -218,8 +218,8 @@ def require_map(stored: dict | None, where: Path, labels: list[str]) -> dict:
     if not stored:
         again = " and export it again" if where.name == "model.json" else ""
         raise InputError(f"--calibrated: {where} has no calibration map (trained with evaluation.recalibration: none, "
-                         f"or by a DP-CXR version without it): retrain with evaluation.recalibration: temperature (or "
-                         f"platt){again}, or predict without --calibrated")
+                         f"or by a DP-CXR version without it): retrain with evaluation.recalibration: platt (or "
+                         f"temperature){again}, or predict without --calibrated")
     try:
         apply_recalibration(np.full((1, len(labels)), 0.5), labels, stored["labels"])
         describe_map(stored)

@@ -265,7 +265,7 @@ class Evaluation(_Section):
     # threshold probabilities of the decision curves; null = 0.01, 0.02, ..., 0.99
     decision_thresholds: Optional[list[Annotated[float, Field(gt=0, lt=1)]]] = Field(None, min_length=1)
     # map fit per label on the validation split whenever best.pt is written, applied by predict --calibrated
-    recalibration: Literal["none", "temperature", "platt"] = "temperature"
+    recalibration: Literal["none", "temperature", "platt"] = "platt"
 
     @model_validator(mode="after")
     def _increasing_bins(self):

@@ -258,12 +258,12 @@ def test_the_map_is_fit_on_the_validation_predictions_of_best_pt(trained):
     table = load_table(cfg.data, cfg.experiment.seed)
     valid = table.split("valid")
     truth, scores = score_frame(best.model, best.device, valid, table, cfg.data, 8, "valid")
-    assert cfg.evaluation.recalibration == "temperature"  # the default
-    assert stored == stored_map(truth, scores, TINY_LABELS, valid["patient_id"].nunique(), "temperature",
+    assert cfg.evaluation.recalibration == "platt"  # the default
+    assert stored == stored_map(truth, scores, TINY_LABELS, valid["patient_id"].nunique(), "platt",
                                 cfg.evaluation.min_positives, cfg.evaluation.min_negatives)
     assert (stored["split"], stored["images"]) == ("valid", len(valid))
     card = json.loads((trained.bundle / "model_card.json").read_text())
-    assert card["calibration"].startswith(f"temperature scaling per label, fit on about "
+    assert card["calibration"].startswith(f"Platt scaling per label, fit on about "
                                           f"{rounded_count(stored['patients'])} validation patients")
 
 
@@ -309,7 +309,7 @@ def test_a_bundle_carries_the_map_and_applies_it_to_another_dataset_and_new_imag
     rebuild = json.loads((mapped.bundle / "model.json").read_text())
     assert rebuild["calibration"]["labels"] == MAPS and rebuild["calibration"]["counts_rounded"] is True
     card = json.loads((mapped.bundle / "model_card.json").read_text())
-    assert card["calibration"].startswith("temperature scaling per label, fit on about ")
+    assert card["calibration"].startswith("Platt scaling per label, fit on about ")
     assert f"- Calibration map: {card['calibration']}." in (mapped.bundle / "model_card.md").read_text()
 
     assert main(["predict", str(mapped.bundle), "--images", str(trained.folder), "--calibrated"]) == 0
@@ -345,7 +345,7 @@ def test_calibrated_is_refused_on_the_validation_split_and_without_a_map(trained
     assert main(["predict", str(old), "--images", str(trained.folder)]) == 0
     assert main(["predict", str(old), "--calibrated"]) == 2
     err = capsys.readouterr().err
-    assert f"{Layout(old).best} has no calibration map" in err and "evaluation.recalibration: temperature" in err
+    assert f"{Layout(old).best} has no calibration map" in err and "evaluation.recalibration: platt" in err
     assert not list(old.rglob("*_calibrated*"))
     bundle = trained.root / "bundle_without_map"
     assert main(["export", str(old), str(bundle), "--non-private"]) == 0

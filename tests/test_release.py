@@ -136,7 +136,7 @@ def test_nothing_exported_names_a_path_of_the_training_machine(released):
 
 def test_the_card_and_statement_say_the_calibration_map_was_fit_on_unprotected_validation_patients(released):
     card, stored = released.card, torch.load(released.exp / "checkpoints" / "best.pt", weights_only=True)["calibration"]
-    assert card["calibration"].startswith(f"temperature scaling per label, fit on about "
+    assert card["calibration"].startswith(f"Platt scaling per label, fit on about "
                                           f"{rounded_count(stored['patients'])} validation patients")
     assert card["calibration"].endswith("(not protected by the DP guarantee)")
     assert card["privacy"]["does_not_cover"][0] == ("validation patients: they chose the checkpoint and the decision "
