@@ -688,7 +688,8 @@ def public_pretraining(cfg: Config) -> tuple[Config, Path]:
     settings, ``pretraining.training`` (device settings from ``training``), one view per image and no
     DP; its folder is named by a fingerprint of everything that changes what it learns, so one
     recipe is trained once and reused by every run (and sweep) that starts from it, whatever its
-    ``experiment.seed`` when ``data.split_seed`` fixes the data (its seed is the data's).
+    ``experiment.seed`` when ``data.split_seed`` fixes the data (its seed is the data's), and booked in
+    the privacy ledger of the runs that start from it.
     """
     pre = cfg.pretraining
     training = pre.training.model_copy(update={key: getattr(cfg.training, key) for key in RUNTIME_KEYS})
@@ -699,7 +700,10 @@ def public_pretraining(cfg: Config) -> tuple[Config, Path]:
                "model": cfg.model.model_dump(exclude={"pretrained_checkpoint", "allow_same_patients"}),
                "training": training.model_dump(exclude=RUNTIME_KEYS), "seed": seed,
                # the built-in images themselves: a change to how they are drawn trains another public model
-               "images": generator_fingerprint() if cfg.data.dataset == "synthetic" else None}
+               "images": generator_fingerprint() if cfg.data.dataset == "synthetic" else None,
+               # the ledger it is booked in: a run booked in another ledger cannot show there whom the public
+               # model trained, so it would count as having trained every patient (privacy.ledger.start_chain)
+               "ledger": str(ledger_root(cfg.output.ledger))}
     fingerprint = hashlib.sha256(json.dumps(learned, sort_keys=True).encode()).hexdigest()[:12]
     name = f"{cfg.data.dataset}-{pre.site}_{cfg.model.name}_{fingerprint}"
     folder = Path(pre.dir).expanduser() if pre.dir else default_cache_dir() / "pretrained"

@@ -138,6 +138,18 @@ def test_the_public_model_is_keyed_by_how_the_built_in_images_are_drawn(tiny_con
     assert Train_Valid_DP.public_pretraining(cfg)[1] != before  # not the model trained on the old images
 
 
+def test_a_run_booked_in_another_ledger_trains_its_own_public_model(tiny_config, tmp_path, capsys):
+    path = tiny_config(model={"pretrained_checkpoint": "public"}, training={"epochs": 1})
+    assert main(["train", "--config", str(path), "--name", "first"]) == 0
+    other = ["--set", f"output.ledger={tmp_path / 'another ledger'}"]
+    # the cached public model's run is not in that ledger: starting from it would be refused as having
+    # trained every patient without privacy, so this ledger gets a public model booked in it
+    assert main(["train", "--config", str(path), "--name", "second", *other]) == 0
+    starts = [yaml.safe_load((_exp(path, name) / "private" / "config.yaml").read_text())["derived"]["pretrained_folder"]
+              for name in ("first", "second")]
+    assert starts[0] != starts[1]
+
+
 def test_a_refused_privacy_setting_trains_no_public_model_first(tiny_config, capsys):
     path = tiny_config(model={"pretrained_checkpoint": "public"}, dp={"delta": 0.05})  # delta * N needs the data
     assert main(["train", "--config", str(path)]) == 2
