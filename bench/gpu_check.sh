@@ -4,6 +4,8 @@
 #   2. bench/bench_gpu.py --quick (DP vs non-private images/s and memory, loader vs GPU),
 #   3. bench/bench_dp.py's default DP step against the non-private one at 224 px.
 # Usage: bash bench/gpu_check.sh OUT_FOLDER     (logs and markdown tables land there)
+# The requirements must be importable by python3 there (a lent machine lacking opacus, dp-accounting, pydantic,
+# fairlearn, pydicom: install their wheels first, e.g. pip install --target DIR and PYTHONPATH=DIR).
 # Each part has its own time limit, so one failing part does not stop the others; the exit code is the
 # number of parts that failed.
 set -u
