@@ -224,18 +224,21 @@ class _Layer:
             if per_example is not None:
                 self._store(key, per_example.view(b, c), units)
 
+    def _unfolded(self, a: torch.Tensor) -> torch.Tensor:
+        """A convolution's input as (B, T, d): each output position's receptive field."""
+        m = self.module
+        return F.unfold(a, m.kernel_size, m.dilation, self.padding, m.stride).transpose(1, 2)
+
     def _conv(self, a, g, units, ghost):
         m = self.module
         b = a.shape[0]
         if ghost:
             if not units.summing:
-                unfolded = F.unfold(a, m.kernel_size, m.dilation, self.padding, m.stride)  # B, d, T
-                units.add_ghost_norms(unfolded.transpose(1, 2), g.flatten(2).transpose(1, 2))
+                units.add_ghost_norms(self._unfolded(a), g.flatten(2).transpose(1, 2))
             self.ghost = (a, g)
         elif "weight" in self.params and m.groups == 1 and self.positions(g) ** 2 <= m.weight.numel():
             # few positions for the kernel's size: one (p x T)(T x d) product per example
-            unfolded = F.unfold(a, m.kernel_size, m.dilation, self.padding, m.stride)  # B, d, T
-            self._store("weight", torch.bmm(g.flatten(2), unfolded.transpose(1, 2)).view(b, *m.weight.shape), units)
+            self._store("weight", torch.bmm(g.flatten(2), self._unfolded(a)).view(b, *m.weight.shape), units)
         elif "weight" in self.params:
             # all examples at once as one grouped convolution: example i is group i
             merged = torch.nn.grad.conv2d_weight(
